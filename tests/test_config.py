@@ -1,0 +1,151 @@
+"""Typed params: defaults, validation with file + dotted key, overrides."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsss_core.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    section_hash,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["default", "ci", "msrc"])
+def test_shipped_params_load(name):
+    cfg = load_config(REPO / "params" / f"{name}.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.name == {"default": "demo"}.get(name, name)
+
+
+def test_msrc_params_point_at_the_shared_dataset():
+    cfg = load_config(REPO / "params" / "msrc.yaml")
+    assert cfg.data.format == "voc"
+    assert Path(cfg.data.root).is_absolute()
+    assert Path(cfg.data.root).parts[-3:] == ("shared", "data", "msrc-voc")
+    assert cfg.cams.scales == (1.0, 0.5, 0.75, 2.0)
+
+
+def test_defaults_match_the_reference_settings():
+    cfg = config_from_dict({})
+    assert cfg.crf.gt_prob == 0.7 and cfg.crf.iterations == 10
+    assert (cfg.crf.gauss_sxy, cfg.crf.gauss_compat) == (3.0, 3.0)
+    assert (cfg.crf.bilateral_sxy, cfg.crf.bilateral_srgb, cfg.crf.bilateral_compat) == (50.0, 5.0, 10.0)
+    assert (cfg.crf.conf_fg_thres, cfg.crf.conf_bg_thres) == (0.30, 0.05)
+    assert cfg.label_filter.threshold == 0.8
+    assert cfg.classifier.backbone_lr_mult == 0.1
+
+
+def write(tmp_path, text):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_misspelt_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "cams:\n  scalez: [1.0]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "cams.scalez" in msg and "unknown key" in msg
+
+
+def test_nested_misspelt_key(tmp_path):
+    p = write(tmp_path, "data:\n  synthetic:\n    n_trian: 3\n")
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.n_trian: unknown key"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "text, key, what",
+    [
+        ("classifier:\n  lr: -0.1\n", "classifier.lr", "must be > 0"),
+        ("cams:\n  scales: []\n", "cams.scales", "must not be empty"),
+        ("cams:\n  scales: [1.0, -2]\n", "cams.scales", "item 1"),
+        ("crf:\n  conf_fg_thres: 1.5\n", "crf.conf_fg_thres", "[0, 1]"),
+        ("label_filter:\n  threshold: -0.1\n", "label_filter.threshold", "[0, 1]"),
+        ("classifier:\n  epochs: 2.5\n", "classifier.epochs", "integer"),
+        ("classifier:\n  epochs: true\n", "classifier.epochs", "integer"),
+        ("cams:\n  flip: 'yes'\n", "cams.flip", "true or false"),
+        ("cams:\n  method: gradcam+++\n", "cams.method", "one of"),
+        ("classifier:\n  output_stride: 32\n", "classifier.output_stride", "8 or 16"),
+        ("data:\n  format: voc\n", "data.root", "required"),
+        ("classifier:\n  augment:\n    scale_range: [1.3, 0.7]\n", "classifier.augment.scale_range", "low <= high"),
+        ("cams: 3\n", "cams", "mapping"),
+        ("crf:\n  conf_fg_thres: 0.1\n  conf_bg_thres: 0.2\n", "crf.conf_bg_thres", "<="),
+    ],
+)
+def test_impossible_values_fail_with_key_path(tmp_path, text, key, what):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: {key}"), msg
+    assert what in msg
+
+
+def test_int_is_accepted_for_float_and_stored_as_float():
+    cfg = config_from_dict({"classifier": {"lr": 1}})
+    assert cfg.classifier.lr == 1.0 and isinstance(cfg.classifier.lr, float)
+
+
+def test_overrides_go_through_the_same_validation():
+    cfg = config_from_dict({}, {"cams.scales": [1.0, 0.5], "crf.iterations": 4})
+    assert cfg.cams.scales == (1.0, 0.5) and cfg.crf.iterations == 4
+    with pytest.raises(ConfigError, match=r"cams\.scales: must not be empty"):
+        config_from_dict({}, {"cams.scales": []})
+    with pytest.raises(ConfigError, match=r"cams\.sclaes: unknown key"):
+        config_from_dict({}, {"cams.sclaes": [1.0]})
+    with pytest.raises(ConfigError, match=r"cams\.scales\.x: unknown key"):
+        config_from_dict({}, {"cams.scales.x": 1})
+
+
+def test_override_on_file_names_file(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, {"classifier.lr": 0})
+    assert str(p) in str(e.value) and "classifier.lr" in str(e.value)
+
+
+def test_configs_are_frozen():
+    cfg = config_from_dict({})
+    with pytest.raises(Exception):
+        cfg.cams.flip = False  # type: ignore[misc]
+
+
+def test_relative_root_resolves_against_the_yaml_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "x.yaml"
+    p.write_text("data:\n  format: voc\n  root: ../data\n")
+    assert load_config(p).data.root == str((tmp_path / "data").resolve())
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(REPO / "params" / "msrc.yaml", {"cams.scales": [1.0, 2.0]})
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    again = load_config(p)
+    assert again == cfg
+    assert config_to_dict(again) == yaml.safe_load(p.read_text())
+
+
+def test_section_hash_tracks_only_its_sections():
+    a = config_from_dict({})
+    b = config_from_dict({}, {"cams.flip": False})
+    assert section_hash(a, ["crf"]) == section_hash(b, ["crf"])
+    assert section_hash(a, ["cams"]) != section_hash(b, ["cams"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = write(tmp_path, "cams: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)

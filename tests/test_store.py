@@ -1,0 +1,214 @@
+"""Run store: atomic files, manifests, skip-if-done, refusal on stale upstream,
+and a stage killed midway leaving no half file behind."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsss_core import stages
+from wsss_core.config import config_from_dict
+from wsss_core.store import (
+    StageResult,
+    StageSpec,
+    StaleUpstreamError,
+    atomic_write,
+    read_json,
+    save_npz,
+    save_png,
+    write_json,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+TOY = """
+import os, signal
+import numpy as np
+from wsss_core import stages
+from wsss_core.store import StageResult, save_npz
+
+def toy_a(cfg, run):
+    out = run.path("toy_a")
+    n = 0
+    for k in range(4):
+        p = out / f"part{k}.npz"
+        if p.exists():          # resume: finished files are kept
+            continue
+        data = np.full(200_000, k, dtype=np.float64)
+        if os.environ.get("TOY_KILL_AT") == str(k):
+            from wsss_core.store import atomic_write
+            with atomic_write(p) as tmp:
+                tmp.write_bytes(data.tobytes()[: len(data.tobytes()) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        save_npz(p, data=data)
+        n += 1
+    return StageResult(metrics={"written": n, "lr": cfg.classifier.lr})
+
+def toy_b(cfg, run):
+    a = run.path("toy_a")
+    total = sum(float(np.load(a / f"part{k}.npz")["data"][0]) for k in range(4))
+    return StageResult(metrics={"total": total})
+
+def register():
+    stages._register("toy_a", "01_toy_a", ("classifier",))(toy_a)
+    stages._register("toy_b", "02_toy_b", ("cams",), ("toy_a",))(toy_b)
+"""
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    mod_dir = tmp_path / "mods"
+    mod_dir.mkdir()
+    (mod_dir / "toy_stages.py").write_text(TOY)
+    monkeypatch.syspath_prepend(str(mod_dir))
+    monkeypatch.setattr(stages, "STAGES", dict(stages.STAGES))
+    monkeypatch.setattr(stages, "_FUNCS", dict(stages._FUNCS))
+    import importlib
+
+    import toy_stages
+
+    importlib.reload(toy_stages).register()
+    return mod_dir
+
+
+def test_atomic_write_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("{half")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_replaces_old_file_only_on_success(tmp_path):
+    target = tmp_path / "x.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("garbage")
+            raise RuntimeError
+    assert read_json(target) == {"a": 1}
+    write_json(target, {"a": float("nan"), "b": np.float32(2.5), "c": np.arange(2)})
+    assert read_json(target) == {"a": None, "b": 2.5, "c": [0, 1]}
+
+
+def test_npz_and_png_round_trip(tmp_path):
+    save_npz(tmp_path / "c.npz", cam=np.ones((2, 3, 4), np.float16), keys=np.array([3, 5]))
+    z = np.load(tmp_path / "c.npz")
+    assert z["cam"].dtype == np.float16 and z["keys"].tolist() == [3, 5]
+    from PIL import Image
+
+    lab = np.array([[0, 1], [255, 2]], np.uint8)
+    save_png(tmp_path / "m.png", lab, palette=np.zeros((256, 3), np.uint8))
+    im = Image.open(tmp_path / "m.png")
+    assert im.mode == "P" and np.array_equal(np.array(im), lab)
+
+
+def test_skip_if_done_and_rerun_on_param_change(toy, tmp_path):
+    cfg = config_from_dict({})
+    run = stages.open_run(tmp_path / "run", cfg)
+    r1 = stages.run_stage("toy_a", cfg, run)
+    assert r1.metrics["written"] == 4 and not r1.skipped
+    m = run.manifest("toy_a")
+    assert m["status"] == "done" and m["seconds"] >= 0 and m["config"]["classifier"]["lr"] == cfg.classifier.lr
+    assert read_json(run.path("toy_a") / "metrics.json") == r1.metrics
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+    r2 = stages.run_stage("toy_a", cfg, run)
+    assert r2.skipped and r2.metrics == r1.metrics
+
+    cfg2 = config_from_dict({}, {"classifier.lr": 0.5})
+    run2 = stages.open_run(tmp_path / "run", cfg2)
+    assert not run2.is_done("toy_a")
+    r3 = stages.run_stage("toy_a", cfg2, run2)
+    assert not r3.skipped and r3.metrics["lr"] == 0.5
+
+
+def test_downstream_refuses_stale_upstream_naming_the_change(toy, tmp_path):
+    cfg = config_from_dict({})
+    run = stages.open_run(tmp_path / "run", cfg)
+    with pytest.raises(StaleUpstreamError, match="01_toy_a has not been run"):
+        stages.run_stage("toy_b", cfg, run)
+    stages.run_stage("toy_a", cfg, run)
+    assert stages.run_stage("toy_b", cfg, run).metrics["total"] == 6.0
+
+    # change a parameter toy_a depends on, without rerunning toy_a
+    cfg2 = config_from_dict({}, {"classifier.lr": 0.5})
+    run2 = stages.open_run(tmp_path / "run", cfg2)
+    with pytest.raises(StaleUpstreamError) as e:
+        stages.run_stage("toy_b", cfg2, run2)
+    msg = str(e.value)
+    assert "01_toy_a" in msg and "classifier.lr: 0.001 -> 0.5" in msg and "--from toy_a" in msg
+
+    # a parameter toy_b alone uses: toy_b reruns, toy_a stays done
+    cfg3 = config_from_dict({}, {"cams.flip": False})
+    run3 = stages.open_run(tmp_path / "run", cfg3)
+    assert run3.is_done("toy_a") and not run3.is_done("toy_b")
+    assert not stages.run_stage("toy_b", cfg3, run3).skipped
+
+    # after the upstream reruns, downstream is no longer done and reruns
+    stages.run_stage("toy_a", cfg2, run2)
+    assert not run2.is_done("toy_b")
+    assert stages.run_stage("toy_b", cfg2, run2).metrics["total"] == 6.0
+
+
+def test_failed_stage_is_recorded_and_not_done(toy, tmp_path, monkeypatch):
+    cfg = config_from_dict({})
+    run = stages.open_run(tmp_path / "run", cfg)
+
+    def broken(cfg, run):
+        raise ValueError("bad thing")
+
+    monkeypatch.setitem(stages._FUNCS, "toy_a", broken)
+    with pytest.raises(ValueError):
+        stages.run_stage("toy_a", cfg, run)
+    m = run.manifest("toy_a")
+    assert m["status"] == "failed" and "bad thing" in m["error"]
+    with pytest.raises(StaleUpstreamError, match="did not finish"):
+        stages.run_stage("toy_b", cfg, run)
+
+
+def test_write_killed_midway_leaves_no_half_file_and_rerun_completes(toy, tmp_path):
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import sys; sys.path.insert(0, {str(toy)!r})
+        import toy_stages; toy_stages.register()
+        from wsss_core import stages
+        from wsss_core.config import config_from_dict
+        cfg = config_from_dict({{}})
+        stages.run_stage("toy_a", cfg, stages.open_run({str(run_dir)!r}, cfg))
+        """
+    )
+    env = dict(os.environ, TOY_KILL_AT="2")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # killed by SIGKILL inside the write
+    folder = run_dir / "01_toy_a"
+    assert (folder / "part0.npz").is_file() and (folder / "part1.npz").is_file()
+    assert not (folder / "part2.npz").exists()  # never half-written under its real name
+    leftovers = [p for p in folder.iterdir() if ".tmp-" in p.name]
+    assert len(leftovers) == 1
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "running"
+
+    cfg = config_from_dict({})
+    run = stages.open_run(run_dir, cfg)
+    assert not run.is_done("toy_a")
+    result = stages.run_stage("toy_a", cfg, run)
+    assert result.metrics["written"] == 2  # resumed: only the missing parts
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
+    for k in range(4):
+        assert np.load(folder / f"part{k}.npz")["data"].shape == (200_000,)
+    assert run.is_done("toy_a")
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+    cfg = config_from_dict({})
+    run = stages.open_run(tmp_path / "run", cfg)
+    with pytest.raises(KeyError, match="unknown stage 'nope'"):
+        stages.run_stage("nope", cfg, run)

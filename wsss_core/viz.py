@@ -1,0 +1,125 @@
+"""Pictures for the notebooks: label colours, overlays, charts and grids."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: (n, 3) uint8, class k -> colour k, 255 -> white-ish."""
+    pal = np.zeros((n, 3), dtype=np.uint8)
+    for k in range(n):
+        c, r, g, b = k, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[k] = (r, g, b)
+    return pal
+
+
+_PALETTE = voc_palette()
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """Label map (HxW uint8) -> RGB image with the VOC colours."""
+    return _PALETTE[np.asarray(labels, dtype=np.uint8)]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5, void: int = 255) -> np.ndarray:
+    """Blend label colours over an RGB image; background (0) and void stay unblended."""
+    img = np.asarray(image, dtype=np.float32)
+    col = colorize(labels).astype(np.float32)
+    m = ((labels != 0) & (labels != void))[..., None]
+    out = np.where(m, (1 - alpha) * img + alpha * col, img)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a [0, 1] heat map (e.g. a CAM) over an RGB image."""
+    import matplotlib
+
+    rgb = matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255
+    return ((1 - alpha) * np.asarray(image, np.float32) + alpha * rgb).clip(0, 255).astype(np.uint8)
+
+
+def plot_class_counts(counts: Mapping[str, Mapping[str, int]], ax: Any = None, title: str = "") -> Any:
+    """Grouped bar chart of images per class, one group of bars per split."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.5))
+    splits = list(counts)
+    classes = list(next(iter(counts.values())))
+    x = np.arange(len(classes))
+    width = 0.8 / max(len(splits), 1)
+    for i, s in enumerate(splits):
+        ax.bar(x + i * width, [counts[s][c] for c in classes], width, label=s)
+    ax.set_xticks(x + width * (len(splits) - 1) / 2, classes, rotation=45, ha="right")
+    ax.set_ylabel("images")
+    ax.set_title(title or "images per class")
+    ax.legend()
+    return ax
+
+
+def plot_cooccurrence(matrix: Sequence[Sequence[int]], classes: Sequence[str], ax: Any = None, title: str = "") -> Any:
+    """Heat map of how often two classes are labelled in the same image."""
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(m, cmap="viridis")
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
+                        color="w" if m[i, j] < m.max() / 2 else "k")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title or "label co-occurrence (diagonal: images per class)")
+    return ax
+
+
+def show_grid(
+    images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 4, size: float = 2.6
+) -> Any:
+    """Show images in a grid; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    nrows = max(1, int(np.ceil(n / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k])
+            if titles is not None:
+                ax.set_title(titles[k], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def legend_patches(classes: Sequence[str], present: Sequence[int] | None = None) -> list:
+    """Matplotlib legend handles for class colours."""
+    from matplotlib.patches import Patch
+
+    ids = range(len(classes)) if present is None else present
+    return [Patch(color=_PALETTE[k] / 255.0, label=classes[k]) for k in ids]
+
+
+def mask_examples(masks: Any, classes: Sequence[str], n: int = 8, alpha: float = 0.55) -> Any:
+    """Grid of the first `n` images of a MaskSet with their masks overlaid
+    (evaluation data: masks are never used for training)."""
+    ids = list(masks.ids)[:n]
+    pictures, titles = [], []
+    for i in ids:
+        m = masks.mask(i)
+        pictures.append(overlay(masks.image(i), m, alpha))
+        present = [classes[k] for k in np.unique(m) if 0 < k < len(classes)]
+        titles.append(f"{i}: {', '.join(present) or '-'}")
+    return show_grid(pictures, titles)
