@@ -149,3 +149,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
     p = write(tmp_path, "cams: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_unknown_backbone_and_missing_weights_fail_at_load(tmp_path):
+    p = write(tmp_path, "classifier:\n  backbone: resnet5O\n")
+    with pytest.raises(ConfigError, match=r"classifier\.backbone: must be one of"):
+        load_config(p)
+    p = write(tmp_path, "classifier:\n  weights: weights/missing.pt\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "classifier.weights: weights file not found" in str(e.value)
+    assert str(tmp_path / "weights" / "missing.pt") in str(e.value)
+    (tmp_path / "w.pt").write_bytes(b"x")
+    p = write(tmp_path, "classifier:\n  weights: w.pt\n")
+    assert load_config(p).classifier.weights == str(tmp_path / "w.pt")

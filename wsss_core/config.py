@@ -140,7 +140,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    backbone: str = _p("efficientnet_lite0", doc="efficientnet_lite0 | resnet50 | vgg16_gap")
+    backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_gap"] = _p("efficientnet_lite0")
     weights: str = _p("imagenet", doc="imagenet | random | path to a state-dict file")
     output_stride: int = _p(16, lambda v: None if v in (8, 16) else f"must be 8 or 16, got {v!r}")
     image_size: int = _p(320, _range(32, 2048))
@@ -361,14 +361,22 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     if trusted is not None:
         p = Path(os.path.expandvars(os.path.expanduser(trusted)))
         trusted = str(p if p.is_absolute() else (base / p).resolve())
+    weights = cfg.classifier.weights
+    if weights not in ("imagenet", "random"):
+        p = Path(os.path.expandvars(os.path.expanduser(weights)))
+        weights = str(p if p.is_absolute() else (base / p).resolve())
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(data, root=root, synthetic=dataclasses.replace(syn, cache_dir=cache)),
         label_filter=dataclasses.replace(lf, trusted_list=trusted),
+        classifier=dataclasses.replace(cfg.classifier, weights=weights),
     )
 
 
 def _cross_checks(cfg: Config) -> None:
+    w = cfg.classifier.weights
+    if w not in ("imagenet", "random") and not Path(w).is_file():
+        raise ConfigError(f"classifier.weights: weights file not found: {w} (or use 'imagenet' / 'random')")
     if cfg.data.format in ("voc", "lid") and not cfg.data.root:
         raise ConfigError(f"data.root: required when data.format is {cfg.data.format!r}")
     if cfg.crf.conf_bg_thres > cfg.crf.conf_fg_thres:

@@ -7,6 +7,7 @@ we check the names against `papermill.inspect_notebook` first and fail.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -78,6 +79,7 @@ def execute_notebook(
     output = Path(output).resolve()
     check_notebook_parameters(notebook, list(parameters))
     output.parent.mkdir(parents=True, exist_ok=True)
+    os.environ["WSSS_BATCH"] = "1"  # inherited by the kernel: progress bars print sparse lines
     papermill.execute_notebook(
         str(notebook),
         str(output),

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import Config
+from .config import Config, ConfigError
 from .store import Run, StageResult, StageSpec, now_iso, write_json
 
 StageFn = Callable[[Config, Run], StageResult]
@@ -57,7 +57,7 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageRes
     started = now_iso()
     t0 = time.perf_counter()
     run.save_config()
-    run.begin(name)
+    run.begin(name, fresh=force)
     print(f"[wsss] {STAGES[name].folder}: running")
     try:
         result = _FUNCS[name](cfg, run)
@@ -125,3 +125,140 @@ def label_statistics(labels: np.ndarray) -> dict[str, Any]:
         "images_without_labels": int((per_image == 0).sum()),
         "labels_per_image": {str(k): int(v) for k, v in enumerate(hist)},
     }
+
+
+def _dataset(cfg: Config):
+    """The dataset, already validated by the data stage (an upstream of every stage)."""
+    from .data import open_dataset
+
+    return open_dataset(cfg.data, validate=False)
+
+
+# --------------------------------------------------------------------------- 01 classifier
+@_register("classifier", "01_classifier", sections=("seed", "data", "classifier"), upstream=("data",))
+def classifier_stage(cfg: Config, run: Run) -> StageResult:
+    """Train the multi-label classifier; save model.pt, history and val metrics."""
+    from .classifier import check_classifier_params, save_classifier, train_multilabel, trained_class_ids
+    from .train import resolve_device
+
+    ds = _dataset(cfg)
+    check_classifier_params(cfg.classifier, ds.classes)
+    class_ids = trained_class_ids(ds.classes, cfg.classifier.exclude_classes)
+    names = [ds.classes[k] for k in class_ids]
+    val = ds.labelled(cfg.data.val_split) if cfg.data.val_split in ds.splits else None
+    folder = run.path("classifier")
+    device = resolve_device(cfg.device)
+    model, scores, history = train_multilabel(
+        cfg.classifier, ds.labelled(cfg.data.train_split), val, [k - 1 for k in class_ids], names,
+        folder, device, cfg.seed,
+    )
+    fit_info = scores.pop("fit")
+    metrics: dict[str, Any] = {
+        "classes": names,
+        "epochs": len(history),
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "resumed_from_epoch": fit_info["resumed_from"],
+        "world_size": len(fit_info["param_checksums"]),
+        "param_checksums": fit_info["param_checksums"],
+    }
+    if run.is_main:
+        save_classifier(folder / "model.pt", model, cfg.classifier, class_ids, ds.classes)
+        if "val_scores" in scores:
+            from .store import save_npz
+
+            save_npz(folder / "val_scores.npz", scores=scores.pop("val_scores"), ids=np.array(val.ids),
+                     labels=np.asarray(val.labels)[:, [k - 1 for k in class_ids]])
+        metrics.update({f"val_{k}": v for k, v in scores.items()})
+        if fit_info["samples_per_rank"] is not None and len(fit_info["samples_per_rank"]) > 1:
+            write_json(folder / "samples_per_rank.json", fit_info["samples_per_rank"])
+    return StageResult(metrics=metrics, paths={"model": str(folder / "model.pt"),
+                                               "history": str(folder / "history.json")})
+
+
+# --------------------------------------------------------------------------- 01 label filter
+@_register("label_filter", "01_label_filter", sections=("seed", "data", "classifier", "label_filter"),
+           upstream=("data",))
+def label_filter_stage(cfg: Config, run: Run) -> StageResult:
+    """Decide which train images later stages may use (NoPeopleAllowed filter).
+
+    Dropped: images labelled with an excluded class, and (filter enabled)
+    images where the filter class is probably present but not labelled.
+    """
+    import dataclasses
+
+    from .classifier import check_classifier_params, drop_decisions, train_multilabel, trusted_ids
+    from .train import predict, resolve_device
+
+    ds = _dataset(cfg)
+    split = cfg.data.train_split
+    images = ds.labelled(split)
+    y = np.asarray(images.labels) > 0.5
+    lf = cfg.label_filter
+    folder = run.path("label_filter")
+    excluded_cols = [ds.classes.index(c) - 1 for c in cfg.classifier.exclude_classes if c in ds.classes]
+    drop_excluded = y[:, excluded_cols].any(1) if excluded_cols else np.zeros(len(images), bool)
+    scores = np.full(len(images), np.nan)
+    drop_filter = np.zeros(len(images), bool)
+    metrics: dict[str, Any] = {"enabled": lf.enabled, "images": len(images)}
+    if lf.enabled:
+        if lf.class_name not in ds.classes[1:]:
+            raise ConfigError(f"label_filter.class_name: {lf.class_name!r} is not a class ({', '.join(ds.classes[1:])})")
+        col = ds.classes.index(lf.class_name) - 1
+        ccfg = dataclasses.replace(cfg.classifier, exclude_classes=(), balance="none")
+        check_classifier_params(ccfg, ds.classes, key="label_filter")
+        trusted = trusted_ids(cfg, ds)
+        index = {i: n for n, i in enumerate(images.ids)}
+        trusted_idx = [index[i] for i in trusted]
+        device = resolve_device(cfg.device)
+        model, _, history = train_multilabel(
+            ccfg, images.subset(trusted_idx), None, [col], [lf.class_name], folder, device, cfg.seed,
+            epochs=lf.epochs, lr=lf.lr, desc=f"filter[{lf.class_name}]",
+        )
+        from .classifier import _datasets
+
+        _, all_ds = _datasets(ccfg, model, images, images, [col], cfg.seed)
+        scores = predict(model, all_ds, device, ccfg.batch_size, 0, desc="filter scores")[:, 0]
+        untrusted = np.ones(len(images), bool)
+        untrusted[trusted_idx] = False
+        drop_filter = drop_decisions(scores, y[:, col], lf.threshold) & untrusted
+        metrics.update({"trusted_images": len(trusted), "filter_epochs": len(history),
+                        "dropped_by_filter": int(drop_filter.sum())})
+        metrics.update(_filter_quality(ds, split, images.ids, col + 1, y[:, col], drop_filter, untrusted))
+    keep = ~(drop_filter | drop_excluded)
+    metrics.update({"dropped_excluded_class": int(drop_excluded.sum()), "kept": int(keep.sum())})
+    if run.is_main:
+        from .store import write_text
+
+        rows = ["image_id,score,labelled,dropped_by_filter,dropped_excluded,kept"]
+        col_lab = y[:, ds.classes.index(lf.class_name) - 1] if lf.class_name in ds.classes[1:] else np.zeros(len(y))
+        for i, sid in enumerate(images.ids):
+            rows.append(f"{sid},{scores[i]:.5f},{int(col_lab[i])},{int(drop_filter[i])},{int(drop_excluded[i])},{int(keep[i])}")
+        write_text(folder / "scores.csv", "\n".join(rows) + "\n")
+        write_text(folder / "kept.txt", "".join(f"{i}\n" for i, k in zip(images.ids, keep) if k))
+    return StageResult(metrics=metrics, paths={"kept": str(folder / "kept.txt"), "scores": str(folder / "scores.csv")})
+
+
+def _filter_quality(ds, split: str, ids: list[str], class_id: int, labelled: np.ndarray,
+                    dropped: np.ndarray, untrusted: np.ndarray) -> dict[str, Any]:
+    """How well the filter finds unlabelled instances, judged with the masks
+    (evaluation only; no decision above used them)."""
+    if not ds.has_masks(split):
+        return {}
+    masks = ds.masks(split)
+    present = np.array([bool((masks.mask(i) == class_id).any()) for i in ids])
+    missing = present & ~labelled & untrusted
+    clean = ~present & untrusted
+    return {
+        "images_with_unlabelled_class": int(missing.sum()),
+        "unlabelled_dropped": int((dropped & missing).sum()),
+        "unlabelled_recall": float((dropped & missing).sum() / missing.sum()) if missing.any() else None,
+        "images_without_class": int(clean.sum()),
+        "clean_dropped": int((dropped & clean).sum()),
+        "clean_drop_rate": float((dropped & clean).sum() / clean.sum()) if clean.any() else None,
+    }
+
+
+def kept_train_ids(run: Run) -> list[str]:
+    """Train ids that later stages may use (written by the label_filter stage)."""
+    p = run.root / STAGES["label_filter"].folder / "kept.txt"
+    return [line for line in p.read_text().splitlines() if line]

@@ -136,6 +136,17 @@ def remove_temp_files(folder: Path) -> int:
     return n
 
 
+def clear_folder(folder: Path) -> None:
+    """Delete everything inside `folder` (not the folder itself)."""
+    import shutil
+
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 # --------------------------------------------------------------------------- stages
 @dataclass(frozen=True)
 class StageSpec:
@@ -255,9 +266,15 @@ class Run:
             )
 
     # -- lifecycle
-    def begin(self, name: str) -> Path:
+    def begin(self, name: str, fresh: bool = False) -> Path:
+        """Mark the stage running. Outputs left by an attempt with other
+        parameters (or all outputs, when `fresh`) are deleted first, so resuming
+        never mixes files from two configurations."""
         folder = self.path(name)
         if self.is_main:
+            old = self.manifest(name)
+            if fresh or (old is not None and old.get("fingerprint") != self.fingerprint(name)):
+                clear_folder(folder)
             remove_temp_files(folder)
             self._write_manifest(name, status="running", started=now_iso())
         return folder

@@ -1,0 +1,134 @@
+"""The fit loop: exact resume, NaN stop, schedules, sampling and sharding."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wsss_core.data.sampling import EpochSampler, sample_weights
+from wsss_core.train import FitConfig, fit, lr_lambda, param_checksum
+
+
+class Toy(torch.utils.data.Dataset):
+    """Random 'images' whose label is whether the mean is positive; the
+    per-item noise is seeded from (epoch, index) like LabelledTensors."""
+
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.y = (self.x.mean((1, 2, 3)) > 0).float()[:, None]
+        self.epoch = 0
+
+    def set_epoch(self, e):
+        self.epoch = e
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.epoch * 1000 + i)
+            noise = 0.1 * torch.randn(3, 8, 8)
+        return self.x[i] + noise, self.y[i], i
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.2), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 1))
+
+
+def bce(model, batch):
+    return nn.functional.binary_cross_entropy_with_logits(model(batch[0]), batch[1])
+
+
+def train(out_dir, epochs=3, stop=None, lr=0.05, weights=None, loss=bce):
+    model = tiny_model()
+    res = fit(model, Toy(), loss, [{"params": model.parameters()}], "sgd", lr, 1e-4,
+              FitConfig(epochs=epochs, batch_size=8, seed=3, schedule="step", step_size=1, gamma=0.5,
+                        stop_after_epochs=stop),
+              out_dir, torch.device("cpu"), sample_weights=weights)
+    return model, res
+
+
+def test_training_reduces_loss_and_writes_history(tmp_path):
+    model, res = train(tmp_path, epochs=4)
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "history.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    # step schedule, step_size 1, gamma 0.5: lr halves each epoch
+    assert [round(h["lr"][0], 6) for h in res.history] == [0.025, 0.0125, 0.00625, 0.003125]
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    straight, res_a = train(tmp_path / "a")
+    _, part = train(tmp_path / "b", stop=1)          # "interrupted" after epoch 1
+    assert len(part.history) == 1
+    resumed, res_b = train(tmp_path / "b")            # new process state, resumes from the checkpoint
+    assert res_b.resumed_from == 1
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert [h["loss"] for h in res_a.history] == [h["loss"] for h in res_b.history]
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    def nan_loss(model, batch):
+        return bce(model, batch) * float("nan")
+
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, step 1.*lower the learning rate"):
+        train(tmp_path, loss=nan_loss)
+
+
+def test_lr_schedules():
+    step = lr_lambda("step", 100, 10, step_size=3, gamma=0.2)
+    assert step(0) == 1.0 and step(29) == 1.0 and step(30) == pytest.approx(0.2) and step(60) == pytest.approx(0.04)
+    poly = lr_lambda("poly", 100, 10)
+    assert poly(0) == 1.0 and poly(50) == pytest.approx(0.5**0.9) and poly(100) == 0.0
+    with pytest.raises(ValueError):
+        lr_lambda("cosine", 1, 1)
+
+
+def test_shards_are_disjoint_and_cover_the_epoch():
+    shards = [list(EpochSampler(10, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+    s = EpochSampler(10, seed=1)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first and sorted(s) == list(range(10))
+
+
+def test_weighted_sampling_follows_the_weights():
+    w = np.array([0.7, 0.1, 0.1, 0.1])
+    s = EpochSampler(4, weights=w, seed=0)
+    counts = np.zeros(4)
+    for e in range(500):
+        s.set_epoch(e)
+        counts += np.bincount(list(s), minlength=4)
+    assert counts / counts.sum() == pytest.approx(w, abs=0.02)
+
+
+def test_repeat_factor_weights_by_hand():
+    # class 0 in 3 of 4 images (f=0.75), class 1 in 1 of 4 (f=0.25); t=0.5
+    y = np.array([[1, 0], [1, 0], [1, 1], [0, 0]])
+    w = sample_weights(y, "repeat_factor", 0.5)
+    r1 = np.sqrt(0.5 / 0.25)  # rare class factor; common class factor is 1
+    expected = np.array([1, 1, r1, 1]) / (3 + r1)
+    assert w == pytest.approx(expected)
+    assert sample_weights(y, "none") is None
+
+
+def test_class_aware_weights_give_each_class_equal_mass():
+    y = np.array([[1, 0]] * 8 + [[0, 1]] * 2 + [[0, 0]] * 2)
+    w = sample_weights(y, "class_aware")
+    assert w[:8].sum() == pytest.approx(w[8:10].sum()) == pytest.approx(w[10:].sum()) == pytest.approx(1 / 3)
+
+
+def test_param_checksum_detects_change():
+    m = tiny_model()
+    c = param_checksum(m)
+    with torch.no_grad():
+        m[0].weight[0, 0, 0, 0] += 1.0
+    assert param_checksum(m) == pytest.approx(c + 1.0)

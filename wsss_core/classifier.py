@@ -1,0 +1,208 @@
+"""Step 1: the multi-label classifier and the NoPeopleAllowed missing-label filter.
+
+The classifier is trained on image-level labels only, optionally without some
+classes (`exclude_classes`) and with balanced sampling. The filter is a
+binary classifier for one class, trained on the images whose labels for that
+class are trusted; it scores the others and drops the images where the class
+is probably present but not labelled, so it cannot become background in the
+pseudo masks of later stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ClassifierConfig, Config, ConfigError
+from .data.sampling import sample_weights
+from .data.transforms import LabelledTensors, eval_transform, train_transform
+from .metrics import classification_scores
+from .store import save_torch
+from .train import FitConfig, fit, predict
+
+
+# --------------------------------------------------------------------------- checks
+def check_classifier_params(cfg: ClassifierConfig, classes: Sequence[str], key: str = "classifier") -> None:
+    """Fail before any work on an unknown backbone, a missing weights file or an
+    excluded class that is not in the class list."""
+    from .models import BACKBONES
+
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"{key}.backbone: unknown backbone {cfg.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+    if cfg.weights not in ("imagenet", "random") and not Path(cfg.weights).is_file():
+        raise ConfigError(f"{key}.weights: weights file not found: {cfg.weights} (or use 'imagenet' / 'random')")
+    unknown = [c for c in cfg.exclude_classes if c not in classes[1:]]
+    if unknown:
+        raise ConfigError(
+            f"{key}.exclude_classes: {', '.join(map(repr, unknown))} not in the class list ({', '.join(classes[1:])})"
+        )
+    if len(cfg.exclude_classes) >= len(classes) - 1:
+        raise ConfigError(f"{key}.exclude_classes: excludes every class; nothing left to train")
+
+
+def trained_class_ids(classes: Sequence[str], exclude: Sequence[str]) -> list[int]:
+    """1-based dataset class ids the classifier predicts, in head order."""
+    return [k for k in range(1, len(classes)) if classes[k] not in set(exclude)]
+
+
+def multilabel_loss(kind: str):
+    """Batch loss `(model, (x, y, idx)) -> scalar` for multi-label targets."""
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = model(x).float()
+        if kind == "bce":
+            return F.binary_cross_entropy_with_logits(logits, y)
+        return F.multilabel_soft_margin_loss(logits, y)
+
+    return loss
+
+
+# --------------------------------------------------------------------------- classifier
+@dataclass
+class TrainedClassifier:
+    model: nn.Module
+    class_ids: list[int]
+    meta: dict[str, Any]
+
+
+def _datasets(cfg: ClassifierConfig, model: nn.Module, images, val_images, columns, seed: int):
+    mean, std = model.backbone.normalization
+    train = LabelledTensors(images, train_transform(cfg.image_size, cfg.augment, mean, std), columns, seed)
+    val = None
+    if val_images is not None and len(val_images):
+        val = LabelledTensors(val_images, eval_transform(cfg.image_size, mean, std), columns, seed)
+    return train, val
+
+
+def train_multilabel(
+    cfg: ClassifierConfig,
+    images,
+    val_images,
+    columns: Sequence[int],
+    class_names: Sequence[str],
+    out_dir: Path,
+    device: torch.device,
+    seed: int,
+    epochs: int | None = None,
+    lr: float | None = None,
+    desc: str = "classifier",
+    stop_after_epochs: int | None = None,
+) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]:
+    """Train a GAP + linear multi-label classifier on `images` (LabelledImages)
+    predicting the label `columns`; returns (model, val scores, history)."""
+    from .models import build_classifier, param_groups
+
+    model = build_classifier(cfg, len(columns))
+    train_ds, val_ds = _datasets(cfg, model, images, val_images, columns, seed)
+    weights = sample_weights(np.asarray(images.labels)[:, list(columns)], cfg.balance, cfg.repeat_threshold)
+
+    def evaluate(m: nn.Module) -> dict[str, Any]:
+        if val_ds is None:
+            return {}
+        scores = predict(m, val_ds, device, cfg.batch_size, 0, desc="val")
+        s = classification_scores(scores, _labels(val_ds), class_names, cfg.eval_threshold)
+        return {"val_map": s["map"], "val_f1_macro": s["f1_macro"]}
+
+    lr = cfg.lr if lr is None else lr
+    result = fit(
+        model,
+        train_ds,
+        multilabel_loss(cfg.loss),
+        param_groups(model, lr, cfg.backbone_lr_mult, cfg.weight_decay),
+        cfg.optimizer,
+        lr,
+        cfg.weight_decay,
+        FitConfig(
+            epochs=cfg.epochs if epochs is None else epochs,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            num_workers=cfg.num_workers,
+            amp=cfg.amp,
+            schedule=cfg.schedule,
+            step_size=cfg.step_size,
+            gamma=cfg.gamma,
+            desc=desc,
+            stop_after_epochs=stop_after_epochs,
+        ),
+        out_dir,
+        device,
+        sample_weights=weights,
+        eval_fn=evaluate,
+    )
+    scores: dict[str, Any] = {}
+    if val_ds is not None:
+        val_scores = predict(model, val_ds, device, cfg.batch_size, 0, desc="val")
+        scores = classification_scores(val_scores, _labels(val_ds), class_names, cfg.eval_threshold)
+        scores["val_scores"] = val_scores
+    extra = {"samples_per_rank": result.samples_per_rank, "param_checksums": result.param_checksums,
+             "resumed_from": result.resumed_from}
+    return model, scores | {"fit": extra}, result.history
+
+
+def _labels(ds: LabelledTensors) -> np.ndarray:
+    y = np.asarray(ds.images.labels)
+    return y if ds.columns is None else y[:, ds.columns]
+
+
+def save_classifier(path: Path, model: nn.Module, cfg: ClassifierConfig, class_ids: Sequence[int],
+                    classes: Sequence[str]) -> Path:
+    """model.pt: weights plus what is needed to rebuild and use the model."""
+    return save_torch(path, {
+        "state_dict": model.state_dict(),
+        "classifier": {"backbone": cfg.backbone, "output_stride": cfg.output_stride, "image_size": cfg.image_size},
+        "class_ids": list(class_ids),
+        "classes": list(classes),
+        "normalization": [list(v) for v in model.backbone.normalization],
+    })
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> TrainedClassifier:
+    """Rebuild a saved classifier (no ImageNet weights needed: the state dict has all)."""
+    from .models import build_classifier
+
+    blob = torch.load(Path(path), map_location="cpu", weights_only=False)
+    c = blob["classifier"]
+    cfg = ClassifierConfig(backbone=c["backbone"], output_stride=c["output_stride"], image_size=c["image_size"],
+                           weights="random")
+    model = build_classifier(cfg, len(blob["class_ids"]))
+    model.load_state_dict(blob["state_dict"])
+    model.to(device).eval()
+    return TrainedClassifier(model, list(blob["class_ids"]), blob)
+
+
+# --------------------------------------------------------------------------- label filter
+def trusted_ids(cfg: Config, ds) -> list[str]:
+    """Ids of train images whose labels for the filter class are trusted."""
+    split = cfg.data.train_split
+    lf = cfg.label_filter
+    if lf.trusted_list:
+        p = Path(lf.trusted_list)
+        if not p.is_file():
+            raise ConfigError(f"label_filter.trusted_list: file not found: {p}")
+        wanted = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    else:
+        t = ds.trusted_ids(split)
+        if t is None:
+            raise ConfigError(
+                f"label_filter.trusted_list: the dataset has no trusted subset for split {split!r}; "
+                "name a file of trusted ids"
+            )
+        wanted = sorted(t)
+    have = set(ds.ids(split))
+    missing = [i for i in wanted if i not in have]
+    if missing:
+        raise ConfigError(f"label_filter.trusted_list: {len(missing)} ids not in split {split!r}, e.g. {missing[0]!r}")
+    return wanted
+
+
+def drop_decisions(scores: np.ndarray, labelled: np.ndarray, threshold: float) -> np.ndarray:
+    """True where an image is dropped: the class is not labelled and the filter is
+    not confident enough that it is absent (P(absent) = 1 - score < threshold)."""
+    return (~np.asarray(labelled, bool)) & ((1.0 - np.asarray(scores)) < threshold)

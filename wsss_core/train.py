@@ -1,0 +1,356 @@
+"""The one fit loop, shared by the classifier, the label filter, IRNet and the
+segmenter.
+
+CUDA when present, mixed precision on CUDA, deterministic seeds, a checkpoint
+every epoch with exact resume, `history.json`, text progress bars that read
+well in JupyterLab and in papermill logs, and a clear error on a NaN loss.
+Under torchrun it trains with DistributedDataParallel (gloo on CPU, nccl on
+CUDA); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .data.sampling import EpochSampler
+from .store import read_json, save_torch, write_json
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- environment
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> CUDA if available else CPU; under torchrun, this rank's GPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (else single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def progress(iterable: Iterable, total: int | None = None, desc: str = "", disable: bool = False):
+    """A text progress bar on stdout: live in JupyterLab and a terminal, a few
+    readable lines (not a widget) in papermill logs."""
+    from tqdm import tqdm
+
+    batch = bool(os.environ.get("WSSS_BATCH"))  # set by the pipeline runner for papermill
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        file=sys.stdout,
+        ncols=100,
+        ascii=True,
+        mininterval=10.0 if batch else 0.5,
+        disable=disable,
+    )
+
+
+# --------------------------------------------------------------------------- schedule
+def lr_lambda(schedule: str, total_steps: int, steps_per_epoch: int, step_size: int = 3, gamma: float = 0.2,
+              power: float = 0.9) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimiser step t (step: per epoch; poly: per step)."""
+    if schedule == "constant":
+        return lambda t: 1.0
+    if schedule == "step":
+        return lambda t: gamma ** ((t // max(steps_per_epoch, 1)) // step_size)
+    if schedule == "poly":
+        return lambda t: max(0.0, 1.0 - t / max(total_steps, 1)) ** power
+    raise ValueError(f"unknown schedule {schedule!r} (step | poly | constant)")
+
+
+def build_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (adam | sgd)")
+
+
+# --------------------------------------------------------------------------- fit
+@dataclass
+class FitConfig:
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    num_workers: int = 0
+    amp: bool = True
+    schedule: str = "constant"
+    step_size: int = 3
+    gamma: float = 0.2
+    desc: str = "train"
+    stop_after_epochs: int | None = None  # for tests: simulate an interruption
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0
+    samples_per_rank: list[list[int]] | None = None
+    param_checksums: list[float] | None = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def param_checksum(model: nn.Module) -> float:
+    """Sum of all parameters in float64: equal models give equal numbers."""
+    return float(sum(p.detach().double().sum().item() for p in _unwrap(model).parameters()))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    loss_fn: LossFn,
+    param_groups: list[dict],
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    cfg: FitConfig,
+    out_dir: str | Path,
+    device: torch.device,
+    sample_weights: np.ndarray | None = None,
+    eval_fn: EvalFn | None = None,
+    collate_fn: Callable | None = None,
+) -> FitResult:
+    """Train `model` for cfg.epochs, resuming from `out_dir/checkpoint.pt` if present.
+
+    `loss_fn(model, batch)` returns the scalar loss of a batch (batch = what
+    the loader yields, moved to `device`). Writes `checkpoint.pt` after every
+    epoch and `history.json`; both only on rank 0.
+    """
+    out_dir = Path(out_dir)
+    info = init_distributed(device)
+    seed_everything(cfg.seed)
+    model.to(device)
+    opt = build_optimizer(param_groups, optimizer, lr, weight_decay)
+    sampler = EpochSampler(len(dataset), sample_weights, cfg.seed, info.rank, info.world_size)
+    steps_per_epoch = max(1, math.ceil(len(sampler) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(cfg.schedule, steps_per_epoch * cfg.epochs, steps_per_epoch, cfg.step_size, cfg.gamma)
+    )
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    result = FitResult()
+    ckpt_path = out_dir / "checkpoint.pt"
+    start_epoch = 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        _unwrap(model).load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        result.history = ckpt["history"]
+        start_epoch = result.resumed_from = ckpt["epoch"]
+        if info.is_main:
+            print(f"[wsss] resuming {cfg.desc} from epoch {start_epoch} ({ckpt_path})")
+
+    train_model: nn.Module = model
+    if info.active:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        drop_last=False,
+    )
+    seen: list[int] = []
+    last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        train_model.train()
+        t0 = time.perf_counter()
+        total, count = 0.0, 0
+        bar = progress(loader, total=len(loader), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", disable=not info.is_main)
+        for step, batch in enumerate(bar):
+            batch = _to_device(batch, device)
+            if isinstance(batch, (list, tuple)) and len(batch) >= 3:
+                seen.extend(int(i) for i in batch[2])
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(train_model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{cfg.desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"(lr {sched.get_last_lr()[-1]:.3g}); lower the learning rate or check the inputs"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            n = _batch_len(batch)
+            total += float(loss.detach()) * n
+            count += n
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": _mean_across_ranks(total, count, info, device),
+            "lr": [g["lr"] for g in opt.param_groups],
+            "seconds": round(seconds, 2),
+            "images_per_s": round(count * info.world_size / max(seconds, 1e-9), 2),
+        }
+        if eval_fn is not None and info.is_main:
+            model.eval()
+            record.update(eval_fn(_unwrap(model)))
+        result.history.append(record)
+        if info.is_main:
+            print(f"[wsss] {cfg.desc} epoch {epoch + 1}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds"))
+            save_torch(ckpt_path, {
+                "epoch": epoch + 1,
+                "model": _unwrap(model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": _rng_state(),
+                "history": result.history,
+            })
+            write_json(out_dir / "history.json", result.history)
+        if info.active:
+            dist.barrier()
+
+    if info.active:
+        gathered: list[Any] = [None] * info.world_size
+        dist.all_gather_object(gathered, {"seen": seen, "checksum": param_checksum(model)})
+        result.samples_per_rank = [g["seen"] for g in gathered]
+        result.param_checksums = [g["checksum"] for g in gathered]
+    else:
+        result.samples_per_rank = [seen]
+        result.param_checksums = [param_checksum(model)]
+    return result
+
+
+def load_history(out_dir: str | Path) -> list[dict[str, Any]]:
+    p = Path(out_dir) / "history.json"
+    return read_json(p) if p.is_file() else []
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return int(first.shape[0])
+
+
+def _mean_across_ranks(total: float, count: int, info: DistInfo, device: torch.device) -> float:
+    if not info.active:
+        return total / max(count, 1)
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def predict(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    device: torch.device,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Sigmoid scores of `model` on every item of `dataset`, in order."""
+    model.eval().to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    with torch.inference_mode():
+        for batch in progress(loader, total=len(loader), desc=desc):
+            x = batch[0].to(device)
+            out.append(torch.sigmoid(model(x).float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def labels_of(dataset: torch.utils.data.Dataset) -> np.ndarray:
+    """The label matrix of a LabelledTensors dataset, without loading images."""
+    cols = getattr(dataset, "columns", None)
+    y = np.asarray(dataset.images.labels)
+    return y if cols is None else y[:, cols]
+
+
+__all__: Sequence[str] = [
+    "FitConfig", "FitResult", "fit", "predict", "resolve_device", "seed_everything", "init_distributed",
+    "progress", "lr_lambda", "param_checksum", "load_history", "cleanup_distributed", "labels_of",
+]
