@@ -206,3 +206,17 @@ def drop_decisions(scores: np.ndarray, labelled: np.ndarray, threshold: float) -
     """True where an image is dropped: the class is not labelled and the filter is
     not confident enough that it is absent (P(absent) = 1 - score < threshold)."""
     return (~np.asarray(labelled, bool)) & ((1.0 - np.asarray(scores)) < threshold)
+
+
+def read_filter_scores(path: str | Path) -> dict[str, np.ndarray]:
+    """The label filter's scores.csv as arrays (ids, score, labelled, dropped, kept)."""
+    lines = Path(path).read_text().splitlines()[1:]
+    cols = list(zip(*(line.split(",") for line in lines))) if lines else [()] * 6
+    return {
+        "ids": np.array(cols[0]),
+        "score": np.array(cols[1], dtype=float),
+        "labelled": np.array(cols[2], dtype=int).astype(bool),
+        "dropped_by_filter": np.array(cols[3], dtype=int).astype(bool),
+        "dropped_excluded": np.array(cols[4], dtype=int).astype(bool),
+        "kept": np.array(cols[5], dtype=int).astype(bool),
+    }

@@ -20,6 +20,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # stage name -> notebook file, in pipeline order
 NOTEBOOKS: dict[str, str] = {
     "data": "00_data.ipynb",
+    "classifier": "01_classifier.ipynb",
 }
 
 

@@ -262,3 +262,134 @@ def kept_train_ids(run: Run) -> list[str]:
     """Train ids that later stages may use (written by the label_filter stage)."""
     p = run.root / STAGES["label_filter"].folder / "kept.txt"
     return [line for line in p.read_text().splitlines() if line]
+
+
+def _shard(ids: list[str], run: Run) -> list[str]:
+    """This process's share of the images when launched by torchrun."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return ids[run.rank :: world] if world > 1 else ids
+
+
+def _wait_for_all_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def stage_ids(cfg: Config, run: Run, split: str) -> list[str]:
+    """The ids a stage works on: for the train split, those the label filter kept."""
+    ds = _dataset(cfg)
+    if split == cfg.data.train_split:
+        return kept_train_ids(run)
+    return ds.ids(split)
+
+
+# --------------------------------------------------------------------------- 02 cams
+@_register("cams", "02_cams", sections=("seed", "data", "cams"), upstream=("data", "classifier", "label_filter"))
+def cams_stage(cfg: Config, run: Run) -> StageResult:
+    """Multi-scale Grad-CAM / Grad-CAM++ for every image of the split, then a
+    background-threshold sweep against the masks."""
+    import torch
+
+    from .cam import class_activation_maps, select_classes
+    from .classifier import load_classifier
+    from .data.transforms import to_normalized_tensor
+    from .evaluate import cam_threshold_sweep
+    from .store import save_npz
+    from .train import init_distributed, progress, resolve_device
+
+    c = cfg.cams
+    device = resolve_device(cfg.device)
+    init_distributed(device)
+    trained = load_classifier(run.path("classifier") / "model.pt", device)
+    mean, std = trained.meta["normalization"]
+    ds = _dataset(cfg)
+    images = ds.labelled(c.split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    ids = stage_ids(cfg, run, c.split)
+    out = run.path("cams") / "cams"
+    out.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    done = 0
+    for sid in progress(_shard(ids, run), desc=f"CAMs ({c.method})", disable=not run.is_main):
+        path = out / f"{sid}.npz"
+        if path.exists():  # resume after an interruption
+            continue
+        image, labels = images[index[sid]]
+        x = to_normalized_tensor(image, mean, std).to(device)
+        if c.classes == "labels":
+            class_ids = [k for k in trained.class_ids if labels[k - 1] > 0.5]
+        else:
+            with torch.inference_mode():
+                logits = trained.model(x[None])[0]
+            class_ids = [trained.class_ids[j] for j in select_classes(logits, "predicted", c.pred_threshold)]
+        res = class_activation_maps(trained.model, x, class_ids, scales=c.scales, flip=c.flip,
+                                    method=c.method, normalize=c.normalize, head_class_ids=trained.class_ids)
+        save_npz(path, **res.to_npz_dict())
+        done += 1
+    seconds = time.perf_counter() - t0
+    _wait_for_all_ranks()
+    metrics: dict[str, Any] = {"images": len(ids), "computed_here": done,
+                               "images_per_s": round(done / max(seconds, 1e-9), 3)}
+    if run.is_main and ds.has_masks(c.split):
+        masks = ds.masks(c.split)
+
+        def items():
+            for sid in ids:
+                z = np.load(out / f"{sid}.npz")
+                yield z["high_res"].astype(np.float32), z["keys"], masks.mask(sid)
+
+        metrics["quality"] = cam_threshold_sweep(items(), c.bg_thresholds, ds.classes)
+        metrics["miou_best"] = metrics["quality"]["best"]["miou"]
+        metrics["best_threshold"] = metrics["quality"]["best_threshold"]
+    return StageResult(metrics=metrics, paths={"cams": str(out)}, timings={"cams": round(seconds, 2)})
+
+
+def read_cam(run: Run, image_id: str) -> dict[str, np.ndarray]:
+    """One image's stored CAMs: keys (class ids), cam (stride 4), high_res (float32)."""
+    z = np.load(run.root / STAGES["cams"].folder / "cams" / f"{image_id}.npz")
+    return {k: (z[k].astype(np.float32) if z[k].dtype == np.float16 else z[k]) for k in z.files}
+
+
+# --------------------------------------------------------------------------- 03 crf
+@_register("crf", "03_crf", sections=("seed", "data", "cams", "crf"), upstream=("data", "cams"))
+def crf_stage(cfg: Config, run: Run) -> StageResult:
+    """Dense-CRF confident labels per image (0 bg, k class, 255 unconfident) for IRNet."""
+    from .crf import confident_label_scores, confident_labels_many
+    from .store import save_png
+    from .train import progress
+    from .viz import voc_palette
+
+    ds = _dataset(cfg)
+    split = cfg.cams.split
+    images = ds.labelled(split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    ids = stage_ids(cfg, run, split)
+    out = run.path("crf") / "ir_labels"
+    out.mkdir(exist_ok=True)
+    todo = [i for i in _shard(ids, run) if not (out / f"{i}.png").exists()]
+
+    def items():
+        for sid in todo:
+            cam = read_cam(run, sid)
+            yield sid, images.image(index[sid]), cam["high_res"], cam["keys"]
+
+    t0 = time.perf_counter()
+    palette = voc_palette()
+    for sid, labels in progress(confident_labels_many(items(), cfg.crf, cfg.crf.workers), total=len(todo),
+                                desc="dense CRF", disable=not run.is_main):
+        save_png(out / f"{sid}.png", labels, palette=palette)
+    seconds = time.perf_counter() - t0
+    _wait_for_all_ranks()
+    metrics: dict[str, Any] = {"images": len(ids), "computed_here": len(todo),
+                               "images_per_s": round(len(todo) / max(seconds, 1e-9), 3)}
+    if run.is_main and ds.has_masks(split):
+        from .evaluate import read_label_png
+
+        masks = ds.masks(split)
+        metrics["quality"] = confident_label_scores(
+            (read_label_png(out / f"{sid}.png") for sid in ids), (masks.mask(sid) for sid in ids), ds.num_classes)
+    return StageResult(metrics=metrics, paths={"ir_labels": str(out)}, timings={"crf": round(seconds, 2)})

@@ -123,3 +123,72 @@ def mask_examples(masks: Any, classes: Sequence[str], n: int = 8, alpha: float =
         present = [classes[k] for k in np.unique(m) if 0 < k < len(classes)]
         titles.append(f"{i}: {', '.join(present) or '-'}")
     return show_grid(pictures, titles)
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("val_map",)) -> Any:
+    """Training loss, learning rate(s) and validation metrics per epoch."""
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    shown = [m for m in metrics if any(m in h for h in history)]
+    fig, axes = plt.subplots(1, 2 + len(shown), figsize=(4.2 * (2 + len(shown)), 3.2), squeeze=False)
+    ax = axes[0]
+    ax[0].plot(epochs, [h["loss"] for h in history], marker="o")
+    ax[0].set(title="training loss", xlabel="epoch")
+    lrs = np.array([h["lr"] for h in history])
+    for g in range(lrs.shape[1] if lrs.ndim == 2 else 0):
+        ax[1].plot(epochs, lrs[:, g], marker="o", label=f"group {g}")
+    ax[1].set(title="learning rate", xlabel="epoch", yscale="log")
+    ax[1].legend(fontsize=7)
+    for k, m in enumerate(shown):
+        ax[2 + k].plot(epochs, [h.get(m, np.nan) for h in history], marker="o", color="C2")
+        ax[2 + k].set(title=m, xlabel="epoch")
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class(values: Mapping[str, float | None], title: str, ax: Any = None, ylim: tuple = (0, 1)) -> Any:
+    """Bar chart of one number per class (AP, IoU, ...), with the mean as a line."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(5, 0.5 * len(values)), 3.2))
+    names = list(values)
+    v = np.array([np.nan if values[n] is None else values[n] for n in names], dtype=float)
+    ax.bar(range(len(names)), np.nan_to_num(v), color="C0")
+    ax.axhline(np.nanmean(v), color="C3", ls="--", label=f"mean {np.nanmean(v):.3f}")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set(title=title, ylim=ylim)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def prediction_examples(images: Any, scores: np.ndarray, class_names: Sequence[str], n: int = 8,
+                        threshold: float = 0.5) -> Any:
+    """Grid of images titled with their labels and the classifier's top scores."""
+    pictures, titles = [], []
+    for i in range(min(n, len(images))):
+        img, lab = images[i]
+        top = np.argsort(-scores[i])[:3]
+        truth = [class_names[k] for k in np.flatnonzero(np.asarray(lab) > 0.5) if k < len(class_names)]
+        pred = ", ".join(f"{class_names[k]} {scores[i, k]:.2f}" for k in top if scores[i, k] >= threshold / 5)
+        pictures.append(img)
+        titles.append(f"label: {', '.join(truth) or '-'}\npred: {pred or '-'}")
+    return show_grid(pictures, titles)
+
+
+def plot_filter_scores(scores: np.ndarray, labelled: np.ndarray, dropped: np.ndarray, threshold: float) -> Any:
+    """Histogram of the missing-label filter's scores for labelled and unlabelled
+    images, with the drop line at P(present) = 1 - threshold."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ok = ~np.isnan(scores)
+    bins = np.linspace(0, 1, 21)
+    ax.hist(scores[ok & labelled], bins, alpha=0.6, label="class labelled")
+    ax.hist(scores[ok & ~labelled], bins, alpha=0.6, label="not labelled")
+    ax.axvline(1 - threshold, color="C3", ls="--", label=f"drop if unlabelled and > {1 - threshold:.2f}")
+    ax.set(xlabel="filter score P(class present)", ylabel="images",
+           title=f"missing-label filter: {int(dropped.sum())} of {int(ok.sum())} images dropped")
+    ax.legend(fontsize=8)
+    return fig
