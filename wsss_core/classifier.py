@@ -51,6 +51,15 @@ def trained_class_ids(classes: Sequence[str], exclude: Sequence[str]) -> list[in
     return [k for k in range(1, len(classes)) if classes[k] not in set(exclude)]
 
 
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """Loader worker processes. On a CPU the training's own threads use every
+    core and worker processes only compete with them (decoding and augmenting
+    is a small share of a step), so the default there is none."""
+    if requested is not None:
+        return requested
+    return 4 if device.type == "cuda" else 0
+
+
 def multilabel_loss(kind: str):
     """Batch loss `(model, (x, y, idx)) -> scalar` for multi-label targets."""
 
@@ -98,7 +107,9 @@ def train_multilabel(
     """Train a GAP + linear multi-label classifier on `images` (LabelledImages)
     predicting the label `columns`; returns (model, val scores, history)."""
     from .models import build_classifier, param_groups
+    from .train import seed_everything
 
+    seed_everything(seed)  # the new head's initialisation is part of the run
     model = build_classifier(cfg, len(columns))
     train_ds, val_ds = _datasets(cfg, model, images, val_images, columns, seed)
     weights = sample_weights(np.asarray(images.labels)[:, list(columns)], cfg.balance, cfg.repeat_threshold)
@@ -123,7 +134,7 @@ def train_multilabel(
             epochs=cfg.epochs if epochs is None else epochs,
             batch_size=cfg.batch_size,
             seed=seed,
-            num_workers=cfg.num_workers,
+            num_workers=loader_workers(cfg.num_workers, device),
             amp=cfg.amp,
             schedule=cfg.schedule,
             step_size=cfg.step_size,

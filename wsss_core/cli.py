@@ -57,7 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = _overrides(args.set)
         if args.command == "run":
+            import logging
+
             from .pipeline import run_pipeline
+
+            # papermill logs each cell's output at INFO: show it, so batch runs show progress
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log = logging.getLogger("papermill")
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
 
             root = run_pipeline(args.config, args.run_dir, args.from_stage, args.to_stage, overrides)
             print(f"[wsss] finished. Outputs: {root}")

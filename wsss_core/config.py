@@ -158,7 +158,7 @@ class ClassifierConfig:
     repeat_threshold: float = _p(0.3, _unit, "repeat-factor sampling threshold t")
     exclude_classes: tuple[str, ...] = _p(())
     augment: AugmentConfig = _section(AugmentConfig)
-    num_workers: int = _p(2, _non_negative)
+    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA")
     amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
     eval_threshold: float = _p(0.5, _unit)
 

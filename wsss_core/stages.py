@@ -99,7 +99,8 @@ def data_stage(cfg: Config, run: Run) -> StageResult:
         "root": str(ds.root),
         "classes": list(ds.classes),
         "splits": splits,
-        "validation": report.as_dict() if hasattr(report, "as_dict") else str(report),
+        "validation": report.as_dict(),
+        "validation_text": str(report),
     }
     folder = run.path("data")
     write_json(folder / "summary.json", summary)

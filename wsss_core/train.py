@@ -220,6 +220,7 @@ def fit(
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
         drop_last=False,
+        worker_init_fn=_one_thread_worker,
     )
     seen: list[int] = []
     last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
@@ -294,6 +295,12 @@ def fit(
 def load_history(out_dir: str | Path) -> list[dict[str, Any]]:
     p = Path(out_dir) / "history.json"
     return read_json(p) if p.is_file() else []
+
+
+def _one_thread_worker(_: int) -> None:
+    """Loader workers decode and augment; one thread each, or OpenMP threads of
+    the workers and the training process oversubscribe the cores (10x slower)."""
+    torch.set_num_threads(1)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -1,0 +1,171 @@
+"""The CAM inspector: pick image, class, method, scales, background threshold,
+overlay alpha and CRF on/off, and see the maps at once.
+
+Maps are computed once per (image, method, scales, flip) and cached, so the
+sliders only redo the cheap parts (threshold, blend, CRF). The callbacks are
+plain functions of the widget values (`CamInspector.render`), tested headless.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .config import Config
+from .evaluate import labels_from_cams
+from .store import Run
+from .viz import heat_overlay, overlay
+
+SCALE_CHOICES: dict[str, tuple[float, ...]] = {
+    "1.0": (1.0,),
+    "1.0, 0.5": (1.0, 0.5),
+    "1.0, 0.5, 1.5": (1.0, 0.5, 1.5),
+    "1.0, 0.5, 0.75, 2.0": (1.0, 0.5, 0.75, 2.0),
+}
+
+
+@dataclass
+class Rendered:
+    """What the inspector shows for one setting of the controls."""
+
+    image: np.ndarray  # HxWx3 uint8
+    cam: np.ndarray  # HxW float32 in [0, 1], the chosen class
+    cam_overlay: np.ndarray  # HxWx3 uint8
+    labels: np.ndarray  # HxW uint8 class ids (after CRF when on)
+    labels_overlay: np.ndarray  # HxWx3 uint8
+    keys: np.ndarray  # class ids that have a map
+
+
+class CamInspector:
+    """Interactive CAM viewer over a run's classifier and dataset split."""
+
+    def __init__(self, cfg: Config, run: Run, split: str | None = None, cache_size: int = 64,
+                 device: str | None = None):
+        from .classifier import load_classifier
+        from .data import open_dataset
+        from .train import resolve_device
+
+        self.cfg = cfg
+        self.device = resolve_device(device or cfg.device)
+        self.trained = load_classifier(run.path("classifier") / "model.pt", self.device)
+        self.ds = open_dataset(cfg.data, validate=False)
+        self.split = split or cfg.cams.split
+        self.images = self.ds.labelled(self.split)
+        self._index = {i: n for n, i in enumerate(self.images.ids)}
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self.cache_size = cache_size
+        self.computed = 0  # how many times maps were actually computed (for tests)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.images.ids)
+
+    def class_names(self, image_id: str) -> list[str]:
+        """Classes offered for an image: its labels first, then every class the model knows."""
+        _, labels = self.images[self._index[image_id]]
+        labelled = [k for k in self.trained.class_ids if labels[k - 1] > 0.5]
+        rest = [k for k in self.trained.class_ids if k not in labelled]
+        return [self.ds.classes[k] for k in labelled + rest]
+
+    def maps(self, image_id: str, method: str, scales: Sequence[float], flip: bool = True):
+        """CAMs of every class the model knows for one image (cached)."""
+        from .cam import class_activation_maps
+        from .data.transforms import to_normalized_tensor
+
+        key = (image_id, method, tuple(scales), flip)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        image, _ = self.images[self._index[image_id]]
+        mean, std = self.trained.meta["normalization"]
+        x = to_normalized_tensor(image, mean, std).to(self.device)
+        res = class_activation_maps(self.trained.model, x, self.trained.class_ids, scales=tuple(scales), flip=flip,
+                                    method=method, normalize=self.cfg.cams.normalize,
+                                    head_class_ids=self.trained.class_ids)
+        self.computed += 1
+        self._cache[key] = res
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return res
+
+    def render(self, image_id: str, class_name: str, method: str = "gradcam", scales: Sequence[float] = (1.0,),
+               bg_threshold: float = 0.15, alpha: float = 0.5, crf: bool = False,
+               labelled_only: bool = True) -> Rendered:
+        """Everything the inspector draws for one setting of the controls."""
+        res = self.maps(image_id, method, scales)
+        image, labels = self.images[self._index[image_id]]
+        k = self.ds.classes.index(class_name)
+        keys = np.asarray(res.keys)
+        j = int(np.flatnonzero(keys == k)[0])
+        cam = res.high_res[j].astype(np.float32)
+        use = [i for i, c in enumerate(keys) if not labelled_only or labels[c - 1] > 0.5] or [j]
+        lab = labels_from_cams(res.high_res[use], keys[use], bg_threshold)
+        if crf:
+            lab = crf_refine(image, lab, self.cfg)
+        return Rendered(image, cam, heat_overlay(image, cam, alpha), lab, overlay(image, lab, alpha), keys)
+
+    def widget(self) -> Any:
+        """The ipywidgets panel (JupyterLab)."""
+        import ipywidgets as w
+
+        image = w.Dropdown(options=self.ids, description="image")
+        cls = w.Dropdown(options=self.class_names(self.ids[0]), description="class")
+        method = w.ToggleButtons(options=[("Grad-CAM", "gradcam"), ("Grad-CAM++", "gradcam++")],
+                                 description="method")
+        scales = w.Dropdown(options=list(SCALE_CHOICES), value="1.0, 0.5", description="scales")
+        thr = w.FloatSlider(value=self.cfg.cams.bg_thresholds[len(self.cfg.cams.bg_thresholds) // 2], min=0.0,
+                            max=1.0, step=0.01, description="bg thresh")
+        alpha = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="alpha")
+        crf = w.Checkbox(value=False, description="dense CRF")
+        out = w.Output()
+
+        def draw(*_):
+            r = self.render(image.value, cls.value, method.value, SCALE_CHOICES[scales.value], thr.value,
+                            alpha.value, crf.value)
+            out.clear_output(wait=True)
+            with out:
+                show_rendered(r, f"{image.value} / {cls.value} / {method.value}")
+
+        def new_image(change):
+            cls.options = self.class_names(change["new"])
+            draw()
+
+        image.observe(new_image, names="value")
+        for c in (cls, method, scales, thr, alpha, crf):
+            c.observe(draw, names="value")
+        draw()
+        return w.VBox([w.HBox([image, cls, scales]), method, w.HBox([thr, alpha, crf]), out])
+
+
+def crf_refine(image: np.ndarray, labels: np.ndarray, cfg: Config) -> np.ndarray:
+    """Dense-CRF refinement of a class-id label map (ids kept as they are)."""
+    from .crf import dense_crf_labels
+
+    ids = np.unique(labels)
+    if len(ids) <= 1:
+        return labels.copy()
+    lut = np.zeros(256, np.int64)
+    lut[ids] = np.arange(len(ids))
+    refined = dense_crf_labels(image, lut[labels], len(ids), cfg.crf)
+    return ids[refined].astype(np.uint8)
+
+
+def show_rendered(r: Rendered, title: str = "") -> Any:
+    import matplotlib.pyplot as plt
+
+    from .viz import colorize
+
+    fig, ax = plt.subplots(1, 4, figsize=(14, 3.6))
+    for a, img, t in zip(ax, [r.image, r.cam_overlay, colorize(r.labels), r.labels_overlay],
+                         ["image", "CAM", "labels", "labels overlay"]):
+        a.imshow(img)
+        a.set_title(t, fontsize=9)
+        a.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    plt.show()
+    return fig
