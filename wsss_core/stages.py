@@ -326,7 +326,7 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
         else:
             with torch.inference_mode():
                 logits = trained.model(x[None])[0]
-            class_ids = [trained.class_ids[j] for j in select_classes(logits, "predicted", c.pred_threshold)]
+            class_ids = select_classes(logits, "predicted", c.pred_threshold, head_class_ids=trained.class_ids)
         res = class_activation_maps(trained.model, x, class_ids, scales=c.scales, flip=c.flip,
                                     method=c.method, normalize=c.normalize, head_class_ids=trained.class_ids)
         save_npz(path, **res.to_npz_dict())
