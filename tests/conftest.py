@@ -30,3 +30,16 @@ def msrc_root():
     if not MSRC.is_dir():
         pytest.skip(f"real data not found at {MSRC} (the repository must sit next to shared/)")
     return MSRC
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory, _cache_in_tmp):
+    """A CI-sized run with data, classifier, label filter, CAMs and CRF done."""
+    from wsss_core import stages
+    from wsss_core.config import load_config
+
+    cfg = load_config(REPO / "params" / "ci.yaml")
+    run = stages.open_run(tmp_path_factory.mktemp("ci-run"), cfg)
+    for name in ("data", "classifier", "label_filter", "cams", "crf"):
+        stages.run_stage(name, cfg, run)
+    return cfg, run

@@ -32,6 +32,7 @@ __all__ = [
     "dense_crf_labels",
     "cam_label_indices",
     "confident_labels",
+    "confident_label_parts",
     "confident_labels_many",
     "confident_label_scores",
 ]
@@ -151,19 +152,22 @@ def _check_cams(image: np.ndarray, cams: np.ndarray, keys: np.ndarray) -> tuple[
     return image, cams, keys
 
 
-def confident_labels(image: np.ndarray, cams: np.ndarray, keys: np.ndarray, cfg: CrfConfig) -> np.ndarray:
-    """IRNet confident labels: HxW uint8 with 0 background, class ids from `keys`, 255 unconfident.
+def confident_label_parts(
+    image: np.ndarray, cams: np.ndarray, keys: np.ndarray, cfg: CrfConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fg_conf, bg_conf, labels): the two CRF label maps and the confident labels.
 
     `cams` (K, H, W) are normalised CAMs (about [0, 1]) of the classes `keys`
     (K,) (1-based class ids). fg_conf = CRF(argmax([conf_fg_thres, cams])),
-    bg_conf = CRF(argmax([conf_bg_thres, cams])); the result is fg_conf, except
+    bg_conf = CRF(argmax([conf_bg_thres, cams])); labels = fg_conf, except
     that pixels that fg_conf calls background but bg_conf calls foreground are
-    255. With no classes (K == 0) everything is background.
+    255 (unconfident). With no classes (K == 0) everything is background.
     """
     image, cams, keys = _check_cams(image, cams, keys)
     h, w = image.shape[:2]
     if keys.size == 0:
-        return np.zeros((h, w), np.uint8)
+        zeros = np.zeros((h, w), np.uint8)
+        return zeros, zeros, zeros
     _check_gt_prob(cfg)
     lut = np.concatenate([[0], keys]).astype(np.uint8)
     n = keys.size + 1
@@ -174,7 +178,13 @@ def confident_labels(image: np.ndarray, cams: np.ndarray, keys: np.ndarray, cfg:
         bg_conf = lut[dense_crf_labels(image, cam_label_indices(cams, cfg.conf_bg_thres), n, cfg)]
     out = fg_conf.copy()
     out[(fg_conf == 0) & (bg_conf != 0)] = UNCONFIDENT
-    return out
+    return fg_conf, bg_conf, out
+
+
+def confident_labels(image: np.ndarray, cams: np.ndarray, keys: np.ndarray, cfg: CrfConfig) -> np.ndarray:
+    """IRNet confident labels: HxW uint8 with 0 background, class ids from `keys`,
+    255 unconfident (see `confident_label_parts`)."""
+    return confident_label_parts(image, cams, keys, cfg)[2]
 
 
 def _confident_job(image_id: str, image: np.ndarray, cams: np.ndarray, keys: np.ndarray,
@@ -238,35 +248,9 @@ def confident_labels_many(
 
 
 # --------------------------------------------------------------------------- metrics
-class _LocalConfusion:
-    """Minimal confusion matrix (rows GT, columns prediction), used until wsss_core.metrics exists."""
-
-    # TODO: use wsss_core.metrics.ConfusionMatrix only, once it is always present.
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.matrix = np.zeros((num_classes, num_classes), np.int64)
-
-    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
-        valid = gt != UNCONFIDENT
-        idx = gt[valid].astype(np.int64) * self.num_classes + pred[valid].astype(np.int64)
-        self.matrix += np.bincount(idx, minlength=self.num_classes**2).reshape(self.matrix.shape)
-
-    def iou(self) -> np.ndarray:
-        tp = np.diag(self.matrix).astype(np.float64)
-        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-
-    def miou(self) -> float:
-        iou = self.iou()
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-
-
 def _confusion(num_classes: int) -> Any:
-    try:
-        from .metrics import ConfusionMatrix
-    except ImportError:
-        return _LocalConfusion(num_classes)
+    from .metrics import ConfusionMatrix
+
     return ConfusionMatrix(num_classes, ignore_index=UNCONFIDENT)
 
 

@@ -16,12 +16,13 @@ from .metrics import ConfusionMatrix, segmentation_scores
 def labels_from_cams(high_res: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
     """Label map from normalised CAMs: argmax over [background = threshold, cams],
     mapped to class ids (0 = background)."""
+    from .crf import cam_label_indices
+
     h, w = high_res.shape[-2:]
     if len(keys) == 0:
         return np.zeros((h, w), np.uint8)
-    stack = np.concatenate([np.full((1, h, w), bg_threshold, np.float32), high_res.astype(np.float32)])
     lut = np.concatenate([[0], np.asarray(keys)]).astype(np.uint8)
-    return lut[stack.argmax(0)]
+    return lut[cam_label_indices(high_res, bg_threshold)]
 
 
 def cam_threshold_sweep(

@@ -21,7 +21,12 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS: dict[str, str] = {
     "data": "00_data.ipynb",
     "classifier": "01_classifier.ipynb",
+    "cams": "02_cams.ipynb",
+    "crf": "03_crf.ipynb",
 }
+
+# notebooks that are not a pipeline stage (opened by hand; executed in the tests)
+TOOL_NOTEBOOKS: tuple[str, ...] = ("cam_inspector.ipynb",)
 
 
 def notebook_setup(

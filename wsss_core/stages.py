@@ -394,3 +394,43 @@ def crf_stage(cfg: Config, run: Run) -> StageResult:
         metrics["quality"] = confident_label_scores(
             (read_label_png(out / f"{sid}.png") for sid in ids), (masks.mask(sid) for sid in ids), ds.num_classes)
     return StageResult(metrics=metrics, paths={"ir_labels": str(out)}, timings={"crf": round(seconds, 2)})
+
+
+def crf_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[str, np.ndarray]]:
+    """Image, strongest CAM, fg_conf, bg_conf and the final confident labels of one image."""
+    from .crf import confident_label_parts
+
+    ds = _dataset(cfg)
+    images = ds.labelled(cfg.cams.split)
+    image = images.image(images.ids.index(image_id))
+    cam = read_cam(run, image_id)
+    fg, bg, labels = confident_label_parts(image, cam["high_res"], cam["keys"], cfg.crf)
+    from .viz import heat_overlay
+
+    heat = cam["high_res"].max(0) if len(cam["keys"]) else np.zeros(image.shape[:2], np.float32)
+    return [("image", image), ("CAM (max over classes)", heat_overlay(image, heat)),
+            (f"fg_conf (thres {cfg.crf.conf_fg_thres})", fg), (f"bg_conf (thres {cfg.crf.conf_bg_thres})", bg),
+            ("confident labels (white: 255)", labels)]
+
+
+def crf_threshold_sweep(cfg: Config, run: Run, ids: list[str],
+                        pairs: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Precision and coverage of confident labels for (conf_fg_thres, conf_bg_thres)
+    pairs, on the images `ids` (evaluation: reads masks)."""
+    import dataclasses
+
+    from .crf import confident_label_scores, confident_labels
+
+    ds = _dataset(cfg)
+    images = ds.labelled(cfg.cams.split)
+    masks = ds.masks(cfg.cams.split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    cams = {i: read_cam(run, i) for i in ids}
+    out = []
+    for fg, bg in pairs:
+        c = dataclasses.replace(cfg.crf, conf_fg_thres=fg, conf_bg_thres=min(bg, fg))
+        maps = (confident_labels(images.image(index[i]), cams[i]["high_res"], cams[i]["keys"], c) for i in ids)
+        s = confident_label_scores(maps, (masks.mask(i) for i in ids), ds.num_classes)
+        out.append({"conf_fg_thres": fg, "conf_bg_thres": c.conf_bg_thres, "precision": s["precision"],
+                    "coverage": s["coverage"], "miou": s["miou"]})
+    return out

@@ -192,3 +192,65 @@ def plot_filter_scores(scores: np.ndarray, labelled: np.ndarray, dropped: np.nda
            title=f"missing-label filter: {int(dropped.sum())} of {int(ok.sum())} images dropped")
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_threshold_sweep(quality: Mapping[str, Any], ax: Any = None, title: str = "") -> Any:
+    """CAM mIoU against the background threshold, best point marked."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    t, m = quality["thresholds"], quality["miou"]
+    ax.plot(t, m, marker="o")
+    b = quality["best_threshold"]
+    ax.axvline(b, color="C3", ls="--", label=f"best {b:.2f}: mIoU {max(m):.3f}")
+    ax.set(xlabel="background threshold", ylabel="mIoU", title=title or "CAM quality vs background threshold")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def cam_gallery(rows: Sequence[Mapping[str, Any]], n_cols_max: int = 6, size: float = 2.4) -> Any:
+    """Rows of [image, CAM per class ...]; each row is
+    {"title", "image", "maps": [(label, HxW map in [0,1]), ...]}."""
+    import matplotlib.pyplot as plt
+
+    ncols = min(n_cols_max, 1 + max((len(r["maps"]) for r in rows), default=0))
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(size * ncols, size * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(row["image"])
+        axes[r, 0].set_title(row["title"], fontsize=8)
+        for c, (label, heat) in enumerate(row["maps"][: ncols - 1], 1):
+            axes[r, c].imshow(heat_overlay(row["image"], heat, 0.5))
+            axes[r, c].set_title(label, fontsize=8)
+        for a in axes[r]:
+            a.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def label_panels(panels: Sequence[tuple[str, np.ndarray]], size: float = 2.6) -> Any:
+    """One row of pictures: RGB images shown as they are, label maps coloured."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for a, (title, arr) in zip(axes[0], panels):
+        a.imshow(arr if arr.ndim == 3 else colorize(arr))
+        a.set_title(title, fontsize=8)
+        a.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_precision_coverage(points: Sequence[Mapping[str, float]], current: tuple[float, float] | None = None) -> Any:
+    """Confident-label precision against coverage as the CRF thresholds move."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for p in points:
+        here = current is not None and (p["conf_fg_thres"], p["conf_bg_thres"]) == current
+        ax.scatter(p["coverage"], p["precision"], color="C3" if here else "C0", s=40 if here else 20)
+        ax.annotate(f"{p['conf_fg_thres']:.2f}/{p['conf_bg_thres']:.2f}", (p["coverage"], p["precision"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="coverage (share of pixels not 255)", ylabel="precision of confident pixels",
+           title="confident labels: fg/bg thresholds (red: current)")
+    return fig

@@ -59,17 +59,21 @@ class CamInspector:
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self.cache_size = cache_size
         self.computed = 0  # how many times maps were actually computed (for tests)
+        self.last: Rendered | None = None  # what the widget drew last
 
     @property
     def ids(self) -> list[str]:
         return list(self.images.ids)
 
+    def labelled_class_names(self, image_id: str) -> list[str]:
+        """The image's labelled classes that the model knows."""
+        labels = self.images.labels[self._index[image_id]]
+        return [self.ds.classes[k] for k in self.trained.class_ids if labels[k - 1] > 0.5]
+
     def class_names(self, image_id: str) -> list[str]:
         """Classes offered for an image: its labels first, then every class the model knows."""
-        _, labels = self.images[self._index[image_id]]
-        labelled = [k for k in self.trained.class_ids if labels[k - 1] > 0.5]
-        rest = [k for k in self.trained.class_ids if k not in labelled]
-        return [self.ds.classes[k] for k in labelled + rest]
+        labelled = self.labelled_class_names(image_id)
+        return labelled + [self.ds.classes[k] for k in self.trained.class_ids if self.ds.classes[k] not in labelled]
 
     def maps(self, image_id: str, method: str, scales: Sequence[float], flip: bool = True):
         """CAMs of every class the model knows for one image (cached)."""
@@ -91,6 +95,17 @@ class CamInspector:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return res
+
+    def gallery(self, ids: Sequence[str], methods: Sequence[str], scales: Sequence[float]) -> list[dict]:
+        """Rows for `viz.cam_gallery`: per image and method, the CAMs of its labelled classes."""
+        rows = []
+        for image_id in ids:
+            image, labels = self.images[self._index[image_id]]
+            for method in methods:
+                res = self.maps(image_id, method, scales)
+                maps = [(self.ds.classes[k], res.high_res[j]) for j, k in enumerate(res.keys) if labels[k - 1] > 0.5]
+                rows.append({"title": f"{image_id} ({method})", "image": image, "maps": maps})
+        return rows
 
     def render(self, image_id: str, class_name: str, method: str = "gradcam", scales: Sequence[float] = (1.0,),
                bg_threshold: float = 0.15, alpha: float = 0.5, crf: bool = False,
@@ -124,8 +139,8 @@ class CamInspector:
         out = w.Output()
 
         def draw(*_):
-            r = self.render(image.value, cls.value, method.value, SCALE_CHOICES[scales.value], thr.value,
-                            alpha.value, crf.value)
+            r = self.last = self.render(image.value, cls.value, method.value, SCALE_CHOICES[scales.value],
+                                        thr.value, alpha.value, crf.value)
             out.clear_output(wait=True)
             with out:
                 show_rendered(r, f"{image.value} / {cls.value} / {method.value}")
@@ -138,7 +153,10 @@ class CamInspector:
         for c in (cls, method, scales, thr, alpha, crf):
             c.observe(draw, names="value")
         draw()
-        return w.VBox([w.HBox([image, cls, scales]), method, w.HBox([thr, alpha, crf]), out])
+        panel = w.VBox([w.HBox([image, cls, scales]), method, w.HBox([thr, alpha, crf]), out])
+        panel.controls = {"image": image, "class": cls, "method": method, "scales": scales,  # type: ignore[attr-defined]
+                          "bg_threshold": thr, "alpha": alpha, "crf": crf}
+        return panel
 
 
 def crf_refine(image: np.ndarray, labels: np.ndarray, cfg: Config) -> np.ndarray:

@@ -1,0 +1,72 @@
+"""The CAM inspector's callbacks, driven headless: set values, check the
+rendered arrays change as they should and the maps are cached."""
+
+import numpy as np
+import pytest
+
+from wsss_core.widgets import CamInspector
+
+
+@pytest.fixture(scope="module")
+def inspector(ci_run):
+    cfg, run = ci_run
+    return CamInspector(cfg, run)
+
+
+def first_labelled(insp):
+    return next(i for i in insp.ids if insp.labelled_class_names(i))
+
+
+def test_maps_are_cached_per_image_method_and_scales(inspector):
+    i = first_labelled(inspector)
+    c = inspector.labelled_class_names(i)[0]
+    before = inspector.computed
+    inspector.render(i, c, "gradcam", (1.0,), 0.2)
+    inspector.render(i, c, "gradcam", (1.0,), 0.5, alpha=0.9, crf=True)  # sliders only: no recompute
+    assert inspector.computed == before + 1
+    inspector.render(i, c, "gradcam++", (1.0,), 0.2)
+    inspector.render(i, c, "gradcam", (1.0, 0.5), 0.2)
+    assert inspector.computed == before + 3
+
+
+def test_threshold_alpha_method_and_crf_change_the_picture(inspector):
+    i = first_labelled(inspector)
+    c = inspector.labelled_class_names(i)[0]
+    k = inspector.ds.classes.index(c)
+    low = inspector.render(i, c, "gradcam", (1.0,), 0.05)
+    high = inspector.render(i, c, "gradcam", (1.0,), 0.6)
+    assert (low.labels != 0).sum() > (high.labels != 0).sum()  # higher background threshold, less foreground
+    assert set(np.unique(low.labels)) <= {0, *[inspector.ds.classes.index(n) for n in inspector.labelled_class_names(i)]}
+    assert k in np.unique(low.labels)
+    a0 = inspector.render(i, c, "gradcam", (1.0,), 0.2, alpha=0.0)
+    a1 = inspector.render(i, c, "gradcam", (1.0,), 0.2, alpha=0.8)
+    assert np.array_equal(a0.cam_overlay, a0.image) and not np.array_equal(a1.cam_overlay, a0.image)
+    assert np.array_equal(a0.cam, a1.cam)
+    pp = inspector.render(i, c, "gradcam++", (1.0,), 0.2)
+    assert not np.allclose(pp.cam, a0.cam)
+    assert 0.0 <= pp.cam.min() and pp.cam.max() <= 1.0 + 1e-3
+    crf = inspector.render(i, c, "gradcam", (1.0,), 0.2, crf=True)
+    assert crf.labels.shape == a0.labels.shape
+    assert set(np.unique(crf.labels)) <= set(np.unique(a0.labels)) | {0}
+
+
+def test_widget_controls_drive_the_render(inspector):
+    panel = inspector.widget()
+    ctl = panel.controls
+    first = inspector.last
+    assert first is not None and first.image.shape[2] == 3
+    computed = inspector.computed
+    ctl["bg_threshold"].value = 0.05
+    low_fg = (inspector.last.labels != 0).sum()
+    ctl["bg_threshold"].value = 0.9
+    assert (inspector.last.labels != 0).sum() < low_fg or low_fg == 0
+    ctl["alpha"].value = 0.0
+    assert np.array_equal(inspector.last.cam_overlay, inspector.last.image)
+    assert inspector.computed == computed  # sliders reuse the cached maps
+    before = inspector.last.cam.copy()
+    ctl["method"].value = "gradcam++"
+    assert inspector.computed <= computed + 1 and not np.allclose(inspector.last.cam, before)
+    other = [i for i in inspector.ids if i != ctl["image"].value][0]
+    ctl["image"].value = other
+    assert inspector.last.image.shape == inspector.images.image(inspector.ids.index(other)).shape
+    assert ctl["class"].options[0] in inspector.class_names(other)
