@@ -88,15 +88,17 @@ def test_label_filter_finds_unlabelled_people(tmp_path):
     """On a synthetic set where 'person' is often unlabelled, the filter drops
     most such images and few images without a person."""
     cfg = load_config(REPO / "params" / "ci.yaml", {
-        "data.synthetic.n_train": 160, "data.synthetic.seed": 5, "label_filter.epochs": 4,
+        "data.synthetic.n_train": 160, "data.synthetic.seed": 5, "label_filter.epochs": 8,
         "classifier.batch_size": 16,
     })
     run = stages.open_run(tmp_path / "run", cfg)
     stages.run_stage("data", cfg, run)
     m = stages.run_stage("label_filter", cfg, run).metrics
     assert m["images_with_unlabelled_class"] >= 5
-    assert m["unlabelled_recall"] >= 0.6, m
-    assert m["clean_drop_rate"] <= 0.2, m
+    # a filter that guesses drops both kinds at the same rate; this one separates them
+    assert m["unlabelled_recall"] >= 0.7, m
+    assert m["clean_drop_rate"] <= 0.35, m
+    assert m["unlabelled_recall"] - m["clean_drop_rate"] >= 0.45, m
     kept = stages.kept_train_ids(run)
     assert m["dropped_excluded_class"] == 0  # person is not excluded in these params
     assert len(kept) == m["kept"] == m["images"] - m["dropped_by_filter"]
@@ -110,8 +112,14 @@ def test_two_process_ddp_with_torchrun(ci_config, tmp_path):
     common = ["--config", str(ci_config), "--run-dir", str(run_dir), "--set", "classifier.balance=none",
               "--set", "classifier.epochs=2"]
     subprocess.run(base + ["stage", "data"] + common, check=True, env=env, capture_output=True)
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port),
          "-m", "wsss_core.cli", "stage", "classifier"] + common,
         env=env, capture_output=True, text=True, timeout=600,
     )

@@ -169,10 +169,11 @@ class LabelFilterConfig:
 
     enabled: bool = _p(False)
     class_name: str = _p("person")
-    threshold: float = _p(0.8, _unit, "drop images where P(class present) >= threshold, unlabelled")
+    threshold: float = _p(0.8, _unit, "keep an unlabelled image only if P(class absent) >= threshold")
     trusted_list: str | None = _p(None, doc="file of ids with trusted labels; default: the dataset's own")
     epochs: int = _p(4, _positive)
     lr: float = _p(1e-3, _positive)
+    backbone_lr_mult: float = _p(0.1, _positive, "1.0 fine-tunes the whole backbone (far-from-ImageNet data)")
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class CamsConfig:
     classes: Literal["labels", "predicted"] = _p("labels")
     pred_threshold: float = _p(0.5, _unit)
     bg_thresholds: tuple[float, ...] = _p(
-        (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5),
+        (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7),
         _all(_non_empty, _each(_unit)),
     )
     split: str = _p("train")

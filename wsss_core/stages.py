@@ -205,7 +205,8 @@ def label_filter_stage(cfg: Config, run: Run) -> StageResult:
         if lf.class_name not in ds.classes[1:]:
             raise ConfigError(f"label_filter.class_name: {lf.class_name!r} is not a class ({', '.join(ds.classes[1:])})")
         col = ds.classes.index(lf.class_name) - 1
-        ccfg = dataclasses.replace(cfg.classifier, exclude_classes=(), balance="none")
+        ccfg = dataclasses.replace(cfg.classifier, exclude_classes=(), balance="none",
+                                   backbone_lr_mult=lf.backbone_lr_mult)
         check_classifier_params(ccfg, ds.classes, key="label_filter")
         trusted = trusted_ids(cfg, ds)
         index = {i: n for n, i in enumerate(images.ids)}
