@@ -33,8 +33,21 @@ needs_peer = pytest.mark.skipif(GradCAM is None, reason="pytorch-grad-cam (grad-
 
 
 # --------------------------------------------------------------------------- tiny models
-class GapNet(nn.Module):
-    """GAP + linear classifier (the MultiLabelClassifier contract); `body` outputs A."""
+class GapHead(nn.Module):
+    """The MultiLabelClassifier contract: `body` outputs A, logits = head(GAP(A))."""
+
+    def features(self, x):
+        return self.body(x)
+
+    def logits_from_features(self, a):
+        return self.head(a.mean((2, 3)))
+
+    def forward(self, x):
+        return self.logits_from_features(self.features(x))
+
+
+class GapNet(GapHead):
+    """A small GAP + linear classifier."""
 
     def __init__(self, channels: int = 16, classes: int = 5, seed: int = 0):
         super().__init__()
@@ -49,15 +62,6 @@ class GapNet(nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             self.body[1].running_var.fill_(1.0)
-
-    def features(self, x):
-        return self.body(x)
-
-    def logits_from_features(self, a):
-        return self.head(a.mean((2, 3)))
-
-    def forward(self, x):
-        return self.logits_from_features(self.features(x))
 
 
 class ConvHeadNet(GapNet):
@@ -76,7 +80,7 @@ class ConvHeadNet(GapNet):
         return self.head(F.relu(self.extra(a)).pow(2).mean((2, 3)))
 
 
-class MirrorNet(nn.Module):
+class MirrorNet(GapHead):
     """Stride-1 convs with left-right symmetric kernels: exactly flip-equivariant."""
 
     def __init__(self, channels: int = 8, classes: int = 3):
@@ -90,15 +94,6 @@ class MirrorNet(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             for conv in (self.body[0], self.body[2]):
                 conv.weight.copy_((conv.weight + conv.weight.flip(-1)) / 2)
-
-    def features(self, x):
-        return self.body(x)
-
-    def logits_from_features(self, a):
-        return self.head(a.mean((2, 3)))
-
-    def forward(self, x):
-        return self.logits_from_features(self.features(x))
 
 
 class TimmGap(nn.Module):

@@ -251,7 +251,7 @@ def fit(
             n = _batch_len(batch)
             total += float(loss.detach()) * n
             count += n
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}", refresh=False)
         bar.close()
         seconds = time.perf_counter() - t0
         record: dict[str, Any] = {
