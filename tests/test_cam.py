@@ -132,11 +132,12 @@ def _peer(model: nn.Module, x: torch.Tensor, head_index: int, method: str):
     """pytorch-grad-cam on `model.body`: (its final output (B, H, W), its internal
     ReLU'd un-normalised map at feature resolution (B, h, w))."""
     targets = [ClassifierOutputTarget(head_index) for _ in range(len(x))]
-    with PEERS[method](model=model, target_layers=[model.body]) as cam:
+    layer = model.body if hasattr(model, "body") else model.cam_layer  # the module whose output is A
+    with PEERS[method](model=model, target_layers=[layer]) as cam:
         out = cam(input_tensor=x, targets=targets)
         acts = cam.activations_and_grads.activations[0].numpy()
         grads = cam.activations_and_grads.gradients[0].numpy()
-        raw = cam.get_cam_image(x, model.body, targets, acts, grads)
+        raw = cam.get_cam_image(x, layer, targets, acts, grads)
     return out, np.maximum(raw, 0)
 
 
@@ -145,7 +146,8 @@ def _compare_with_peer(model: nn.Module, x: torch.Tensor, method: str, closed_fo
     resize + min-max normalisation. Returns how many maps were non-trivial."""
     height, width = x.shape[-2:]
     nontrivial = 0
-    n_out = model.head.out_features
+    with torch.no_grad():
+        n_out = model(x).shape[1]
     ours_all = raw_cams(model, x, list(range(1, n_out + 1)), method=method, closed_form=closed_form).numpy()
     for j in range(n_out):
         peer_out, peer_raw = _peer(model, x, j, method)
@@ -435,3 +437,33 @@ def test_select_classes():
     assert select_classes(np.zeros(5), "labels", logits=logits) == [2, 4]  # no labels: predicted
     with pytest.raises(ValueError):
         select_classes(labels, "bogus")
+
+
+def _lite0_classifier():
+    from wsss_core.config import ClassifierConfig
+    from wsss_core.models import build_classifier
+
+    torch.manual_seed(0)
+    return build_classifier(ClassifierConfig(weights="random"), 4).eval()
+
+
+def test_cams_at_a_chosen_layer_equal_the_peer():
+    """Grad-CAM / Grad-CAM++ at an intermediate backbone layer (autograd path)
+    equal pytorch-grad-cam's with that layer as the target."""
+    model = _lite0_classifier()
+    layer = model.backbone.layer_names[-3]
+    view = model.at_layer(layer)
+    x = _image(64, 80, batch=1)
+    with torch.no_grad():
+        assert torch.allclose(view(x), model(x), atol=1e-5)  # same network, split differently
+    for method in ("gradcam", "gradcam++"):
+        assert _compare_with_peer(view, x, method, closed_form=None) > 0
+
+
+def test_layer_choice_errors_and_default():
+    from wsss_core.config import ConfigError
+
+    model = _lite0_classifier()
+    assert model.at_layer(None) is model and model.at_layer(model.backbone.layer_names[-1]) is model
+    with pytest.raises(ConfigError, match=r"cams\.layer: 'nope' is not a layer of efficientnet_lite0; choose one of"):
+        model.at_layer("nope")

@@ -56,3 +56,26 @@ def test_finished_stages_are_skipped(ci_run):
     cfg, run = ci_run
     assert stages.run_stage("cams", cfg, run).skipped
     assert stages.run_stage("crf", cfg, run).skipped
+
+
+def test_cams_at_a_chosen_layer_and_a_bad_layer(tmp_path):
+    import pytest
+
+    from wsss_core.config import ConfigError, load_config
+    from wsss_core.models import build_classifier
+
+    from conftest import REPO
+
+    layers = build_classifier(load_config(REPO / "params" / "ci.yaml").classifier, 2).backbone.layer_names
+    cfg = load_config(REPO / "params" / "ci.yaml", {"cams.layer": "no.such.layer", "label_filter.enabled": False})
+    run = stages.open_run(tmp_path / "run", cfg)
+    for name in ("data", "classifier", "label_filter"):
+        stages.run_stage(name, cfg, run)
+    with pytest.raises(ConfigError, match=r"cams\.layer: 'no\.such\.layer' is not a layer"):
+        stages.run_stage("cams", cfg, run)
+    assert not list((run.path("cams") / "cams").glob("*.npz"))
+
+    cfg = load_config(REPO / "params" / "ci.yaml", {"cams.layer": layers[-3], "label_filter.enabled": False})
+    run = stages.open_run(tmp_path / "run", cfg)
+    m = stages.run_stage("cams", cfg, run).metrics
+    assert len(list((run.path("cams") / "cams").glob("*.npz"))) == m["images"] > 0

@@ -179,6 +179,7 @@ class LabelFilterConfig:
 @dataclass(frozen=True)
 class CamsConfig:
     method: Literal["gradcam", "gradcam++"] = _p("gradcam")
+    layer: str | None = _p(None, doc="backbone layer for the CAMs; None: the last feature map")
     scales: tuple[float, ...] = _p((1.0, 0.5, 0.75, 2.0), _all(_non_empty, _each(_positive)))
     flip: bool = _p(True)
     normalize: Literal["per_class", "global"] = _p("per_class")

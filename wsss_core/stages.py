@@ -307,6 +307,7 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
     device = resolve_device(cfg.device)
     init_distributed(device)
     trained = load_classifier(run.path("classifier") / "model.pt", device)
+    cam_model = trained.model.at_layer(c.layer)  # a bad layer name fails here, before any work
     mean, std = trained.meta["normalization"]
     ds = _dataset(cfg)
     images = ds.labelled(c.split)
@@ -328,7 +329,7 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
             with torch.inference_mode():
                 logits = trained.model(x[None])[0]
             class_ids = select_classes(logits, "predicted", c.pred_threshold, head_class_ids=trained.class_ids)
-        res = class_activation_maps(trained.model, x, class_ids, scales=c.scales, flip=c.flip,
+        res = class_activation_maps(cam_model, x, class_ids, scales=c.scales, flip=c.flip,
                                     method=c.method, normalize=c.normalize, head_class_ids=trained.class_ids)
         save_npz(path, **res.to_npz_dict())
         done += 1

@@ -52,6 +52,7 @@ class CamInspector:
         self.cfg = cfg
         self.device = resolve_device(device or cfg.device)
         self.trained = load_classifier(run.path("classifier") / "model.pt", self.device)
+        self.cam_model = self.trained.model.at_layer(cfg.cams.layer)
         self.ds = open_dataset(cfg.data, validate=False)
         self.split = split or cfg.cams.split
         self.images = self.ds.labelled(self.split)
@@ -87,7 +88,7 @@ class CamInspector:
         image, _ = self.images[self._index[image_id]]
         mean, std = self.trained.meta["normalization"]
         x = to_normalized_tensor(image, mean, std).to(self.device)
-        res = class_activation_maps(self.trained.model, x, self.trained.class_ids, scales=tuple(scales), flip=flip,
+        res = class_activation_maps(self.cam_model, x, self.trained.class_ids, scales=tuple(scales), flip=flip,
                                     method=method, normalize=self.cfg.cams.normalize,
                                     head_class_ids=self.trained.class_ids)
         self.computed += 1

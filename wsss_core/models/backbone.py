@@ -78,6 +78,17 @@ class Backbone(nn.Module):
         """The module whose output equals `forward(x)` (hook target for CAMs)."""
         return self.get_submodule(self.cam_layer_name)
 
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the backbone's modules in execution order (CAM layer choices)."""
+        return [key for stage in self.info.stage_plan for key in stage]
+
+    def run_layers(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Apply the named modules in order (a contiguous slice of `layer_names`)."""
+        for key in names:
+            x = self.get_submodule(key)(x)
+        return x
+
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of every stage, shallow to deep (strides `stage_strides`)."""
         outs = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ClassifierConfig
+from ..config import ClassifierConfig, ConfigError
 from .backbone import Backbone
 from .factory import build_backbone
 
@@ -35,6 +35,41 @@ class MultiLabelClassifier(nn.Module):
     def logits_from_features(self, a: torch.Tensor) -> torch.Tensor:
         """head(mean over h, w of A) -> (B, num_classes)."""
         return self.head(a.mean((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.features(x))
+
+    def at_layer(self, layer: str | None) -> nn.Module:
+        """This classifier seen at an earlier backbone layer, for CAMs there:
+        `features(x)` is that layer's output and `logits_from_features` runs the
+        rest of the network. None (or the last layer) is the model itself."""
+        names = self.backbone.layer_names
+        if layer is None or layer == names[-1]:
+            return self
+        if layer not in names:
+            raise ConfigError(f"cams.layer: {layer!r} is not a layer of {self.backbone.name}; "
+                             f"choose one of: {', '.join(names)}")
+        return _LayerView(self, names.index(layer) + 1)
+
+
+class _LayerView(nn.Module):
+    """A MultiLabelClassifier split after backbone layer `split` (same weights)."""
+
+    def __init__(self, model: MultiLabelClassifier, split: int):
+        super().__init__()
+        self.model = model
+        self.before = model.backbone.layer_names[:split]
+        self.after = model.backbone.layer_names[split:]
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.model.backbone.get_submodule(self.before[-1])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone.run_layers(x, self.before)
+
+    def logits_from_features(self, a: torch.Tensor) -> torch.Tensor:
+        return self.model.logits_from_features(self.model.backbone.run_layers(a, self.after))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.features(x))
