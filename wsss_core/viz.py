@@ -6,19 +6,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: (n, 3) uint8, class k -> colour k, 255 -> white-ish."""
-    pal = np.zeros((n, 3), dtype=np.uint8)
-    for k in range(n):
-        c, r, g, b = k, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[k] = (r, g, b)
-    return pal
+from .data.images import voc_palette
 
 
 _PALETTE = voc_palette()

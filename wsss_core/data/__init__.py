@@ -10,7 +10,7 @@ the offending file and the problem.
 
 from .base import Dataset, LabelledImages, MaskSet, SplitIndex, labels_from_masks
 from .errors import DataError
-from .images import VOID, check_image_file, read_image, read_mask, to_rgb
+from .images import VOID, check_image_file, read_image, read_mask, to_rgb, voc_palette
 from .lid import open_lid
 from .loader import open_dataset
 from .synthetic import (
@@ -20,7 +20,6 @@ from .synthetic import (
     render_image,
     synthetic_dir,
     synthetic_hash,
-    voc_palette,
 )
 from .validate import SplitReport, ValidationReport, validate_dataset
 from .voc import VOC_CLASSES, open_voc

@@ -29,6 +29,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from .images import voc_palette
+
 from ..config import Config, DataConfig, SyntheticConfig, cache_root
 from .errors import DataError
 from .voc import IMAGE_DIR, LIST_DIR, MASK_DIR
@@ -94,7 +96,7 @@ def _write_dataset(cfg: SyntheticConfig, folder: Path) -> None:
     """Render every image and write the VOC-layout files, meta.json last."""
     for sub in (IMAGE_DIR, MASK_DIR, str(LIST_DIR)):
         (folder / sub).mkdir(parents=True)
-    palette = voc_palette()
+    palette = voc_palette().reshape(-1).tolist()
     present: dict[str, dict[str, list[int]]] = {}
     objects: dict[str, int] = {}
     for si, split in enumerate(SPLITS):
@@ -163,20 +165,6 @@ def _save_mask(mask: Array, path: Path, palette: list[int]) -> None:
     im = Image.fromarray(mask)
     im.putpalette(palette)
     im.save(path, optimize=False)
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (256 RGB triplets, flattened)."""
-    out = []
-    for i in range(256):
-        rgb = [0, 0, 0]
-        c = i
-        for bit in range(7, -1, -1):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << bit
-            c >>= 3
-        out += rgb
-    return out
 
 
 def _readme(cfg: SyntheticConfig, n_trusted: int, n_dropped: int) -> str:
