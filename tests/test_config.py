@@ -30,7 +30,7 @@ def test_msrc_params_point_at_the_shared_dataset():
     assert cfg.data.format == "voc"
     assert Path(cfg.data.root).is_absolute()
     assert Path(cfg.data.root).parts[-3:] == ("shared", "data", "msrc-voc")
-    assert cfg.cams.scales == (1.0, 0.5, 0.75, 2.0)
+    assert cfg.cams.method == "gradcam++" and cfg.cams.scales == (1.25, 1.5)
 
 
 def test_defaults_match_the_reference_settings():
