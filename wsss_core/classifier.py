@@ -81,7 +81,9 @@ class TrainedClassifier:
     meta: dict[str, Any]
 
 
-def _datasets(cfg: ClassifierConfig, model: nn.Module, images, val_images, columns, seed: int):
+def classifier_datasets(cfg: ClassifierConfig, model: nn.Module, images, val_images, columns, seed: int):
+    """Training (augmented) and evaluation tensors for `images` / `val_images`,
+    normalised the way the model's backbone expects."""
     mean, std = model.backbone.normalization
     train = LabelledTensors(images, train_transform(cfg.image_size, cfg.augment, mean, std), columns, seed)
     val = None
@@ -111,7 +113,7 @@ def train_multilabel(
 
     seed_everything(seed)  # the new head's initialisation is part of the run
     model = build_classifier(cfg, len(columns))
-    train_ds, val_ds = _datasets(cfg, model, images, val_images, columns, seed)
+    train_ds, val_ds = classifier_datasets(cfg, model, images, val_images, columns, seed)
     weights = sample_weights(np.asarray(images.labels)[:, list(columns)], cfg.balance, cfg.repeat_threshold)
 
     def evaluate(m: nn.Module) -> dict[str, Any]:

@@ -187,7 +187,13 @@ def label_filter_stage(cfg: Config, run: Run) -> StageResult:
     """
     import dataclasses
 
-    from .classifier import check_classifier_params, drop_decisions, train_multilabel, trusted_ids
+    from .classifier import (
+        check_classifier_params,
+        classifier_datasets,
+        drop_decisions,
+        train_multilabel,
+        trusted_ids,
+    )
     from .train import predict, resolve_device
 
     ds = _dataset(cfg)
@@ -216,9 +222,7 @@ def label_filter_stage(cfg: Config, run: Run) -> StageResult:
             ccfg, images.subset(trusted_idx), None, [col], [lf.class_name], folder, device, cfg.seed,
             epochs=lf.epochs, lr=lf.lr, desc=f"filter[{lf.class_name}]",
         )
-        from .classifier import _datasets
-
-        _, all_ds = _datasets(ccfg, model, images, images, [col], cfg.seed)
+        _, all_ds = classifier_datasets(ccfg, model, images, images, [col], cfg.seed)
         scores = predict(model, all_ds, device, ccfg.batch_size, 0, desc="filter scores")[:, 0]
         untrusted = np.ones(len(images), bool)
         untrusted[trusted_idx] = False
