@@ -96,7 +96,7 @@ class MirrorNet(GapHead):
                 conv.weight.copy_((conv.weight + conv.weight.flip(-1)) / 2)
 
 
-class TimmGap(nn.Module):
+class TimmGap(GapHead):
     """timm tf_efficientnet_lite0 (random init) as a GAP + linear classifier."""
 
     def __init__(self, classes: int = 4):
@@ -105,15 +105,6 @@ class TimmGap(nn.Module):
         torch.manual_seed(0)
         self.body = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, global_pool="")
         self.head = nn.Linear(self.body.num_features, classes)
-
-    def features(self, x):
-        return self.body(x)
-
-    def logits_from_features(self, a):
-        return self.head(a.mean((2, 3)))
-
-    def forward(self, x):
-        return self.logits_from_features(self.features(x))
 
 
 def _image(h: int, w: int, seed: int = 0, batch: int | None = None) -> torch.Tensor:

@@ -14,8 +14,6 @@ import pytest
 from wsss_core import stages
 from wsss_core.config import config_from_dict
 from wsss_core.store import (
-    StageResult,
-    StageSpec,
     StaleUpstreamError,
     atomic_write,
     read_json,

@@ -39,10 +39,6 @@ def open_run(run_dir: str | Path, cfg: Config) -> Run:
     return run
 
 
-def stage_names() -> list[str]:
-    return list(STAGES)
-
-
 def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageResult:
     """Run one stage unless it is already done with the same inputs.
 
@@ -287,10 +283,9 @@ def _wait_for_all_ranks() -> None:
 
 def stage_ids(cfg: Config, run: Run, split: str) -> list[str]:
     """The ids a stage works on: for the train split, those the label filter kept."""
-    ds = _dataset(cfg)
     if split == cfg.data.train_split:
         return kept_train_ids(run)
-    return ds.ids(split)
+    return _dataset(cfg).ids(split)
 
 
 # --------------------------------------------------------------------------- 02 cams

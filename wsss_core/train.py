@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data.sampling import EpochSampler
-from .store import read_json, save_torch, write_json
+from .store import save_torch, write_json
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, Any]]
@@ -292,11 +292,6 @@ def fit(
     return result
 
 
-def load_history(out_dir: str | Path) -> list[dict[str, Any]]:
-    p = Path(out_dir) / "history.json"
-    return read_json(p) if p.is_file() else []
-
-
 def _one_thread_worker(_: int) -> None:
     """Loader workers decode and augment; one thread each, or OpenMP threads of
     the workers and the training process oversubscribe the cores (10x slower)."""
@@ -326,11 +321,6 @@ def _mean_across_ranks(total: float, count: int, info: DistInfo, device: torch.d
     return float(t[0] / t[1].clamp_min(1))
 
 
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def predict(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -350,14 +340,7 @@ def predict(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def labels_of(dataset: torch.utils.data.Dataset) -> np.ndarray:
-    """The label matrix of a LabelledTensors dataset, without loading images."""
-    cols = getattr(dataset, "columns", None)
-    y = np.asarray(dataset.images.labels)
-    return y if cols is None else y[:, cols]
-
-
 __all__: Sequence[str] = [
     "FitConfig", "FitResult", "fit", "predict", "resolve_device", "seed_everything", "init_distributed",
-    "progress", "lr_lambda", "param_checksum", "load_history", "cleanup_distributed", "labels_of",
+    "progress", "lr_lambda", "param_checksum",
 ]
