@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from wsss_core.cam import class_activation_maps, raw_cams, scaled_size  # noqa: E402
-from wsss_core.classifier import load_classifier  # noqa: E402
+from wsss_core.multilabel import load_classifier  # noqa: E402
 from wsss_core.config import ClassifierConfig, DataConfig  # noqa: E402
 from wsss_core.data import open_dataset  # noqa: E402
 from wsss_core.data.transforms import to_normalized_tensor  # noqa: E402

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from wsss_core import stages
-from wsss_core.classifier import drop_decisions, load_classifier, train_multilabel
+from wsss_core.artifacts import read_kept_ids
+from wsss_core.label_filter import drop_decisions
+from wsss_core.multilabel import load_classifier, train_multilabel
 from wsss_core.config import ConfigError, load_config
 from wsss_core.data import open_dataset
 from wsss_core.train import param_checksum
@@ -99,7 +101,7 @@ def test_label_filter_finds_unlabelled_people(tmp_path):
     assert m["unlabelled_recall"] >= 0.7, m
     assert m["clean_drop_rate"] <= 0.35, m
     assert m["unlabelled_recall"] - m["clean_drop_rate"] >= 0.45, m
-    kept = stages.kept_train_ids(run)
+    kept = read_kept_ids(run)
     assert m["dropped_excluded_class"] == 0  # person is not excluded in these params
     assert len(kept) == m["kept"] == m["images"] - m["dropped_by_filter"]
 

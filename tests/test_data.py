@@ -20,6 +20,7 @@ from wsss_core.data import (
     ValidationReport,
     open_dataset,
     read_image,
+    validate_dataset,
 )
 
 MSRC_CLASSES = (
@@ -98,7 +99,7 @@ def test_msrc_counts_and_classes(msrc_root):
 
 def test_msrc_validation_report(msrc_root):
     ds = open_dataset(voc_cfg(msrc_root), validate=False)
-    report = ds.validate()
+    report = validate_dataset(ds)
     assert isinstance(report, ValidationReport)
     assert report.seconds < 6.0
     tr = report.splits["train"]
@@ -109,7 +110,7 @@ def test_msrc_validation_report(msrc_root):
     d = report.as_dict()
     assert d["splits"]["val"]["images"] == 59 and d["classes"][0] == "background"
     assert "train: 276 images" in str(report)
-    assert set(ds.validate(["val"]).splits) == {"val"}
+    assert set(validate_dataset(ds, ["val"]).splits) == {"val"}
 
 
 def _names(ds, split: str, sid: str) -> set[str]:
@@ -160,7 +161,7 @@ def test_limit_takes_first_ids(tmp_path):
     ds = open_dataset(voc_cfg(root, limit=2))
     assert ds.ids("train") == ["a0", "a1"] and ds.ids("val") == ["b0", "b1"]
     assert len(ds.labelled("train")) == 2 and len(ds.masks("val")) == 2
-    assert ds.validate().splits["train"].images == 2
+    assert validate_dataset(ds).splits["train"].images == 2
 
 
 def test_labelled_images_has_no_mask_access(tmp_path):
@@ -214,7 +215,7 @@ def test_labels_derived_from_masks_are_flagged(tmp_path):
     np.testing.assert_array_equal(ds.labelled("train").labels, [[0, 0], [1, 0], [0, 1], [0, 0]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = open_dataset(voc_cfg(root)).validate()
+        report = validate_dataset(open_dataset(voc_cfg(root)))
     assert report.splits["val"].label_source == "masks" and report.splits["val"].class_counts == {"cat": 1, "dog": 1}
 
 
@@ -289,7 +290,7 @@ def test_jpeg_with_trailing_bytes_is_accepted(tmp_path):
     root = make_voc(tmp_path / "voc")
     p = root / "JPEGImages" / "a0.jpg"
     p.write_bytes(p.read_bytes() + b"extra trailer")
-    assert open_dataset(voc_cfg(root)).validate().splits["train"].images == 4
+    assert validate_dataset(open_dataset(voc_cfg(root))).splits["train"].images == 4
 
 
 # --------------------------------------------------------------------------- bad input
@@ -377,7 +378,7 @@ def test_root_removed_after_open(tmp_path):
 
     shutil.rmtree(root)
     with pytest.raises(DataError, match="dataset folder not found"):
-        ds.validate()
+        validate_dataset(ds)
 
 
 def test_unknown_split(tmp_path):

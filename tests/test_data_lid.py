@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from wsss_core.config import DataConfig, LidConfig
-from wsss_core.data import DataError, open_dataset
+from wsss_core.data import DataError, open_dataset, validate_dataset
 
 NAMES = {"1": "accordion", "2": "airplane", "3": "ant"}
 TRAIN = [
@@ -68,7 +68,7 @@ def test_lid_round_trip(tmp_path):
     m = ds.masks("val").mask("ILSVRC2012_val_00000002")
     assert set(np.unique(m).tolist()) == {0, 2, 3, 255}
     np.testing.assert_array_equal(ds.labelled("val").labels, [[1, 0, 0], [0, 1, 1]])
-    report = ds.validate()
+    report = validate_dataset(ds)
     assert report.splits["train"].masks == 0 and report.splits["val"].masks == 2
     assert report.splits["train"].class_counts == {"accordion": 1, "airplane": 1, "ant": 2}
     assert report.splits["train"].images_without_labels == 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from wsss_core import stages
+from wsss_core.artifacts import read_kept_ids
 from wsss_core.config import load_config
 
 from conftest import REPO
@@ -23,7 +24,7 @@ def test_msrc_small_run_through_crf(msrc_root, tmp_path):
         stages.run_stage(name, cfg, run)
     summary = json.loads((run.path("data") / "summary.json").read_text())
     assert summary["splits"]["train"]["images"] == 24 and summary["classes"][0] == "background"
-    assert len(stages.kept_train_ids(run)) == 24  # filter disabled, nothing excluded
+    assert len(read_kept_ids(run)) == 24  # filter disabled, nothing excluded
     cams = run.manifest("cams")["metrics"]
     assert len(list((run.path("cams") / "cams").glob("*.npz"))) == 24
     assert 0.0 < cams["miou_best"] < 1.0

@@ -9,12 +9,12 @@ import pytest
 from wsss_core.config import ConfigError
 from wsss_core.pipeline import (
     NOTEBOOK_DIR,
-    NOTEBOOKS,
     TOOL_NOTEBOOKS,
     check_notebook_parameters,
     execute_notebook,
     run_pipeline,
     select_stages,
+    stage_notebooks,
 )
 
 from conftest import REPO
@@ -23,9 +23,9 @@ ALL = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
 
 def test_every_notebook_is_run_by_the_tests():
-    for nb in (*NOTEBOOKS.values(), *TOOL_NOTEBOOKS):
+    for nb in (*stage_notebooks().values(), *TOOL_NOTEBOOKS):
         assert (NOTEBOOK_DIR / nb).is_file()
-    assert {p.name for p in ALL} == {*NOTEBOOKS.values(), *TOOL_NOTEBOOKS}
+    assert {p.name for p in ALL} == {*stage_notebooks().values(), *TOOL_NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", ALL, ids=[p.name for p in ALL])
@@ -57,7 +57,7 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path):
     for nb in TOOL_NOTEBOOKS:  # not pipeline stages, but executed on the same run
         execute_notebook(NOTEBOOK_DIR / nb, root / "notebooks" / nb, {"config": str(config), "run_dir": str(root)},
                          log_output=False)
-    for nb in (*NOTEBOOKS.values(), *TOOL_NOTEBOOKS):
+    for nb in (*stage_notebooks().values(), *TOOL_NOTEBOOKS):
         out = root / "notebooks" / nb
         executed = nbformat.read(out, as_version=4)
         errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])

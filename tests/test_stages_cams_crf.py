@@ -4,13 +4,14 @@ import numpy as np
 from PIL import Image
 
 from wsss_core import stages
+from wsss_core.artifacts import read_kept_ids
 from wsss_core.cam import CamResult
 from wsss_core.data import open_dataset
 
 
 def test_cams_stage_writes_one_npz_per_kept_image(ci_run):
     cfg, run = ci_run
-    kept = stages.kept_train_ids(run)
+    kept = read_kept_ids(run)
     folder = run.path("cams") / "cams"
     assert sorted(p.stem for p in folder.glob("*.npz")) == sorted(kept)
     ds = open_dataset(cfg.data, validate=False)
@@ -40,7 +41,7 @@ def test_cams_stage_reports_a_threshold_sweep(ci_run):
 
 def test_crf_stage_writes_confident_label_pngs(ci_run):
     cfg, run = ci_run
-    kept = stages.kept_train_ids(run)
+    kept = read_kept_ids(run)
     folder = run.path("crf") / "ir_labels"
     assert sorted(p.stem for p in folder.glob("*.png")) == sorted(kept)
     for sid in kept[:5]:

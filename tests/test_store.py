@@ -53,8 +53,8 @@ def toy_b(cfg, run):
     return StageResult(metrics={"total": total})
 
 def register():
-    stages._register("toy_a", "01_toy_a", ("classifier",))(toy_a)
-    stages._register("toy_b", "02_toy_b", ("cams",), ("toy_a",))(toy_b)
+    stages.register("toy_a", "01_toy_a", ("classifier",))(toy_a)
+    stages.register("toy_b", "02_toy_b", ("cams",), ("toy_a",))(toy_b)
 """
 
 
@@ -65,7 +65,6 @@ def toy(tmp_path, monkeypatch):
     (mod_dir / "toy_stages.py").write_text(TOY)
     monkeypatch.syspath_prepend(str(mod_dir))
     monkeypatch.setattr(stages, "STAGES", dict(stages.STAGES))
-    monkeypatch.setattr(stages, "_FUNCS", dict(stages._FUNCS))
     import importlib
 
     import toy_stages
@@ -163,7 +162,9 @@ def test_failed_stage_is_recorded_and_not_done(toy, tmp_path, monkeypatch):
     def broken(cfg, run):
         raise ValueError("bad thing")
 
-    monkeypatch.setitem(stages._FUNCS, "toy_a", broken)
+    import dataclasses
+
+    monkeypatch.setitem(stages.STAGES, "toy_a", dataclasses.replace(stages.STAGES["toy_a"], fn=broken))
     with pytest.raises(ValueError):
         stages.run_stage("toy_a", cfg, run)
     m = run.manifest("toy_a")

@@ -5,7 +5,6 @@ Only this module (and notebooks' pictures) read masks; training code never does.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -50,9 +49,3 @@ def cam_threshold_sweep(
         "best_threshold": float(thresholds[best]),
         "best": segmentation_scores(cms[best], classes),
     }
-
-
-def read_label_png(path: str | Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.array(Image.open(path))

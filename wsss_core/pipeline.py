@@ -1,32 +1,43 @@
-"""Run the stage notebooks in order with papermill.
+"""`wsss run`: the stage notebooks in pipeline order, executed with papermill.
 
-Each notebook is executed into `<run_dir>/notebooks/` with its parameters
-injected. papermill only warns about parameters a notebook does not declare;
-we check the names against `papermill.inspect_notebook` first and fail.
+Each stage's notebook (from the stage registry) is executed into
+`<run_dir>/notebooks/` with `config`, `run_dir` (and `overrides`) injected;
+papermill only warns about names a notebook does not declare, so they are
+checked against `papermill.inspect_notebook` first. A stage that is done
+with unchanged inputs and parameters is skipped without starting a kernel;
+a changed parameter reruns that stage and everything downstream. The
+terminal shows one line per stage and the stage's progress bars; the full
+output stays in the executed notebook. A failing stage stops the run with
+one line naming the notebook, the cell and the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 from .config import Config, ConfigError, load_config
-from .stages import STAGES, open_run
-from .store import Run
+from .stages import STAGES, headline, open_run, pipeline_order
+from .store import LOCK_TOKEN_ENV, Run, StaleUpstreamError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
-# stage name -> notebook file, in pipeline order
-NOTEBOOKS: dict[str, str] = {
-    "data": "00_data.ipynb",
-    "classifier": "01_classifier.ipynb",
-    "cams": "02_cams.ipynb",
-    "crf": "03_crf.ipynb",
-}
-
 # notebooks that are not a pipeline stage (opened by hand; executed in the tests)
 TOOL_NOTEBOOKS: tuple[str, ...] = ("cam_inspector.ipynb",)
+
+
+class StageFailed(RuntimeError):
+    """A stage's notebook raised; the message is one line naming notebook and cell."""
+
+
+def stage_notebooks() -> dict[str, str]:
+    """stage name -> notebook file, in pipeline order (stages that have one)."""
+    return {name: s.notebook for name, s in STAGES.items() if s.notebook}
 
 
 def notebook_setup(
@@ -46,10 +57,10 @@ def notebook_setup(
 
 def select_stages(from_stage: str | None = None, to_stage: str | None = None) -> list[str]:
     """The stages between `from_stage` and `to_stage` inclusive, in order."""
-    order = [s for s in STAGES if s in NOTEBOOKS]
-    for s in (from_stage, to_stage):
+    order = [s for s in pipeline_order() if STAGES[s].notebook]
+    for flag, s in (("--from", from_stage), ("--to", to_stage)):
         if s is not None and s not in order:
-            raise ConfigError(f"unknown stage {s!r}; stages with notebooks: {', '.join(order)}")
+            raise ConfigError(f"{flag} {s}: unknown stage; stages: {', '.join(order)}")
     i = order.index(from_stage) if from_stage else 0
     j = order.index(to_stage) if to_stage else len(order) - 1
     if i > j:
@@ -72,30 +83,99 @@ def check_notebook_parameters(notebook: Path, names: Sequence[str]) -> None:
         )
 
 
+@contextlib.contextmanager
+def _env(**values: str | None) -> Iterator[None]:
+    """Set environment variables for the kernels started inside the block."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is not None:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class ProgressFilter:
+    """A file-like sink for a kernel's stdout that passes on only progress bars
+    and the stage's own `[wsss]` lines (indented), not the notebook's prints."""
+
+    _BAR = re.compile(r"\d+%\||\|\s*\d+/\d+|\d+/\d+ \[")
+    _OWN = ("running", "re-evaluating", "done in", "already done")
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.buf = ""
+        self.bar_open = False
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        while True:
+            m = re.search(r"[\r\n]", self.buf)
+            if not m:
+                break
+            segment, end, self.buf = self.buf[: m.start()], m.group(), self.buf[m.end():]
+            self._emit(segment, end)
+        return len(text)
+
+    def _emit(self, segment: str, end: str) -> None:
+        s = segment.strip()
+        if not s:
+            return
+        if self._BAR.search(s):
+            self.out.write("\r  " + s + ("\n" if end == "\n" else ""))
+            self.bar_open = end != "\n"
+        elif s.startswith("[wsss]") and not any(w in s for w in self._OWN):
+            self.out.write(("\n" if self.bar_open else "") + "  " + s + "\n")
+            self.bar_open = False
+        self.out.flush()
+
+    def flush(self) -> None:
+        if self.bar_open:
+            self.out.write("\n")
+            self.bar_open = False
+        self.out.flush()
+
+
 def execute_notebook(
     notebook: str | Path,
     output: str | Path,
     parameters: Mapping[str, Any],
     log_output: bool = True,
+    stdout: TextIO | None = None,
 ) -> Path:
-    """Execute one notebook with papermill after checking its parameter names."""
+    """Execute one notebook with papermill after checking its parameter names.
+
+    `stdout` receives the kernel's filtered output (progress bars, `[wsss]`
+    lines); the executed notebook keeps everything.
+    """
     import papermill
 
     notebook = Path(notebook).resolve()
     output = Path(output).resolve()
     check_notebook_parameters(notebook, list(parameters))
     output.parent.mkdir(parents=True, exist_ok=True)
-    os.environ["WSSS_BATCH"] = "1"  # inherited by the kernel: progress bars print sparse lines
-    papermill.execute_notebook(
-        str(notebook),
-        str(output),
-        parameters=dict(parameters),
-        cwd=str(notebook.parent),
-        log_output=log_output,
-        progress_bar=False,
-        kernel_name="python3",
-    )
+    sink = ProgressFilter(stdout or sys.stdout) if log_output else None
+    with _env(WSSS_BATCH="1"):  # inherited by the kernel: progress bars print sparse lines
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(output), parameters=dict(parameters), cwd=str(notebook.parent),
+                progress_bar=False, kernel_name="python3", stdout_file=sink,
+            )
+        finally:
+            if sink is not None:
+                sink.flush()
     return output
+
+
+def _failure_line(name: str, out: Path, err: Any) -> str:
+    last = f"{err.ename}: {err.evalue}".strip().splitlines()
+    where = f"cell {err.exec_count}" if err.exec_count is not None else f"cell index {err.cell_index}"
+    return f"stage {name} failed ({out}, {where}): {last[-1] if last else err.ename}"
 
 
 def run_pipeline(
@@ -105,22 +185,53 @@ def run_pipeline(
     to_stage: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     log_output: bool = True,
+    force: Sequence[str] = (),
+    echo: Callable[[str], None] | None = None,
 ) -> Path:
     """Execute the stage notebooks in order; returns the run directory.
 
-    Parameters are validated (and the run directory created) before any
-    notebook starts, so a bad file fails at once.
+    Parameters and stage names are validated before anything is written. A
+    stage done with the same inputs is skipped; `force` names stages to redo
+    from scratch. Raises StageFailed (one line) when a notebook fails.
     """
+    import papermill
+
+    echo = echo or (lambda s: print(s, flush=True))
     config = Path(config).resolve()
     cfg = load_config(config, overrides)  # fail fast on bad params
-    run = open_run(run_dir, cfg)
     stages = select_stages(from_stage, to_stage)
-    for k, name in enumerate(stages, 1):
-        nb = NOTEBOOK_DIR / NOTEBOOKS[name]
-        out = run.root / "notebooks" / nb.name
-        print(f"[wsss] ({k}/{len(stages)}) {nb.name} -> {out}", flush=True)
-        params: dict[str, Any] = {"config": str(config), "run_dir": str(run.root)}
-        if overrides:
-            params["overrides"] = dict(overrides)
-        execute_notebook(nb, out, params, log_output=log_output)
+    unknown = [s for s in force if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--force {unknown[0]}: unknown stage; stages: {', '.join(STAGES)}")
+    run = open_run(run_dir, cfg)
+    with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}):
+        for k, name in enumerate(stages, 1):
+            nb = NOTEBOOK_DIR / STAGES[name].notebook  # type: ignore[operator]
+            out = run.root / "notebooks" / nb.name
+            tag = f"[wsss] ({k}/{len(stages)}) {name:<13}"
+            if name not in force and run.is_done(name):
+                m = run.manifest(name) or {}
+                echo(f"{tag} skipped (done){_with(headline(name, m.get('metrics', {})))}")
+                continue
+            run.check_upstream(name)
+            why = "forced" if name in force else (run.why_not_done(name) or "evaluation parameters changed")
+            if name in force:
+                run.begin(name, fresh=True)
+            echo(f"{tag} running ({why})")
+            t0 = time.perf_counter()
+            params: dict[str, Any] = {"config": str(config), "run_dir": str(run.root)}
+            if overrides:
+                params["overrides"] = dict(overrides)
+            try:
+                execute_notebook(nb, out, params, log_output=log_output)
+            except papermill.PapermillExecutionError as e:
+                if e.ename == "StaleUpstreamError":
+                    raise StaleUpstreamError(e.evalue) from None
+                raise StageFailed(_failure_line(name, out, e)) from None
+            m = run.manifest(name) or {}
+            echo(f"{tag} done in {time.perf_counter() - t0:.0f} s{_with(headline(name, m.get('metrics', {})))}")
     return run.root
+
+
+def _with(text: str) -> str:
+    return f": {text}" if text else ""

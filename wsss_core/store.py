@@ -1,11 +1,17 @@
-"""The run directory: resolved config, one folder per stage, manifests.
+"""The run directory: resolved config, one folder per stage, manifests, lock.
 
-Every file is written atomically (temp file in the same folder + rename), so a
-crash never leaves a half-written output. Each stage folder has a
-`manifest.json` recording its status, the config sections it used, the
-fingerprints of its upstream stages and its timings. A finished stage whose
-fingerprint still matches is skipped; a stage whose upstream is missing or
-was produced with other parameters refuses to run and says what changed.
+Every file is written atomically (temp file in the same folder + rename, the
+usual permissions), so a crash never leaves a half-written output. Each stage
+folder has a `manifest.json` recording its status, the parameters it used,
+the fingerprints of its upstream stages and its timings.
+
+A stage's fingerprint hashes only the parameters that change its outputs
+("output" fields, see `config.sections`), the dataset's content for the data
+stage, and its upstream fingerprints. A finished stage whose fingerprint and
+evaluation parameters match is skipped; one whose evaluation parameters alone
+changed re-evaluates its kept outputs; a stage whose upstream is missing,
+interrupted or was made with other parameters refuses to run and says why.
+One process works on a run folder at a time (`Run.lock`).
 """
 
 from __future__ import annotations
@@ -16,21 +22,39 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .config import Config, config_to_dict, dump_config, section_hash
+from . import runtime
+from .config import Config, config_to_dict, dump_config, section_hash, section_values
 
 MANIFEST = "manifest.json"
 _TMP_TAG = ".tmp-"
 
 
+LOCK = ".wsss.lock"
+LOCK_TOKEN_ENV = "WSSS_LOCK_TOKEN"  # a child of the lock holder (a pipeline's notebook) shares its lock
+
+
 class StaleUpstreamError(RuntimeError):
     """An upstream stage is missing, unfinished, or was made with other parameters."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is working on the same run folder."""
+
+
+def _file_mode() -> int:
+    """0o666 minus the umask: what a plain `open(path, "w")` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -51,6 +75,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; colleagues in the group may read a run
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -150,12 +175,19 @@ def clear_folder(folder: Path) -> None:
 # --------------------------------------------------------------------------- stages
 @dataclass(frozen=True)
 class StageSpec:
-    """What a stage is called, where it writes, and what it depends on."""
+    """What a stage is called, where it writes, and what it depends on.
+
+    `sections`: top-level config sections (or fields) whose values it uses;
+    `content`: for the data stage, a function of the config describing the
+    dataset's content (`data.content.dataset_content`), part of the fingerprint.
+    """
 
     name: str
     folder: str
     sections: tuple[str, ...]
     upstream: tuple[str, ...] = ()
+    content: Callable[[Config], dict[str, Any]] | None = None
+    explain_content: Callable[[dict, dict], list[str]] | None = None
 
 
 @dataclass
@@ -184,14 +216,38 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def process_alive(pid: int, host: str) -> bool:
+    """Whether process `pid` on `host` still runs (another host: assumed alive)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Run:
-    """A run directory for one experiment (see DESIGN.md: the flow of data)."""
+    """A run directory for one experiment (see DESIGN.md: the flow of data).
+
+    Creating a Run writes nothing; the folder and its config.yaml appear when
+    a stage starts.
+    """
 
     def __init__(self, root: str | Path, cfg: Config, specs: Mapping[str, StageSpec]):
         self.root = Path(root).resolve()
         self.cfg = cfg
         self.specs = dict(specs)
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = runtime.rank()
+        self._content: dict[str, dict[str, Any]] = {}
+        self._lock_token: str | None = None
+        self._lock_depth = 0
 
     @property
     def is_main(self) -> bool:
@@ -199,6 +255,7 @@ class Run:
         return self.rank == 0
 
     def save_config(self) -> Path:
+        """Write the resolved config (done when a stage starts, not before)."""
         path = self.root / "config.yaml"
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -212,71 +269,112 @@ class Run:
         except KeyError:
             raise KeyError(f"unknown stage {name!r}; stages: {', '.join(self.specs)}") from None
 
+    def folder(self, name: str) -> Path:
+        """The stage's folder (not created)."""
+        return self.root / self.spec(name).folder
+
     def path(self, name: str) -> Path:
         """The stage's own folder (created on demand)."""
-        p = self.root / self.spec(name).folder
+        p = self.folder(name)
         p.mkdir(parents=True, exist_ok=True)
         return p
 
     def manifest(self, name: str) -> dict[str, Any] | None:
-        p = self.root / self.spec(name).folder / MANIFEST
+        p = self.folder(name) / MANIFEST
         return read_json(p) if p.is_file() else None
 
-    def _section_values(self, name: str) -> dict[str, Any]:
-        return {s: config_to_dict(getattr(self.cfg, s)) for s in self.spec(name).sections}
+    def content(self, name: str) -> dict[str, Any] | None:
+        """The current content description of a stage with a `content` hook (cached)."""
+        spec = self.spec(name)
+        if spec.content is None:
+            return None
+        if name not in self._content:
+            self._content[name] = spec.content(self.cfg)
+        return self._content[name]
 
     def fingerprint(self, name: str) -> str:
-        """Hash of this stage's config sections and, recursively, its upstream's."""
+        """Hash of the stage's output parameters (and content), and, recursively,
+        of its upstream stages'."""
         spec = self.spec(name)
-        parts = [section_hash(self.cfg, spec.sections)] + [self.fingerprint(u) for u in spec.upstream]
-        return hashlib.sha256("|".join([name, *parts]).encode()).hexdigest()[:16]
+        content = self.content(name)
+        parts = [name, section_hash(self.cfg, spec.sections), content["hash"] if content else ""]
+        return _hash(*parts, *(self.fingerprint(u) for u in spec.upstream))
 
-    def is_done(self, name: str) -> bool:
-        """Finished with the current parameters and current upstream outputs."""
+    def eval_hash(self, name: str) -> str:
+        """Hash of the stage's evaluation-only parameters."""
+        return section_hash(self.cfg, self.spec(name).sections, kind="eval")
+
+    def usable(self, name: str) -> bool:
+        """Finished, and its outputs are those the current parameters and upstream make."""
         m = self.manifest(name)
         return bool(m) and m.get("status") == "done" and m.get("fingerprint") == self.fingerprint(name)
 
+    def is_done(self, name: str) -> bool:
+        """Usable and evaluated with the current evaluation parameters: nothing to do."""
+        m = self.manifest(name)
+        return self.usable(name) and m.get("eval_hash") == self.eval_hash(name)  # type: ignore[union-attr]
+
     def why_not_done(self, name: str) -> str | None:
-        """A sentence saying why `name` is not usable as an upstream, or None."""
+        """A sentence saying why `name`'s outputs are not usable, or None."""
         m = self.manifest(name)
         folder = self.spec(name).folder
         if m is None:
             return f"{folder} has not been run"
-        if m.get("status") != "done":
-            return f"{folder} did not finish (status: {m.get('status')})"
+        status = m.get("status")
+        if status == "running" and not process_alive(m.get("pid", -1), m.get("host", "")):
+            return f"{folder} was interrupted (process {m.get('pid')} stopped before it finished)"
+        if status != "done":
+            return f"{folder} did not finish (status: {status})"
         if m.get("fingerprint") == self.fingerprint(name):
             return None
-        changes = _diff(m.get("config", {}), self._section_values(name))
+        changes = _diff(m.get("config", {}), section_values(self.cfg, self.spec(name).sections))
         if changes:
             return f"{folder} was made with other parameters ({'; '.join(changes)})"
+        content = self.content(name)
+        if content is not None and m.get("content_hash") != content["hash"]:
+            return f"{folder} was made from other data ({self._content_changes(name)})"
         for up in self.spec(name).upstream:
             if m.get("upstream", {}).get(up) != self.fingerprint(up):
                 reason = self.why_not_done(up) or f"{self.spec(up).folder} was rerun since"
                 return f"{folder} is stale because its input changed: {reason}"
         return f"{folder} is stale"
 
+    def _content_changes(self, name: str) -> str:
+        spec = self.spec(name)
+        old_path = self.folder(name) / "content.json"
+        if spec.explain_content is None or not old_path.is_file():
+            return "the dataset changed"
+        changes = spec.explain_content(read_json(old_path), self.content(name) or {})
+        return "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "") \
+            if changes else "the dataset changed"
+
     def check_upstream(self, name: str) -> None:
         """Raise StaleUpstreamError naming each unusable upstream stage and why."""
-        problems = [r for u in self.spec(name).upstream if (r := self.why_not_done(u))]
+        problems = [(u, r) for u in self.spec(name).upstream if (r := self.why_not_done(u))]
         if problems:
-            first = next(u for u in self.spec(name).upstream if self.why_not_done(u))
+            first = problems[0][0]
             raise StaleUpstreamError(
-                f"stage {name!r} refuses to run on stale inputs: {'; '.join(problems)}. "
+                f"stage {name!r} refuses to run on stale inputs: {'; '.join(r for _, r in problems)}. "
                 f"Rerun from {first!r} first (wsss run --from {first})."
             )
 
     # -- lifecycle
     def begin(self, name: str, fresh: bool = False) -> Path:
-        """Mark the stage running. Outputs left by an attempt with other
-        parameters (or all outputs, when `fresh`) are deleted first, so resuming
-        never mixes files from two configurations."""
+        """Mark the stage running. Outputs made with other output parameters or
+        upstream (or all outputs, when `fresh`) are deleted first, so resuming
+        never mixes files from two configurations; outputs that the current
+        parameters still produce (a model, finished images) are kept."""
         folder = self.path(name)
         if self.is_main:
             old = self.manifest(name)
             if fresh or (old is not None and old.get("fingerprint") != self.fingerprint(name)):
                 clear_folder(folder)
             remove_temp_files(folder)
-            self._write_manifest(name, status="running", started=now_iso())
+            content = self.content(name)
+            if content is not None:
+                write_json(folder / "content.json", content)
+            self._write_manifest(name, status="running", started=now_iso(), pid=os.getpid(),
+                                 host=socket.gethostname())
         return folder
 
     def finish(self, name: str, result: StageResult, started: str) -> None:
@@ -297,8 +395,9 @@ class Run:
 
     def fail(self, name: str, error: BaseException, started: str) -> None:
         if self.is_main:
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
             self._write_manifest(
-                name, status="failed", started=started, finished=now_iso(), error=f"{type(error).__name__}: {error}"
+                name, status=status, started=started, finished=now_iso(), error=f"{type(error).__name__}: {error}"
             )
 
     def result(self, name: str) -> StageResult:
@@ -314,13 +413,86 @@ class Run:
 
     def _write_manifest(self, name: str, **fields: Any) -> None:
         spec = self.spec(name)
+        content = self.content(name)
         manifest = {
             "stage": name,
             "folder": spec.folder,
             "fingerprint": self.fingerprint(name),
-            "config_hash": section_hash(self.cfg, spec.sections),
-            "config": self._section_values(name),
+            "eval_hash": self.eval_hash(name),
+            "config": section_values(self.cfg, spec.sections),
+            "eval_config": section_values(self.cfg, spec.sections, kind="eval"),
+            "content_hash": content["hash"] if content else None,
             "upstream": {u: self.fingerprint(u) for u in spec.upstream},
             **fields,
         }
-        write_json(self.root / spec.folder / MANIFEST, manifest)
+        write_json(self.folder(name) / MANIFEST, manifest)
+
+    # -- one process per run folder
+    @contextlib.contextmanager
+    def lock(self, command: str = "") -> Iterator[None]:
+        """Hold the run folder's lock file (pid, host, token) while working.
+
+        Re-entrant in this process, and shared with child processes that carry
+        the holder's token in $WSSS_LOCK_TOKEN (the notebooks of `wsss run`).
+        A lock left by a dead process is taken over with a message; a live
+        holder makes this raise RunLockedError naming its pid. Rank 0 only.
+        """
+        if not self.is_main or self._lock_depth or self._inherited_lock():
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        token = uuid.uuid4().hex
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "started": now_iso(),
+                "command": command}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                held = self._read_lock(path)
+                if held and process_alive(int(held.get("pid", -1)), str(held.get("host", ""))):
+                    raise RunLockedError(
+                        f"{self.root}: in use by pid {held.get('pid')} on {held.get('host')} since "
+                        f"{held.get('started')} ({held.get('command') or 'wsss'}); wait for it to finish or stop it"
+                    ) from None
+                print(f"[wsss] {self.root}: taking over the lock left by pid {held.get('pid') if held else '?'} "
+                      "(no longer running)", flush=True)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(info, fh)
+            break
+        else:
+            raise RunLockedError(f"{self.root}: could not take the run lock {path}")
+        self._lock_token, self._lock_depth = token, 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            self._lock_token = None
+            held = self._read_lock(path)
+            if held and held.get("token") == token:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    @property
+    def lock_token(self) -> str | None:
+        """The token of the lock this process holds (children may share it)."""
+        return self._lock_token
+
+    def _inherited_lock(self) -> bool:
+        token = os.environ.get(LOCK_TOKEN_ENV)
+        held = self._read_lock(self.root / LOCK)
+        return bool(token) and bool(held) and held.get("token") == token  # type: ignore[union-attr]
+
+    @staticmethod
+    def _read_lock(path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None

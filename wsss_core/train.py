@@ -11,9 +11,7 @@ CUDA); only rank 0 writes files.
 from __future__ import annotations
 
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,68 +23,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .data.sampling import EpochSampler
+from .runtime import DistInfo, init_distributed, progress, seed_everything
 from .store import save_torch, write_json
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, Any]]
-
-
-# --------------------------------------------------------------------------- environment
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` -> CUDA if available else CPU; under torchrun, this rank's GPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is available")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (else single process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size())
-
-
-def progress(iterable: Iterable, total: int | None = None, desc: str = "", disable: bool = False):
-    """A text progress bar on stdout: live in JupyterLab and a terminal, a few
-    readable lines (not a widget) in papermill logs."""
-    from tqdm import tqdm
-
-    batch = bool(os.environ.get("WSSS_BATCH"))  # set by the pipeline runner for papermill
-    return tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        file=sys.stdout,
-        ncols=100,
-        ascii=True,
-        mininterval=10.0 if batch else 0.5,
-        disable=disable,
-    )
 
 
 # --------------------------------------------------------------------------- schedule
@@ -340,7 +281,4 @@ def predict(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-__all__: Sequence[str] = [
-    "FitConfig", "FitResult", "fit", "predict", "resolve_device", "seed_everything", "init_distributed",
-    "progress", "lr_lambda", "param_checksum",
-]
+__all__: Sequence[str] = ["FitConfig", "FitResult", "fit", "predict", "lr_lambda", "param_checksum"]

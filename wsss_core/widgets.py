@@ -44,13 +44,20 @@ class CamInspector:
 
     def __init__(self, cfg: Config, run: Run, split: str | None = None, cache_size: int = 64,
                  device: str | None = None):
-        from .classifier import load_classifier
+        from .artifacts import model_path
         from .data import open_dataset
-        from .train import resolve_device
+        from .multilabel import load_classifier
+        from .runtime import resolve_device
 
+        from .store import StaleUpstreamError
+
+        reason = run.why_not_done("classifier")
+        if reason:
+            raise StaleUpstreamError(f"the CAM inspector needs a trained classifier: {reason}. "
+                                     "Run the classifier stage first (wsss run --to classifier).")
         self.cfg = cfg
         self.device = resolve_device(device or cfg.device)
-        self.trained = load_classifier(run.path("classifier") / "model.pt", self.device)
+        self.trained = load_classifier(model_path(run, "classifier"), self.device)
         self.cam_model = self.trained.model.at_layer(cfg.cams.layer)
         self.ds = open_dataset(cfg.data, validate=False)
         self.split = split or cfg.cams.split

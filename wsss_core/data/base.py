@@ -11,15 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
 from .errors import DataError
 from .images import VOID, read_image, read_mask
-
-if TYPE_CHECKING:
-    from .validate import ValidationReport
 
 LABEL_SOURCES = ("csv", "json", "masks")
 
@@ -56,11 +53,13 @@ class Dataset:
     and `masks(split)` (evaluation only).
     """
 
-    def __init__(self, format: str, root: Path, classes: tuple[str, ...], splits: Mapping[str, SplitIndex]):
+    def __init__(self, format: str, root: Path, classes: tuple[str, ...], splits: Mapping[str, SplitIndex],
+                 index_files: Sequence[Path] = ()):
         self.format = format
         self.root = Path(root)
         self.classes = tuple(classes)
         self._splits = dict(splits)
+        self.index_files = tuple(Path(p) for p in index_files)  # the list/label files it was read from
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={len(s.ids)}" for k, s in self._splits.items())
@@ -105,11 +104,16 @@ class Dataset:
         """Ids whose image-level labels are known to be complete, if the dataset says."""
         return self._split(split).trusted
 
-    def validate(self, splits: Sequence[str] | None = None) -> ValidationReport:
-        """Check every file of the splits quickly; DataError on the first problem."""
-        from .validate import validate_dataset
+    def split_index(self, split: str) -> SplitIndex:
+        """What the index files say about one split (paths, labels as read)."""
+        return self._split(split)
 
-        return validate_dataset(self, splits)
+    def derive_labels(self, split: str, labels: np.ndarray) -> None:
+        """Set the labels of a split whose labels come from its masks (done by
+        validation, which decodes the masks anyway)."""
+        s = self._split(split)
+        if s.label_source == "masks" and s.labels is None:
+            s.labels = np.asarray(labels, np.float32)
 
     # ----------------------------------------------------------------- internals
     def _split(self, split: str) -> SplitIndex:

@@ -38,7 +38,9 @@ def open_lid(
     if val_split != train_split:
         index[val_split] = _read_split(root, val_split, root / lid.val_list, root / lid.val_images,
                                        root / lid.val_masks, lid.image_ext, classes, limit)
-    return Dataset("lid", root, classes, index)
+    candidates = [root / lid.idx_to_name, root / lid.train_list, root / lid.val_list] + [
+        root / f"trusted_{s}.txt" for s in index]
+    return Dataset("lid", root, classes, index, index_files=[p for p in dict.fromkeys(candidates) if p.is_file()])
 
 
 def _load_json(path: Path, what: str) -> Any:

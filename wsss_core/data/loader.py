@@ -7,6 +7,7 @@ from .base import Dataset
 from .errors import DataError
 from .lid import open_lid
 from .synthetic import ensure_synthetic
+from .validate import validate_dataset
 from .voc import open_voc
 
 
@@ -25,7 +26,7 @@ def open_dataset(cfg: DataConfig, validate: bool = True) -> Dataset:
     else:
         raise DataError(f"data.format: unknown format {cfg.format!r} (synthetic | voc | lid)")
     if validate:
-        ds.validate()
+        validate_dataset(ds)
     return ds
 
 

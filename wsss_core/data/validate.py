@@ -7,16 +7,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .base import SplitIndex, presence_from_counts
+from .base import Dataset, SplitIndex, presence_from_counts
 from .errors import DataError
 from .images import VOID, check_image_file, check_mask_file
-
-if TYPE_CHECKING:
-    from .base import Dataset
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,7 @@ def validate_dataset(ds: Dataset, splits: Sequence[str] | None = None) -> Valida
     if not ds.root.is_dir():
         raise DataError(f"{ds.root}: dataset folder not found")
     names = list(ds.splits if splits is None else splits)
-    reports = {name: _validate_split(ds, ds._split(name)) for name in names}
+    reports = {name: _validate_split(ds, ds.split_index(name)) for name in names}
     return ValidationReport(ds.format, str(ds.root), ds.classes, reports, time.perf_counter() - t0)
 
 
@@ -84,11 +81,11 @@ def _validate_split(ds: Dataset, s: SplitIndex) -> SplitReport:
     if s.mask_paths is not None:
         counts = _check_masks(s, sizes, ds.num_classes)
         if s.labels is None:  # derive now: the masks are decoded anyway
-            s.labels = np.stack([presence_from_counts(c, ds.num_classes) for c in counts]) if counts else \
-                np.zeros((0, ds.num_classes - 1), np.float32)
+            ds.derive_labels(s.name, np.stack([presence_from_counts(c, ds.num_classes) for c in counts]) if counts
+                             else np.zeros((0, ds.num_classes - 1), np.float32))
         total = sum(int(c.sum()) for c in counts)
         void_fraction = sum(int(c[VOID]) for c in counts) / total if total else 0.0
-    labels = ds._labels(s)
+    labels = ds.labelled(s.name).labels
     return SplitReport(
         images=len(s.ids),
         label_source=s.label_source,

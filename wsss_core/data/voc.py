@@ -38,7 +38,9 @@ def open_voc(root: str | Path, splits: Sequence[str], limit: int | None = None, 
     mask_dir = root / MASK_DIR
     masks = set(os.listdir(mask_dir)) if mask_dir.is_dir() else set()
     index = {s: _read_split(root, s, classes, images, masks, limit) for s in dict.fromkeys(splits)}
-    return Dataset(format, root, classes, index)
+    candidates = [classes_file] + [p for s in index for p in (
+        root / LIST_DIR / f"{s}.txt", root / f"image_labels_{s}.csv", root / f"trusted_{s}.txt")]
+    return Dataset(format, root, classes, index, index_files=[p for p in candidates if p.is_file()])
 
 
 def _files_by_stem(folder: Path, what: str) -> dict[str, Path]:

@@ -1,9 +1,9 @@
-"""Typed experiment parameters.
+"""Loading experiment parameters: YAML -> validated, frozen `Config`.
 
-One YAML file per experiment, one section per stage, loaded into frozen
-dataclasses. Unknown keys, wrong types and impossible values fail at load time
-with the file and the dotted key path, and so do dotted overrides, which go
-through the same validation.
+One YAML file per experiment, one section per stage. Unknown keys, duplicate
+keys, wrong types and impossible values fail at load time with the file and
+the dotted key path, and so do dotted overrides (`--set`), which go through
+the same validation. Numbers in scientific notation (`1e-4`) are numbers.
 """
 
 from __future__ import annotations
@@ -12,210 +12,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A parameter file or override is invalid; the message names file and key."""
-
-
-# --------------------------------------------------------------------------- checks
-Check = Callable[[Any], "str | None"]
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v!r}"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v!r}"
-
-
-def _unit(v: Any) -> str | None:
-    return None if 0.0 <= v <= 1.0 else f"must be in [0, 1], got {v!r}"
-
-
-def _non_empty(v: Any) -> str | None:
-    return None if len(v) > 0 else "must not be empty"
-
-
-def _each(check: Check) -> Check:
-    def run(values: Any) -> str | None:
-        for i, v in enumerate(values):
-            msg = check(v)
-            if msg:
-                return f"item {i}: {msg}"
-        return None
-
-    return run
-
-
-def _all(*checks: Check) -> Check:
-    def run(v: Any) -> str | None:
-        for c in checks:
-            msg = c(v)
-            if msg:
-                return msg
-        return None
-
-    return run
-
-
-def _optional(check: Check) -> Check:
-    return lambda v: None if v is None else check(v)
-
-
-def _range(lo: float, hi: float) -> Check:
-    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v!r}"
-
-
-def _ordered_pair(v: Any) -> str | None:
-    if len(v) != 2:
-        return f"must have exactly 2 values, got {len(v)}"
-    return None if v[0] <= v[1] else f"must be (low, high) with low <= high, got {list(v)}"
-
-
-def _p(default: Any, check: Check | None = None, doc: str = "") -> Any:
-    """A parameter with a default value, an optional check and a short doc."""
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for sequence defaults")
-    return field(default=default, metadata={"check": check, "doc": doc})
-
-
-def _section(cls: type) -> Any:
-    return field(default_factory=cls)
-
-
-# --------------------------------------------------------------------------- sections
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """The embedded demo dataset, generated deterministically from `seed`."""
-
-    seed: int = _p(0)
-    n_train: int = _p(240, _positive)
-    n_val: int = _p(60, _positive)
-    image_size: int = _p(128, _range(32, 1024))
-    max_objects: int = _p(3, _range(1, 6))
-    person_label_drop: float = _p(0.4, _unit, "share of images with a person whose label is dropped")
-    trusted_fraction: float = _p(0.3, _unit, "share of train images whose person label is always kept")
-    cache_dir: str | None = _p(None, doc="default: $WSSS_CACHE or ~/.cache/wsss")
-
-
-@dataclass(frozen=True)
-class LidConfig:
-    """File names of the LID layout (ILSVRC DET JSON lists), relative to data.root."""
-
-    idx_to_name: str = _p("idx_to_name.json")
-    train_list: str = _p("train.json")
-    val_list: str = _p("val.json")
-    train_images: str = _p("train")
-    val_images: str = _p("val")
-    val_masks: str = _p("masks")
-    image_ext: str = _p(".JPEG")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    format: Literal["synthetic", "voc", "lid"] = _p("synthetic")
-    root: str | None = _p(None, doc="dataset folder; relative paths are relative to the YAML file")
-    train_split: str = _p("train")
-    val_split: str = _p("val")
-    limit: int | None = _p(None, _optional(_positive), "use only the first N images of each split")
-    synthetic: SyntheticConfig = _section(SyntheticConfig)
-    lid: LidConfig = _section(LidConfig)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    flip: bool = _p(True)
-    scale_range: tuple[float, float] = _p((0.7, 1.3), _all(_each(_positive), _ordered_pair))
-    color_jitter: float = _p(0.3, _unit)
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_gap"] = _p("efficientnet_lite0")
-    weights: str = _p("imagenet", doc="imagenet | random | path to a state-dict file")
-    output_stride: int = _p(16, lambda v: None if v in (8, 16) else f"must be 8 or 16, got {v!r}")
-    image_size: int = _p(320, _range(32, 2048))
-    epochs: int = _p(6, _positive)
-    batch_size: int = _p(16, _positive)
-    lr: float = _p(1e-3, _positive, "head learning rate; the backbone gets lr * backbone_lr_mult")
-    backbone_lr_mult: float = _p(0.1, _positive)
-    weight_decay: float = _p(1e-5, _non_negative)
-    optimizer: Literal["adam", "sgd"] = _p("adam")
-    schedule: Literal["step", "poly", "constant"] = _p("step")
-    step_size: int = _p(3, _positive)
-    gamma: float = _p(0.2, _unit)
-    loss: Literal["bce", "soft_margin"] = _p("bce")
-    balance: Literal["none", "class_aware", "repeat_factor"] = _p("none")
-    repeat_threshold: float = _p(0.3, _unit, "repeat-factor sampling threshold t")
-    exclude_classes: tuple[str, ...] = _p(())
-    augment: AugmentConfig = _section(AugmentConfig)
-    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA")
-    amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
-    eval_threshold: float = _p(0.5, _unit)
-
-
-@dataclass(frozen=True)
-class LabelFilterConfig:
-    """The NoPeopleAllowed missing-label filter for one class."""
-
-    enabled: bool = _p(False)
-    class_name: str = _p("person")
-    threshold: float = _p(0.8, _unit, "keep an unlabelled image only if P(class absent) >= threshold")
-    trusted_list: str | None = _p(None, doc="file of ids with trusted labels; default: the dataset's own")
-    epochs: int = _p(4, _positive)
-    lr: float = _p(1e-3, _positive)
-    backbone_lr_mult: float = _p(0.1, _positive, "1.0 fine-tunes the whole backbone (far-from-ImageNet data)")
-
-
-@dataclass(frozen=True)
-class CamsConfig:
-    method: Literal["gradcam", "gradcam++"] = _p("gradcam")
-    layer: str | None = _p(None, doc="backbone layer for the CAMs; None: the last feature map")
-    scales: tuple[float, ...] = _p((1.0, 0.5, 0.75, 2.0), _all(_non_empty, _each(_positive)))
-    flip: bool = _p(True)
-    normalize: Literal["per_class", "global"] = _p("per_class")
-    classes: Literal["labels", "predicted"] = _p("labels")
-    pred_threshold: float = _p(0.5, _unit)
-    bg_thresholds: tuple[float, ...] = _p(
-        (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7),
-        _all(_non_empty, _each(_unit)),
-    )
-    split: str = _p("train")
-
-
-@dataclass(frozen=True)
-class CrfConfig:
-    gt_prob: float = _p(0.7, _range(0.0, 1.0))
-    gauss_sxy: float = _p(3.0, _positive)
-    gauss_compat: float = _p(3.0, _non_negative)
-    bilateral_sxy: float = _p(50.0, _positive)
-    bilateral_srgb: float = _p(5.0, _positive)
-    bilateral_compat: float = _p(10.0, _non_negative)
-    iterations: int = _p(10, _positive)
-    conf_fg_thres: float = _p(0.30, _unit)
-    conf_bg_thres: float = _p(0.05, _unit)
-    workers: int = _p(2, _non_negative, "worker processes; 0 = in-process")
-
-
-@dataclass(frozen=True)
-class Config:
-    name: str = _p("demo")
-    seed: int = _p(0)
-    device: Literal["auto", "cpu", "cuda"] = _p("auto")
-    data: DataConfig = _section(DataConfig)
-    classifier: ClassifierConfig = _section(ClassifierConfig)
-    label_filter: LabelFilterConfig = _section(LabelFilterConfig)
-    cams: CamsConfig = _section(CamsConfig)
-    crf: CrfConfig = _section(CrfConfig)
+from .sections import Config, ConfigError
 
 
 # --------------------------------------------------------------------------- loading
@@ -314,9 +119,49 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     return cls(**values)
 
 
-def parse_override_value(text: str) -> Any:
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a number (YAML 1.2, what users mean; YAML
+    1.1 wants `1.0e-4`)."""
+
+
+def _check_duplicate_keys(node: yaml.Node, prefix: str = "") -> None:
+    """Refuse a key given twice in one mapping (PyYAML silently keeps the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key}: duplicate key (lines {seen[key]} and {line})")
+            seen[key] = line
+            _check_duplicate_keys(value_node, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{prefix}[{i}]")
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text -> Python data with `_Loader`; ConfigError naming `what` on bad syntax."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        if node is not None:
+            _check_duplicate_keys(node)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"{what}: not valid YAML: {detail}") from None
+
+
+def parse_override_value(text: str, key: str = "value") -> Any:
     """Parse a command-line override value (`1e-3`, `[1.0, 0.5]`, `true`) as YAML."""
-    return yaml.safe_load(text)
+    return parse_yaml(text, f"--set {key}={text}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -412,10 +257,13 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if raw is not None and not isinstance(raw, Mapping):
+        raw = parse_yaml(path.read_text(), str(path))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the parameter file is empty (start from params/default.yaml)")
+    if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     try:
         return config_from_dict(raw, overrides, base_dir=path.parent)
@@ -441,10 +289,44 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def section_hash(cfg: Config, sections: tuple[str, ...] | list[str]) -> str:
-    """Stable hash of the named top-level sections (what a stage depends on)."""
-    payload = {s: config_to_dict(getattr(cfg, s)) for s in sections}
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+def field_kind(cls: type, name: str) -> str:
+    """"output" | "eval" | "runtime" of a field (see `sections`)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.metadata.get("kind", "output")
+
+
+def values_of_kind(v: Any, kind: str) -> Any:
+    """Plain values of the fields of one kind, recursively (sub-sections kept
+    when they hold any such field)."""
+    if not dataclasses.is_dataclass(v):
+        return _plain(v)
+    out = {}
+    for f in dataclasses.fields(v):
+        value = getattr(v, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = values_of_kind(value, kind)
+            if sub:
+                out[f.name] = sub
+        elif f.metadata.get("kind", "output") == kind:
+            out[f.name] = _plain(value)
+    return out
+
+
+def section_values(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output") -> dict[str, Any]:
+    """{section: values of its `kind` fields} for top-level sections or fields."""
+    out = {}
+    for s in sections:
+        value = getattr(cfg, s)
+        if dataclasses.is_dataclass(value):
+            out[s] = values_of_kind(value, kind)
+        elif field_kind(Config, s) == kind:
+            out[s] = _plain(value)
+    return out
+
+
+def section_hash(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output") -> str:
+    """Stable hash of the `kind` fields of the named sections (what a stage depends on)."""
+    blob = json.dumps(section_values(cfg, sections, kind), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -1,11 +1,9 @@
-"""Step 1: the multi-label classifier and the NoPeopleAllowed missing-label filter.
+"""Training, saving and loading a multi-label image classifier: the recipe
+shared by step 1's classifier and the missing-label filter (`label_filter`).
 
-The classifier is trained on image-level labels only, optionally without some
-classes (`exclude_classes`) and with balanced sampling. The filter is a
-binary classifier for one class, trained on the images whose labels for that
-class are trusted; it scores the others and drops the images where the class
-is probably present but not labelled, so it cannot become background in the
-pseudo masks of later stages.
+Trained on image-level labels only, optionally without some classes
+(`exclude_classes`) and with balanced sampling, by the one fit loop.
+The network itself is `models.MultiLabelClassifier`.
 """
 
 from __future__ import annotations
@@ -19,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ClassifierConfig, Config, ConfigError
+from .config import ClassifierConfig, ConfigError
 from .data.sampling import sample_weights
 from .data.transforms import LabelledTensors, eval_transform, train_transform
 from .metrics import classification_scores
+from .runtime import loader_workers, seed_everything
 from .store import save_torch
 from .train import FitConfig, fit, predict
 
@@ -49,15 +48,6 @@ def check_classifier_params(cfg: ClassifierConfig, classes: Sequence[str], key: 
 def trained_class_ids(classes: Sequence[str], exclude: Sequence[str]) -> list[int]:
     """1-based dataset class ids the classifier predicts, in head order."""
     return [k for k in range(1, len(classes)) if classes[k] not in set(exclude)]
-
-
-def loader_workers(requested: int | None, device: torch.device) -> int:
-    """Loader worker processes. On a CPU the training's own threads use every
-    core and worker processes only compete with them (decoding and augmenting
-    is a small share of a step), so the default there is none."""
-    if requested is not None:
-        return requested
-    return 4 if device.type == "cuda" else 0
 
 
 def multilabel_loss(kind: str):
@@ -109,7 +99,6 @@ def train_multilabel(
     """Train a GAP + linear multi-label classifier on `images` (LabelledImages)
     predicting the label `columns`; returns (model, val scores, history)."""
     from .models import build_classifier, param_groups
-    from .train import seed_everything
 
     seed_everything(seed)  # the new head's initialisation is part of the run
     model = build_classifier(cfg, len(columns))
@@ -149,14 +138,22 @@ def train_multilabel(
         sample_weights=weights,
         eval_fn=evaluate,
     )
-    scores: dict[str, Any] = {}
-    if val_ds is not None:
-        val_scores = predict(model, val_ds, device, cfg.batch_size, 0, desc="val")
-        scores = classification_scores(val_scores, _labels(val_ds), class_names, cfg.eval_threshold)
-        scores["val_scores"] = val_scores
+    scores = evaluate_multilabel(cfg, model, val_images, columns, class_names, device, seed)
     extra = {"samples_per_rank": result.samples_per_rank, "param_checksums": result.param_checksums,
              "resumed_from": result.resumed_from}
     return model, scores | {"fit": extra}, result.history
+
+
+def evaluate_multilabel(cfg: ClassifierConfig, model: nn.Module, val_images, columns: Sequence[int],
+                        class_names: Sequence[str], device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """AP / F1 of `model` on `val_images` (plus the raw `val_scores`); {} without val images."""
+    _, val_ds = classifier_datasets(cfg, model, [], val_images, columns, seed)
+    if val_ds is None:
+        return {}
+    val_scores = predict(model, val_ds, device, cfg.batch_size, 0, desc="val")
+    scores = classification_scores(val_scores, _labels(val_ds), class_names, cfg.eval_threshold)
+    scores["val_scores"] = val_scores
+    return scores
 
 
 def _labels(ds: LabelledTensors) -> np.ndarray:
@@ -188,48 +185,3 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Tra
     model.load_state_dict(blob["state_dict"])
     model.to(device).eval()
     return TrainedClassifier(model, list(blob["class_ids"]), blob)
-
-
-# --------------------------------------------------------------------------- label filter
-def trusted_ids(cfg: Config, ds) -> list[str]:
-    """Ids of train images whose labels for the filter class are trusted."""
-    split = cfg.data.train_split
-    lf = cfg.label_filter
-    if lf.trusted_list:
-        p = Path(lf.trusted_list)
-        if not p.is_file():
-            raise ConfigError(f"label_filter.trusted_list: file not found: {p}")
-        wanted = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    else:
-        t = ds.trusted_ids(split)
-        if t is None:
-            raise ConfigError(
-                f"label_filter.trusted_list: the dataset has no trusted subset for split {split!r}; "
-                "name a file of trusted ids"
-            )
-        wanted = sorted(t)
-    have = set(ds.ids(split))
-    missing = [i for i in wanted if i not in have]
-    if missing:
-        raise ConfigError(f"label_filter.trusted_list: {len(missing)} ids not in split {split!r}, e.g. {missing[0]!r}")
-    return wanted
-
-
-def drop_decisions(scores: np.ndarray, labelled: np.ndarray, threshold: float) -> np.ndarray:
-    """True where an image is dropped: the class is not labelled and the filter is
-    not confident enough that it is absent (P(absent) = 1 - score < threshold)."""
-    return (~np.asarray(labelled, bool)) & ((1.0 - np.asarray(scores)) < threshold)
-
-
-def read_filter_scores(path: str | Path) -> dict[str, np.ndarray]:
-    """The label filter's scores.csv as arrays (ids, score, labelled, dropped, kept)."""
-    lines = Path(path).read_text().splitlines()[1:]
-    cols = list(zip(*(line.split(",") for line in lines))) if lines else [()] * 6
-    return {
-        "ids": np.array(cols[0]),
-        "score": np.array(cols[1], dtype=float),
-        "labelled": np.array(cols[2], dtype=int).astype(bool),
-        "dropped_by_filter": np.array(cols[3], dtype=int).astype(bool),
-        "dropped_excluded": np.array(cols[4], dtype=int).astype(bool),
-        "kept": np.array(cols[5], dtype=int).astype(bool),
-    }

@@ -1,0 +1,172 @@
+"""One reader/writer pair per on-disk artifact of a run.
+
+Stages and notebooks reach upstream outputs only through these, so each
+format is written and read in exactly one place:
+
+| artifact | file | writer / reader |
+| --- | --- | --- |
+| kept train ids | 01_label_filter/kept.txt | write_kept_ids / read_kept_ids |
+| filter scores | 01_label_filter/scores.csv | write_filter_scores / read_filter_scores |
+| CAMs | 02_cams/cams/<id>.npz | CAMS.write / CAMS.read (CamResult, float16 on disk) |
+| confident labels | 03_crf/ir_labels/<id>.png | IR_LABELS (0 bg, k class, 255 unconfident) |
+| boundary maps | 05_pseudo_masks/boundary/<id>.png | BOUNDARY_MAPS (uint8 = round(255 b)) |
+| pseudo masks | 05_pseudo_masks/masks/<id>.png | PSEUDO_MASKS (class ids, palette PNG) |
+| predictions | 07_predict/<split>/<id>.png | predictions(split) |
+| models | <stage>/model.pt | model_path(run, stage) |
+
+Ground-truth masks are not artifacts: only evaluation code reads them
+(`Dataset.masks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .store import Run, save_npz, save_png, write_text
+
+
+# --------------------------------------------------------------------------- label PNGs
+def write_label_png(path: str | Path, labels: np.ndarray) -> Path:
+    """A uint8 class-id map as a palette PNG (VOC colours; values are the ids)."""
+    from .data.images import voc_palette
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"{path}: label maps are 2-D uint8, got {labels.dtype} {labels.shape}")
+    return save_png(path, labels, palette=voc_palette())
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """A class-id map (HxW uint8) from a palette or grayscale PNG."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            raise ValueError(f"{path}: expected a palette or grayscale label PNG, got mode {im.mode}")
+        return np.array(im)
+
+
+# --------------------------------------------------------------------------- per-image files
+@dataclass(frozen=True)
+class PerImage:
+    """One file per image id in a subfolder of a stage's folder."""
+
+    stage: str
+    subdir: str
+    suffix: str
+
+    def dir(self, run: Run) -> Path:
+        return run.folder(self.stage) / self.subdir
+
+    def path(self, run: Run, image_id: str) -> Path:
+        return self.dir(run) / f"{image_id}{self.suffix}"
+
+    def exists(self, run: Run, image_id: str) -> bool:
+        return self.path(run, image_id).is_file()
+
+    def ids(self, run: Run) -> list[str]:
+        """Ids that have a finished file, sorted."""
+        d = self.dir(run)
+        return sorted(p.name[: -len(self.suffix)] for p in d.glob(f"*{self.suffix}") if not p.name.startswith(".")) \
+            if d.is_dir() else []
+
+    def write(self, run: Run, image_id: str, value: Any) -> Path:
+        raise NotImplementedError
+
+    def read(self, run: Run, image_id: str) -> Any:
+        raise NotImplementedError
+
+
+class CamFiles(PerImage):
+    """CamResult per image (keys, stride-4 cam, full-size high_res; float16 on disk)."""
+
+    def write(self, run: Run, image_id: str, value: Any) -> Path:
+        return save_npz(self.path(run, image_id), **value.to_npz_dict())
+
+    def read(self, run: Run, image_id: str) -> Any:
+        from .cam import CamResult
+
+        return CamResult.from_npz(self.path(run, image_id))
+
+
+class LabelMaps(PerImage):
+    """uint8 class-id maps as palette PNGs."""
+
+    def write(self, run: Run, image_id: str, value: Any) -> Path:
+        return write_label_png(self.path(run, image_id), value)
+
+    def read(self, run: Run, image_id: str) -> np.ndarray:
+        return read_label_png(self.path(run, image_id))
+
+
+class BoundaryMaps(PerImage):
+    """Boundary probabilities in [0, 1] stored as 8-bit grayscale PNGs."""
+
+    def write(self, run: Run, image_id: str, value: Any) -> Path:
+        b = np.asarray(value, dtype=np.float32)
+        return save_png(self.path(run, image_id), np.round(np.clip(b, 0.0, 1.0) * 255).astype(np.uint8))
+
+    def read(self, run: Run, image_id: str) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.path(run, image_id)) as im:
+            return np.asarray(im, dtype=np.float32) / 255.0
+
+
+CAMS = CamFiles("cams", "cams", ".npz")
+IR_LABELS = LabelMaps("crf", "ir_labels", ".png")
+BOUNDARY_MAPS = BoundaryMaps("pseudo_masks", "boundary", ".png")
+PSEUDO_MASKS = LabelMaps("pseudo_masks", "masks", ".png")
+
+
+def predictions(split: str) -> LabelMaps:
+    """Predicted class-id maps of one split (07_predict/<split>/<id>.png)."""
+    return LabelMaps("predict", split, ".png")
+
+
+# --------------------------------------------------------------------------- label filter
+def write_kept_ids(run: Run, ids: Sequence[str]) -> Path:
+    return write_text(run.path("label_filter") / "kept.txt", "".join(f"{i}\n" for i in ids))
+
+
+def read_kept_ids(run: Run) -> list[str]:
+    """Train ids that later stages may use (label filter + excluded classes)."""
+    p = run.folder("label_filter") / "kept.txt"
+    return [line for line in p.read_text().splitlines() if line]
+
+
+_SCORE_COLUMNS = ("image_id", "score", "labelled", "dropped_by_filter", "dropped_excluded", "kept")
+
+
+def write_filter_scores(run: Run, table: dict[str, np.ndarray]) -> Path:
+    """scores.csv: one row per train image (filter score, labelled, drop reasons, kept)."""
+    rows = [",".join(_SCORE_COLUMNS)]
+    for i, sid in enumerate(table["ids"]):
+        rows.append(f"{sid},{table['score'][i]:.5f},{int(table['labelled'][i])},{int(table['dropped_by_filter'][i])},"
+                    f"{int(table['dropped_excluded'][i])},{int(table['kept'][i])}")
+    return write_text(run.path("label_filter") / "scores.csv", "\n".join(rows) + "\n")
+
+
+def read_filter_scores(run: Run) -> dict[str, np.ndarray]:
+    """The label filter's scores.csv as arrays (ids, score, labelled, dropped, kept)."""
+    lines = (run.folder("label_filter") / "scores.csv").read_text().splitlines()[1:]
+    cols = list(zip(*(line.split(",") for line in lines))) if lines else [()] * len(_SCORE_COLUMNS)
+    flag = lambda c: np.array(c, dtype=int).astype(bool)  # noqa: E731
+    return {
+        "ids": np.array(cols[0]),
+        "score": np.array(cols[1], dtype=float),
+        "labelled": flag(cols[2]),
+        "dropped_by_filter": flag(cols[3]),
+        "dropped_excluded": flag(cols[4]),
+        "kept": flag(cols[5]),
+    }
+
+
+# --------------------------------------------------------------------------- models
+def model_path(run: Run, stage: str) -> Path:
+    """The trained model of a stage (classifier, boundary, segmentation, ...)."""
+    return run.folder(stage) / "model.pt"

@@ -1,0 +1,218 @@
+"""The experiment parameters: one frozen dataclass per stage section.
+
+Every field says what changing it does (`kind` in the field metadata):
+- "output" (default): the stage's outputs change; the stage and everything
+  downstream become stale and are recomputed.
+- "eval": only the evaluation of the outputs changes (a threshold sweep); the
+  stage re-evaluates its existing outputs without recomputing them.
+- "runtime": neither (worker counts, device, cache folder); never stale.
+Fingerprints (`store`) hash only "output" fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+
+class ConfigError(ValueError):
+    """A parameter file or override is invalid; the message names file and key."""
+
+
+KINDS = ("output", "eval", "runtime")
+
+# --------------------------------------------------------------------------- checks
+Check = Callable[[Any], "str | None"]
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v!r}"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v!r}"
+
+
+def _unit(v: Any) -> str | None:
+    return None if 0.0 <= v <= 1.0 else f"must be in [0, 1], got {v!r}"
+
+
+def _non_empty(v: Any) -> str | None:
+    return None if len(v) > 0 else "must not be empty"
+
+
+def _each(check: Check) -> Check:
+    def run(values: Any) -> str | None:
+        for i, v in enumerate(values):
+            msg = check(v)
+            if msg:
+                return f"item {i}: {msg}"
+        return None
+
+    return run
+
+
+def _all(*checks: Check) -> Check:
+    def run(v: Any) -> str | None:
+        for c in checks:
+            msg = c(v)
+            if msg:
+                return msg
+        return None
+
+    return run
+
+
+def _optional(check: Check) -> Check:
+    return lambda v: None if v is None else check(v)
+
+
+def _range(lo: float, hi: float) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v!r}"
+
+
+def _ordered_pair(v: Any) -> str | None:
+    if len(v) != 2:
+        return f"must have exactly 2 values, got {len(v)}"
+    return None if v[0] <= v[1] else f"must be (low, high) with low <= high, got {list(v)}"
+
+
+def _p(default: Any, check: Check | None = None, doc: str = "", kind: str = "output") -> Any:
+    """A parameter with a default value, an optional check, a short doc and
+    its kind (what changing it makes stale, see the module docstring)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    if kind not in KINDS:
+        raise TypeError(f"kind must be one of {KINDS}")
+    return field(default=default, metadata={"check": check, "doc": doc, "kind": kind})
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded demo dataset, generated deterministically from `seed`."""
+
+    seed: int = _p(0)
+    n_train: int = _p(240, _positive)
+    n_val: int = _p(60, _positive)
+    image_size: int = _p(128, _range(32, 1024))
+    max_objects: int = _p(3, _range(1, 6))
+    person_label_drop: float = _p(0.4, _unit, "share of images with a person whose label is dropped")
+    trusted_fraction: float = _p(0.3, _unit, "share of train images whose person label is always kept")
+    cache_dir: str | None = _p(None, doc="default: $WSSS_CACHE or ~/.cache/wsss", kind="runtime")
+
+
+@dataclass(frozen=True)
+class LidConfig:
+    """File names of the LID layout (ILSVRC DET JSON lists), relative to data.root."""
+
+    idx_to_name: str = _p("idx_to_name.json")
+    train_list: str = _p("train.json")
+    val_list: str = _p("val.json")
+    train_images: str = _p("train")
+    val_images: str = _p("val")
+    val_masks: str = _p("masks")
+    image_ext: str = _p(".JPEG")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: Literal["synthetic", "voc", "lid"] = _p("synthetic")
+    root: str | None = _p(None, doc="dataset folder; relative paths are relative to the YAML file")
+    train_split: str = _p("train")
+    val_split: str = _p("val")
+    limit: int | None = _p(None, _optional(_positive), "use only the first N images of each split")
+    synthetic: SyntheticConfig = _section(SyntheticConfig)
+    lid: LidConfig = _section(LidConfig)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = _p(True)
+    scale_range: tuple[float, float] = _p((0.7, 1.3), _all(_each(_positive), _ordered_pair))
+    color_jitter: float = _p(0.3, _unit)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_gap"] = _p("efficientnet_lite0")
+    weights: str = _p("imagenet", doc="imagenet | random | path to a state-dict file")
+    output_stride: int = _p(16, lambda v: None if v in (8, 16) else f"must be 8 or 16, got {v!r}")
+    image_size: int = _p(320, _range(32, 2048))
+    epochs: int = _p(6, _positive)
+    batch_size: int = _p(16, _positive)
+    lr: float = _p(1e-3, _positive, "head learning rate; the backbone gets lr * backbone_lr_mult")
+    backbone_lr_mult: float = _p(0.1, _positive)
+    weight_decay: float = _p(1e-5, _non_negative)
+    optimizer: Literal["adam", "sgd"] = _p("adam")
+    schedule: Literal["step", "poly", "constant"] = _p("step")
+    step_size: int = _p(3, _positive)
+    gamma: float = _p(0.2, _unit)
+    loss: Literal["bce", "soft_margin"] = _p("bce")
+    balance: Literal["none", "class_aware", "repeat_factor"] = _p("none")
+    repeat_threshold: float = _p(0.3, _unit, "repeat-factor sampling threshold t")
+    exclude_classes: tuple[str, ...] = _p(())
+    augment: AugmentConfig = _section(AugmentConfig)
+    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA",
+                                   kind="runtime")
+    amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
+    eval_threshold: float = _p(0.5, _unit, "score threshold of the F1 evaluation", kind="eval")
+
+
+@dataclass(frozen=True)
+class LabelFilterConfig:
+    """The NoPeopleAllowed missing-label filter for one class."""
+
+    enabled: bool = _p(False)
+    class_name: str = _p("person")
+    threshold: float = _p(0.8, _unit, "keep an unlabelled image only if P(class absent) >= threshold")
+    trusted_list: str | None = _p(None, doc="file of ids with trusted labels; default: the dataset's own")
+    epochs: int = _p(4, _positive)
+    lr: float = _p(1e-3, _positive)
+    backbone_lr_mult: float = _p(0.1, _positive, "1.0 fine-tunes the whole backbone (far-from-ImageNet data)")
+
+
+@dataclass(frozen=True)
+class CamsConfig:
+    method: Literal["gradcam", "gradcam++"] = _p("gradcam")
+    layer: str | None = _p(None, doc="backbone layer for the CAMs; None: the last feature map")
+    scales: tuple[float, ...] = _p((1.0, 0.5, 0.75, 2.0), _all(_non_empty, _each(_positive)))
+    flip: bool = _p(True)
+    normalize: Literal["per_class", "global"] = _p("per_class")
+    classes: Literal["labels", "predicted"] = _p("labels")
+    pred_threshold: float = _p(0.5, _unit)
+    bg_thresholds: tuple[float, ...] = _p(
+        (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7),
+        _all(_non_empty, _each(_unit)), "background thresholds of the CAM mIoU sweep", kind="eval",
+    )
+    split: str = _p("train")
+
+
+@dataclass(frozen=True)
+class CrfConfig:
+    gt_prob: float = _p(0.7, _range(0.0, 1.0))
+    gauss_sxy: float = _p(3.0, _positive)
+    gauss_compat: float = _p(3.0, _non_negative)
+    bilateral_sxy: float = _p(50.0, _positive)
+    bilateral_srgb: float = _p(5.0, _positive)
+    bilateral_compat: float = _p(10.0, _non_negative)
+    iterations: int = _p(10, _positive)
+    conf_fg_thres: float = _p(0.30, _unit)
+    conf_bg_thres: float = _p(0.05, _unit)
+    workers: int = _p(2, _non_negative, "worker processes; 0 = in-process", kind="runtime")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = _p("demo", kind="runtime")
+    seed: int = _p(0)
+    device: Literal["auto", "cpu", "cuda"] = _p("auto", kind="runtime")
+    data: DataConfig = _section(DataConfig)
+    classifier: ClassifierConfig = _section(ClassifierConfig)
+    label_filter: LabelFilterConfig = _section(LabelFilterConfig)
+    cams: CamsConfig = _section(CamsConfig)
+    crf: CrfConfig = _section(CrfConfig)

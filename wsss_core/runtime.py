@@ -1,0 +1,125 @@
+"""Run-time state in one place: device, seeds, torchrun processes, progress bars.
+
+Under `torchrun --nproc_per_node N`, every process runs the same stage:
+training stages use DistributedDataParallel, per-image stages take every N-th
+image (`shard`). Only this module reads the torchrun environment
+(`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) or joins the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> CUDA if available else CPU; under torchrun, this rank's GPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def rank() -> int:
+    """This process's rank (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of processes torchrun launched (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Rank 0: the process that writes shared files (manifests, models, metrics)."""
+    return rank() == 0
+
+
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (else single
+    process). gloo on CPU, nccl on CUDA. Safe to call more than once."""
+    if world_size() <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This process's share of `items`: every world_size-th item from its rank."""
+    n = world_size()
+    return list(items)[rank()::n] if n > 1 else list(items)
+
+
+def progress(iterable: Iterable, total: int | None = None, desc: str = "", disable: bool | None = None):
+    """A text progress bar on stdout: live in JupyterLab and a terminal, a few
+    readable lines (not a widget) in batch runs. Shown on rank 0 only."""
+    from tqdm import tqdm
+
+    batch = bool(os.environ.get("WSSS_BATCH"))  # set by the pipeline runner for papermill
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        file=sys.stdout,
+        ncols=100,
+        ascii=True,
+        mininterval=10.0 if batch else 0.5,
+        disable=(not is_main()) if disable is None else disable,
+    )
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """Data-loader worker processes. On a CPU the training's own threads use
+    every core and worker processes only compete with them (decoding and
+    augmenting is a small share of a step), so the default there is none."""
+    if requested is not None:
+        return requested
+    return 4 if device.type == "cuda" else 0
+
+
+def sum_over_ranks(value: float) -> float:
+    """Sum of `value` over every process (the value itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())

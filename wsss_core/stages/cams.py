@@ -1,0 +1,76 @@
+"""Stage `cams` (02_cams): multi-scale Grad-CAM / Grad-CAM++ of every kept
+image's classes (cams/<id>.npz), and the CAM mIoU as the background
+threshold moves (evaluation only)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from .. import runtime
+from ..artifacts import CAMS, model_path
+from ..cam import class_activation_maps, select_classes
+from ..config import Config, ConfigError
+from ..data.transforms import to_normalized_tensor
+from ..evaluate import cam_threshold_sweep
+from ..models import build_backbone
+from ..multilabel import load_classifier
+from ..store import Run, StageResult
+from . import check_split, dataset, register, stage_ids
+from .per_image import for_each_image
+
+
+def check_cams(cfg: Config, ds: Any) -> None:
+    """The split exists and the CAM layer is a layer of the classifier's backbone."""
+    check_split(cfg, ds, "cams.split", cfg.cams.split)
+    if cfg.cams.layer is not None:
+        names = build_backbone(cfg.classifier.backbone, "random", cfg.classifier.output_stride).layer_names
+        if cfg.cams.layer not in names:
+            raise ConfigError(f"cams.layer: {cfg.cams.layer!r} is not a layer of {cfg.classifier.backbone}; "
+                              f"choose one of: {', '.join(names)}")
+
+
+def _headline(m: dict) -> str:
+    return f"CAM mIoU {100 * m['miou_best']:.1f} at threshold {m['best_threshold']}" if "miou_best" in m else \
+        f"{m['images']} images"
+
+
+@register("cams", "02_cams", sections=("cams",), upstream=("data", "classifier", "label_filter"),
+          notebook="02_cams.ipynb", check=check_cams, headline=_headline)
+def cams_stage(cfg: Config, run: Run) -> StageResult:
+    """Multi-scale Grad-CAM / Grad-CAM++ for every image of the split, then a
+    background-threshold sweep against the masks."""
+    c = cfg.cams
+    device = runtime.resolve_device(cfg.device)
+    trained = load_classifier(model_path(run, "classifier"), device)
+    cam_model = trained.model.at_layer(c.layer)
+    mean, std = trained.meta["normalization"]
+    ds = dataset(cfg)
+    images = ds.labelled(c.split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    ids = stage_ids(cfg, run, c.split)
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, Any]]:
+        for sid in todo:
+            image, labels = images[index[sid]]
+            x = to_normalized_tensor(image, mean, std).to(device)
+            if c.classes == "labels":
+                class_ids = [k for k in trained.class_ids if labels[k - 1] > 0.5]
+            else:
+                with torch.inference_mode():
+                    logits = trained.model(x[None])[0]
+                class_ids = select_classes(logits, "predicted", c.pred_threshold, head_class_ids=trained.class_ids)
+            yield sid, class_activation_maps(cam_model, x, class_ids, scales=c.scales, flip=c.flip, method=c.method,
+                                             normalize=c.normalize, head_class_ids=trained.class_ids)
+
+    def evaluate() -> dict[str, Any]:
+        if not ds.has_masks(c.split):
+            return {}
+        masks = ds.masks(c.split)
+        items = ((r.high_res, r.keys, masks.mask(sid)) for sid in ids for r in [CAMS.read(run, sid)])
+        quality = cam_threshold_sweep(items, c.bg_thresholds, ds.classes)
+        return {"quality": quality, "miou_best": quality["best"]["miou"], "best_threshold": quality["best_threshold"]}
+
+    metrics = for_each_image(run, CAMS, ids, compute, f"CAMs ({c.method})", device, evaluate)
+    return StageResult(metrics=metrics, paths={"cams": str(CAMS.dir(run))})

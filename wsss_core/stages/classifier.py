@@ -1,0 +1,77 @@
+"""Stage `classifier` (01_classifier): step 1's multi-label classifier, trained
+on image-level labels; model.pt, history.json, val_scores.npz, metrics.
+
+A model.pt made with the current output parameters is kept: a rerun caused by
+an evaluation parameter only re-evaluates it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import runtime
+from ..artifacts import model_path
+from ..config import Config
+from ..multilabel import (
+    check_classifier_params,
+    evaluate_multilabel,
+    load_classifier,
+    save_classifier,
+    train_multilabel,
+    trained_class_ids,
+)
+from ..store import Run, StageResult, read_json, save_npz, write_json
+from . import dataset, register
+
+
+def check_classifier(cfg: Config, ds: Any) -> None:
+    check_classifier_params(cfg.classifier, ds.classes)
+
+
+def _headline(m: dict) -> str:
+    return f"val mAP {m['val_map']:.3f}, {m['epochs']} epochs" if m.get("val_map") is not None else \
+        f"{m['epochs']} epochs"
+
+
+@register("classifier", "01_classifier", sections=("seed", "classifier"), upstream=("data",),
+          notebook="01_classifier.ipynb", check=check_classifier, headline=_headline)
+def classifier_stage(cfg: Config, run: Run) -> StageResult:
+    """Train the multi-label classifier; save model.pt, history and val metrics."""
+    ds = dataset(cfg)
+    class_ids = trained_class_ids(ds.classes, cfg.classifier.exclude_classes)
+    columns = [k - 1 for k in class_ids]
+    names = [ds.classes[k] for k in class_ids]
+    val = ds.labelled(cfg.data.val_split) if cfg.data.val_split in ds.splits else None
+    folder = run.path("classifier")
+    device = runtime.resolve_device(cfg.device)
+    model_file = model_path(run, "classifier")
+    if model_file.is_file():  # trained with these parameters: evaluate only
+        model = load_classifier(model_file, device).model
+        history = read_json(folder / "history.json")
+        fit_info = read_json(folder / "fit.json")
+        scores = evaluate_multilabel(cfg.classifier, model, val, columns, names, device, cfg.seed)
+    else:
+        model, scores, history = train_multilabel(
+            cfg.classifier, ds.labelled(cfg.data.train_split), val, columns, names, folder, device, cfg.seed,
+        )
+        fit_info = scores.pop("fit")
+    metrics: dict[str, Any] = {
+        "classes": names,
+        "epochs": len(history),
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "resumed_from_epoch": fit_info["resumed_from"],
+        "world_size": len(fit_info["param_checksums"]),
+        "param_checksums": fit_info["param_checksums"],
+    }
+    if run.is_main:
+        if not model_file.is_file():
+            save_classifier(model_file, model, cfg.classifier, class_ids, ds.classes)
+            write_json(folder / "fit.json", fit_info)
+            if fit_info["samples_per_rank"] is not None and len(fit_info["samples_per_rank"]) > 1:
+                write_json(folder / "samples_per_rank.json", fit_info["samples_per_rank"])
+        if "val_scores" in scores:
+            save_npz(folder / "val_scores.npz", scores=scores.pop("val_scores"), ids=np.array(val.ids),
+                     labels=np.asarray(val.labels)[:, columns])
+        metrics.update({f"val_{k}": v for k, v in scores.items()})
+    return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(folder / "history.json")})

@@ -1,0 +1,84 @@
+"""Stage `crf` (03_crf): dense-CRF confident labels per image for IRNet
+(ir_labels/<id>.png: 0 background, k class, 255 unconfident), scored by
+precision and coverage against the masks (evaluation only)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..artifacts import CAMS, IR_LABELS
+from ..config import Config
+from ..crf import confident_label_parts, confident_label_scores, confident_labels, confident_labels_many
+from ..store import Run, StageResult
+from ..viz import heat_overlay
+from . import dataset, register, stage_ids
+from .per_image import for_each_image
+
+
+def _headline(m: dict) -> str:
+    q = m.get("quality")
+    return f"precision {100 * q['precision']:.1f}%, coverage {100 * q['coverage']:.1f}%" if q else \
+        f"{m['images']} images"
+
+
+@register("crf", "03_crf", sections=("crf",), upstream=("data", "cams"), notebook="03_crf.ipynb",
+          headline=_headline)
+def crf_stage(cfg: Config, run: Run) -> StageResult:
+    """Dense-CRF confident labels per image (0 bg, k class, 255 unconfident) for IRNet."""
+    ds = dataset(cfg)
+    split = cfg.cams.split
+    images = ds.labelled(split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    ids = stage_ids(cfg, run, split)
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        def items():
+            for sid in todo:
+                cam = CAMS.read(run, sid)
+                yield sid, images.image(index[sid]), cam.high_res, cam.keys
+
+        return confident_labels_many(items(), cfg.crf, cfg.crf.workers)
+
+    def evaluate() -> dict[str, Any]:
+        if not ds.has_masks(split):
+            return {}
+        masks = ds.masks(split)
+        return {"quality": confident_label_scores((IR_LABELS.read(run, sid) for sid in ids),
+                                                  (masks.mask(sid) for sid in ids), ds.num_classes)}
+
+    metrics = for_each_image(run, IR_LABELS, ids, compute, "dense CRF", None, evaluate)
+    return StageResult(metrics=metrics, paths={"ir_labels": str(IR_LABELS.dir(run))})
+
+
+def crf_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[str, np.ndarray]]:
+    """Image, strongest CAM, fg_conf, bg_conf and the final confident labels of one image."""
+    images = dataset(cfg).labelled(cfg.cams.split)
+    image = images.image(images.ids.index(image_id))
+    cam = CAMS.read(run, image_id)
+    fg, bg, labels = confident_label_parts(image, cam.high_res, cam.keys, cfg.crf)
+    heat = cam.high_res.max(0) if len(cam.keys) else np.zeros(image.shape[:2], np.float32)
+    return [("image", image), ("CAM (max over classes)", heat_overlay(image, heat)),
+            (f"fg_conf (thres {cfg.crf.conf_fg_thres})", fg), (f"bg_conf (thres {cfg.crf.conf_bg_thres})", bg),
+            ("confident labels (white: 255)", labels)]
+
+
+def crf_threshold_sweep(cfg: Config, run: Run, ids: list[str],
+                        pairs: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Precision and coverage of confident labels for (conf_fg_thres, conf_bg_thres)
+    pairs, on the images `ids` (evaluation: reads masks)."""
+    ds = dataset(cfg)
+    images = ds.labelled(cfg.cams.split)
+    masks = ds.masks(cfg.cams.split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    cams = {i: CAMS.read(run, i) for i in ids}
+    out = []
+    for fg, bg in pairs:
+        c = dataclasses.replace(cfg.crf, conf_fg_thres=fg, conf_bg_thres=min(bg, fg))
+        maps = (confident_labels(images.image(index[i]), cams[i].high_res, cams[i].keys, c) for i in ids)
+        s = confident_label_scores(maps, (masks.mask(i) for i in ids), ds.num_classes)
+        out.append({"conf_fg_thres": fg, "conf_bg_thres": c.conf_bg_thres, "precision": s["precision"],
+                    "coverage": s["coverage"], "miou": s["miou"]})
+    return out

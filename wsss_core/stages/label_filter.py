@@ -1,0 +1,41 @@
+"""Stage `label_filter` (01_label_filter): which train images later stages may
+use (NoPeopleAllowed missing-label filter + excluded classes); kept.txt and
+scores.csv."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import runtime
+from ..artifacts import write_filter_scores, write_kept_ids
+from ..config import Config
+from ..label_filter import check_label_filter_params, filter_train_images
+from ..multilabel import check_classifier_params
+from ..store import Run, StageResult
+from . import dataset, register
+
+
+def check_label_filter(cfg: Config, ds: Any) -> None:
+    check_classifier_params(cfg.classifier, ds.classes)
+    check_label_filter_params(cfg, ds)
+
+
+def _headline(m: dict) -> str:
+    return f"kept {m['kept']} of {m['images']} train images"
+
+
+@register("label_filter", "01_label_filter", sections=("seed", "classifier", "label_filter"), upstream=("data",),
+          notebook="01_label_filter.ipynb", check=check_label_filter, headline=_headline)
+def label_filter_stage(cfg: Config, run: Run) -> StageResult:
+    """Decide which train images later stages may use (NoPeopleAllowed filter).
+
+    Dropped: images labelled with an excluded class, and (filter enabled)
+    images where the filter class is probably present but not labelled.
+    """
+    ds = dataset(cfg)
+    folder = run.path("label_filter")
+    table, metrics = filter_train_images(cfg, ds, folder, runtime.resolve_device(cfg.device))
+    if run.is_main:
+        write_filter_scores(run, table)
+        write_kept_ids(run, [i for i, k in zip(table["ids"], table["kept"]) if k])
+    return StageResult(metrics=metrics, paths={"kept": str(folder / "kept.txt"), "scores": str(folder / "scores.csv")})
