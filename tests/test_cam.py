@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 METHODS = ("gradcam", "gradcam++")
 PEERS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
-needs_peer = pytest.mark.skipif(GradCAM is None, reason="pytorch-grad-cam (grad-cam) is not installed")
+needs_peer = pytest.mark.usefixtures("grad_cam_peer")
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -101,7 +101,7 @@ class TimmGap(GapHead):
 
     def __init__(self, classes: int = 4):
         super().__init__()
-        timm = pytest.importorskip("timm")
+        import timm  # a dependency of the package
         torch.manual_seed(0)
         self.body = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, global_pool="")
         self.head = nn.Linear(self.body.num_features, classes)

@@ -114,14 +114,8 @@ def test_two_process_ddp_with_torchrun(ci_config, tmp_path):
     common = ["--config", str(ci_config), "--run-dir", str(run_dir), "--set", "classifier.balance=none",
               "--set", "classifier.epochs=2"]
     subprocess.run(base + ["stage", "data"] + common, check=True, env=env, capture_output=True)
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port),
+    proc = subprocess.run(  # --standalone: the launcher picks a free rendezvous port itself
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "wsss_core.cli", "stage", "classifier"] + common,
         env=env, capture_output=True, text=True, timeout=600,
     )

@@ -2,6 +2,7 @@
 params/ci.yaml through the pipeline runner (papermill)."""
 
 import json
+import re
 
 import nbformat
 import pytest
@@ -49,11 +50,23 @@ def test_stage_selection():
         select_stages("nope")
 
 
+def printed(executed, pattern: str) -> re.Match:
+    """The first match of `pattern` in the text a notebook printed."""
+    text = "".join("".join(o.get("text", "")) for c in executed.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not printed; printed: {text[:2000]}"
+    return m
+
+
 @pytest.mark.slow
-def test_pipeline_executes_every_notebook_with_ci_params(tmp_path):
+def test_pipeline_executes_every_notebook_with_ci_params(tmp_path, capsys):
     run_dir = tmp_path / "run"
     config = REPO / "params" / "ci.yaml"
-    root = run_pipeline(config, run_dir, log_output=False)
+    # in three parts: the later parts start from finished earlier stages
+    root = run_pipeline(config, run_dir, to_stage="classifier", log_output=False)
+    run_pipeline(config, run_dir, from_stage="label_filter", to_stage="crf", log_output=False)
+    run_pipeline(config, run_dir, from_stage="crf", log_output=False)
     for nb in TOOL_NOTEBOOKS:  # not pipeline stages, but executed on the same run
         execute_notebook(NOTEBOOK_DIR / nb, root / "notebooks" / nb, {"config": str(config), "run_dir": str(root)},
                          log_output=False)
@@ -66,7 +79,28 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path):
         images = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if "image/png" in o.get("data", {})]
         assert images, f"{nb} drew no picture"
-    manifest = json.loads((root / "00_data" / "manifest.json").read_text())
-    assert manifest["status"] == "done"
-    for folder in ("01_classifier", "01_label_filter", "02_cams", "03_crf"):
+    for folder in ("00_data", "01_classifier", "01_label_filter", "02_cams", "03_crf"):
         assert json.loads((root / folder / "manifest.json").read_text())["status"] == "done"
+
+    # the numbers a notebook shows are the stage's metrics
+    metrics = {f: json.loads((root / f / "metrics.json").read_text()) for f in ("01_classifier", "01_label_filter",
+                                                                                "02_cams", "03_crf")}
+    nb = lambda name: nbformat.read(root / "notebooks" / name, as_version=4)  # noqa: E731
+    m = printed(nb("01_classifier.ipynb"), r"val mAP (\d\.\d{4})")
+    assert float(m.group(1)) == round(metrics["01_classifier"]["val_map"], 4)
+    m = printed(nb("01_label_filter.ipynb"), r"kept (\d+) of (\d+) train images")
+    assert (int(m.group(1)), int(m.group(2))) == (metrics["01_label_filter"]["kept"], metrics["01_label_filter"]["images"])
+    m = printed(nb("02_cams.ipynb"), r"CAM mIoU (\d\.\d{4}) at background threshold ([\d.]+)")
+    assert float(m.group(1)) == round(metrics["02_cams"]["miou_best"], 4)
+    assert float(m.group(2)) == metrics["02_cams"]["best_threshold"]
+    m = printed(nb("03_crf.ipynb"), r"precision (\d\.\d{4}) .* coverage (\d\.\d{4})")
+    q = metrics["03_crf"]["quality"]
+    assert (float(m.group(1)), float(m.group(2))) == (round(q["precision"], 4), round(q["coverage"], 4))
+
+    # a rerun of the finished run skips every stage without starting a notebook
+    stamps = {p.name: p.stat().st_mtime_ns for p in (root / "notebooks").glob("*.ipynb")}
+    capsys.readouterr()
+    run_pipeline(config, run_dir, log_output=False)
+    out = capsys.readouterr().out
+    assert out.count("skipped (done)") == len(stage_notebooks()), out
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "notebooks").glob("*.ipynb")} == stamps

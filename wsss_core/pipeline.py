@@ -160,7 +160,9 @@ def execute_notebook(
     check_notebook_parameters(notebook, list(parameters))
     output.parent.mkdir(parents=True, exist_ok=True)
     sink = ProgressFilter(stdout or sys.stdout) if log_output else None
-    with _env(WSSS_BATCH="1"):  # inherited by the kernel: progress bars print sparse lines
+    log = output.with_suffix(".kernel.log")
+    # the kernel's own stderr (ipykernel warnings) goes to a log file beside the executed notebook
+    with _env(WSSS_BATCH="1"), _stderr_to(log):  # env inherited by the kernel: sparse progress lines
         try:
             papermill.execute_notebook(
                 str(notebook), str(output), parameters=dict(parameters), cwd=str(notebook.parent),
@@ -170,6 +172,21 @@ def execute_notebook(
             if sink is not None:
                 sink.flush()
     return output
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Point file descriptor 2 at `path` (child processes inherit it), then back."""
+    sys.stderr.flush()
+    with open(path, "w") as fh:
+        saved = os.dup(2)
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _failure_line(name: str, out: Path, err: Any) -> str:
@@ -225,6 +242,8 @@ def run_pipeline(
             try:
                 execute_notebook(nb, out, params, log_output=log_output)
             except papermill.PapermillExecutionError as e:
+                if e.ename == "KeyboardInterrupt":  # Ctrl-C reaches the kernel too
+                    raise KeyboardInterrupt from None
                 if e.ename == "StaleUpstreamError":
                     raise StaleUpstreamError(e.evalue) from None
                 raise StageFailed(_failure_line(name, out, e)) from None

@@ -300,9 +300,15 @@ class Run:
         parts = [name, section_hash(self.cfg, spec.sections), content["hash"] if content else ""]
         return _hash(*parts, *(self.fingerprint(u) for u in spec.upstream))
 
+    def _eval_sections(self, name: str) -> tuple[str, ...]:
+        """A stage's own section (named like the stage) holds its evaluation
+        parameters; sections it only borrows (the label filter uses the
+        classifier's recipe) do not re-evaluate it."""
+        return tuple(s for s in self.spec(name).sections if s == name)
+
     def eval_hash(self, name: str) -> str:
         """Hash of the stage's evaluation-only parameters."""
-        return section_hash(self.cfg, self.spec(name).sections, kind="eval")
+        return section_hash(self.cfg, self._eval_sections(name), kind="eval")
 
     def usable(self, name: str) -> bool:
         """Finished, and its outputs are those the current parameters and upstream make."""
@@ -420,7 +426,7 @@ class Run:
             "fingerprint": self.fingerprint(name),
             "eval_hash": self.eval_hash(name),
             "config": section_values(self.cfg, spec.sections),
-            "eval_config": section_values(self.cfg, spec.sections, kind="eval"),
+            "eval_config": section_values(self.cfg, self._eval_sections(name), kind="eval"),
             "content_hash": content["hash"] if content else None,
             "upstream": {u: self.fingerprint(u) for u in spec.upstream},
             **fields,

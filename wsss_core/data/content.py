@@ -1,6 +1,7 @@
 """What a dataset holds, as a fingerprint: the bytes of its index files (split
-lists, labels, classes) and the size and modification time of every image and
-mask. The data stage hashes it, so an edited label or a replaced image makes
+lists, labels, classes) and of every image and mask when they are small
+together (<= 256 MB: copying or regenerating a dataset does not make it
+"changed"), else each file's size and modification time. The data stage hashes it, so an edited label or a replaced image makes
 the data stage and everything downstream stale, and the message says what
 changed ("image_labels_train.csv changed", "3 images changed in train")."""
 
@@ -22,6 +23,9 @@ def _file_digest(path: os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+HASH_BYTES_UP_TO = 256 * 1024 * 1024
+
+
 def _stat_word(path: os.PathLike) -> str:
     try:
         st = os.stat(path)
@@ -30,17 +34,31 @@ def _stat_word(path: os.PathLike) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def _words(paths: list) -> list[str]:
+    """One word per file: its content digest when the files are small together,
+    else size:mtime."""
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append(os.stat(p).st_size)
+        except FileNotFoundError:
+            sizes.append(None)
+    if sum(s or 0 for s in sizes) > HASH_BYTES_UP_TO:
+        return [_stat_word(p) for p in paths]
+    return [_file_digest(p) if s is not None else "missing" for p, s in zip(paths, sizes)]
+
+
 def dataset_content(ds: Dataset) -> dict[str, Any]:
-    """{"hash", "files": {name: digest}, "images": {split: {id: size:mtime}},
-    "masks": {split: {id: size:mtime}}}: cheap (stat calls, index files read once)."""
+    """{"hash", "files": {name: digest}, "images": {split: {id: word}},
+    "masks": {split: {id: word}}} (see `_words`)."""
     files = {os.path.relpath(p, ds.root): _file_digest(p) for p in ds.index_files}
     images: dict[str, dict[str, str]] = {}
     masks: dict[str, dict[str, str]] = {}
     for split in ds.splits:
         s = ds.split_index(split)
-        images[split] = {i: _stat_word(p) for i, p in zip(s.ids, s.image_paths)}
+        images[split] = dict(zip(s.ids, _words(s.image_paths)))
         if s.mask_paths is not None:
-            masks[split] = {i: _stat_word(p) for i, p in zip(s.ids, s.mask_paths)}
+            masks[split] = dict(zip(s.ids, _words(s.mask_paths)))
     body = {"format": ds.format, "classes": list(ds.classes), "files": files, "images": images, "masks": masks}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return {"hash": digest, **body}

@@ -37,7 +37,13 @@ def open_voc(root: str | Path, splits: Sequence[str], limit: int | None = None, 
     images = _files_by_stem(root / IMAGE_DIR, "image folder")
     mask_dir = root / MASK_DIR
     masks = set(os.listdir(mask_dir)) if mask_dir.is_dir() else set()
-    index = {s: _read_split(root, s, classes, images, masks, limit) for s in dict.fromkeys(splits)}
+    try:
+        index = {s: _read_split(root, s, classes, images, masks, limit) for s in dict.fromkeys(splits)}
+    except DataError as e:
+        if classes_file.exists() or "unknown class name" not in str(e):
+            raise
+        raise DataError(f"{e}; note: {classes_file} is missing, so the 21 VOC class names were assumed: "
+                        "add classes.txt (one name per line, background first, line k = pixel value k)") from None
     candidates = [classes_file] + [p for s in index for p in (
         root / LIST_DIR / f"{s}.txt", root / f"image_labels_{s}.csv", root / f"trusted_{s}.txt")]
     return Dataset(format, root, classes, index, index_files=[p for p in candidates if p.is_file()])

@@ -1,0 +1,123 @@
+"""The real stages' dependency graph on a finished ci run: which stages skip,
+re-evaluate, rerun or refuse when one parameter changes, `--force`, and that
+no rerun throws away a model the new parameters can still use."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from wsss_core import stages
+from wsss_core.artifacts import CAMS, IR_LABELS, model_path, read_kept_ids
+from wsss_core.config import load_config
+from wsss_core.store import StaleUpstreamError
+
+from conftest import REPO
+
+ORDER = ("data", "classifier", "label_filter", "cams", "crf")
+
+
+@pytest.fixture
+def finished(ci_run, tmp_path):
+    """A private copy of the session's finished ci run."""
+    _, run = ci_run
+    dst = tmp_path / "run"
+    shutil.copytree(run.root, dst)
+    return dst
+
+
+def rerun(run_dir, overrides):
+    """Run every stage in order with `overrides`; what each one did."""
+    cfg = load_config(REPO / "params" / "ci.yaml", overrides)
+    run = stages.open_run(run_dir, cfg)
+    did = {}
+    for name in ORDER:
+        r = stages.run_stage(name, cfg, run)
+        if r.skipped:
+            did[name] = "skipped"
+        elif name in ("cams", "crf") and r.metrics["computed"] == 0:
+            did[name] = "re-evaluated"
+        else:
+            did[name] = "ran"
+    return did, run
+
+
+def stamp(path):
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def test_a_speed_knob_changes_nothing(finished):
+    model = model_path(stages.open_run(finished, load_config(REPO / "params" / "ci.yaml")), "classifier")
+    before = stamp(model)
+    did, _ = rerun(finished, {"classifier.num_workers": 1, "crf.workers": 1, "device": "cpu"})
+    assert did == dict.fromkeys(ORDER, "skipped")
+    assert stamp(model) == before
+
+
+def test_an_evaluation_threshold_re_evaluates_without_recomputing(finished):
+    run0 = stages.open_run(finished, load_config(REPO / "params" / "ci.yaml"))
+    model, ckpt = model_path(run0, "classifier"), run0.folder("classifier") / "checkpoint.pt"
+    kept = read_kept_ids(run0)
+    cam_stamps = {i: CAMS.path(run0, i).stat().st_mtime_ns for i in kept}
+    before = stamp(model), stamp(ckpt)
+    did, run = rerun(finished, {"cams.bg_thresholds": [0.2, 0.4], "classifier.eval_threshold": 0.3})
+    assert did == {"data": "skipped", "classifier": "ran", "label_filter": "skipped", "cams": "re-evaluated",
+                   "crf": "skipped"}
+    assert (stamp(model), stamp(ckpt)) == before  # re-evaluated, not retrained
+    assert {i: CAMS.path(run, i).stat().st_mtime_ns for i in kept} == cam_stamps
+    q = run.manifest("cams")["metrics"]["quality"]
+    assert q["thresholds"] == [0.2, 0.4] and len(q["miou"]) == 2
+    assert run.manifest("classifier")["eval_config"] == {"classifier": {"eval_threshold": 0.3}}
+
+
+def test_a_classifier_parameter_reruns_it_and_everything_downstream(finished):
+    run0 = stages.open_run(finished, load_config(REPO / "params" / "ci.yaml"))
+    model = model_path(run0, "classifier")
+    before = stamp(model)
+    old_cam = CAMS.read(run0, read_kept_ids(run0)[0])
+    cfg = load_config(REPO / "params" / "ci.yaml", {"classifier.lr": 0.01})
+    with pytest.raises(StaleUpstreamError, match=r"classifier\.lr: 0\.001 -> 0\.01"):
+        stages.run_stage("cams", cfg, stages.open_run(finished, cfg))
+    did, run = rerun(finished, {"classifier.lr": 0.01})
+    assert did == {"data": "skipped", "classifier": "ran", "label_filter": "ran", "cams": "ran", "crf": "ran"}
+    after = stamp(model)
+    assert after[0] != before[0] and after[1] != before[1]
+    kept = read_kept_ids(run)
+    assert run.manifest("cams")["metrics"]["computed"] == len(kept) == len(CAMS.ids(run))
+    new_cam = CAMS.read(run, kept[0]) if kept[0] == read_kept_ids(run0)[0] else None
+    if new_cam is not None and len(new_cam.keys):
+        assert not np.array_equal(new_cam.high_res, old_cam.high_res)
+
+
+def test_a_cam_parameter_reruns_cams_and_crf_and_clears_their_old_files(finished):
+    cfg = load_config(REPO / "params" / "ci.yaml", {"cams.method": "gradcam++"})
+    run = stages.open_run(finished, cfg)
+    stray = run.folder("cams") / "cams" / "not-an-image.npz"
+    stray.write_bytes(b"left by other parameters")
+    with pytest.raises(StaleUpstreamError, match=r"02_cams was made with other parameters \(cams\.method: "
+                                                 r"'gradcam' -> 'gradcam\+\+'\)"):
+        stages.run_stage("crf", cfg, run)
+    did, run = rerun(finished, {"cams.method": "gradcam++"})
+    assert did == {"data": "skipped", "classifier": "skipped", "label_filter": "skipped", "cams": "ran",
+                   "crf": "ran"}
+    assert not stray.exists()  # outputs of other parameters are gone
+    assert CAMS.ids(run) == sorted(read_kept_ids(run)) == IR_LABELS.ids(run)
+
+
+def test_a_crf_parameter_reruns_only_crf(finished):
+    did, run = rerun(finished, {"crf.conf_fg_thres": 0.4})
+    assert did == {"data": "skipped", "classifier": "skipped", "label_filter": "skipped", "cams": "skipped",
+                   "crf": "ran"}
+    assert run.manifest("crf")["metrics"]["computed"] == len(read_kept_ids(run))
+
+
+def test_force_reruns_exactly_one_stage(finished):
+    cfg = load_config(REPO / "params" / "ci.yaml")
+    run = stages.open_run(finished, cfg)
+    first = read_kept_ids(run)[0]
+    before = CAMS.path(run, first).stat().st_mtime_ns
+    r = stages.run_stage("cams", cfg, run, force=True)
+    assert not r.skipped and r.metrics["computed"] == len(read_kept_ids(run))
+    assert CAMS.path(run, first).stat().st_mtime_ns != before
+    assert stages.run_stage("crf", cfg, run).skipped
+    assert stages.run_stage("classifier", cfg, run).skipped
