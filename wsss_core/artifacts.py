@@ -106,6 +106,11 @@ class LabelMaps(PerImage):
 class BoundaryMaps(PerImage):
     """Boundary probabilities in [0, 1] stored as 8-bit grayscale PNGs."""
 
+    @staticmethod
+    def quantize(value: Any) -> np.ndarray:
+        """The values a stored map reads back as (multiples of 1/255)."""
+        return (np.round(np.clip(np.asarray(value, np.float32), 0.0, 1.0) * 255) / 255).astype(np.float32)
+
     def write(self, run: Run, image_id: str, value: Any) -> Path:
         b = np.asarray(value, dtype=np.float32)
         return save_png(self.path(run, image_id), np.round(np.clip(b, 0.0, 1.0) * 255).astype(np.uint8))

@@ -1,4 +1,4 @@
-"""Command line: `wsss run`, `wsss stage`, `wsss validate`.
+"""Command line: `wsss run`, `wsss stage`, `wsss validate`, `wsss predict`.
 
 `wsss stage NAME` runs one stage function directly (no notebook); it is what
 `torchrun --nproc_per_node N -m wsss_core.cli stage ...` launches.
@@ -50,11 +50,23 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check the params and the dataset (every file), then stop")
     common(v, run_dir=False)
+
+    pr = sub.add_parser("predict", help="segment a folder of new images with a finished run")
+    pr.add_argument("--run", required=True, help="a run folder whose segmentation stage is done")
+    pr.add_argument("--images", required=True, help="folder of images (jpg, png, ...)")
+    pr.add_argument("--out", required=True, help="output folder: one class-id PNG per image")
+    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                    help="test-time augmentation as the run's predict section (default on)")
+    pr.add_argument("--skip-bad", action="store_true", help="segment the readable images, list the others")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    pr.add_argument("--layout", choices=("voc", "lid"), default=None,
+                    help="voc: palette PNGs; lid: grayscale PNGs (LID submission); default: the run's")
+    pr.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def _run(args: argparse.Namespace) -> None:
-    overrides = _overrides(args.set)
+    overrides = _overrides(getattr(args, "set", []))
     if args.command == "run":
         from .pipeline import run_pipeline
 
@@ -62,6 +74,13 @@ def _run(args: argparse.Namespace) -> None:
                             force=args.force)
         print(f"[wsss] finished. Outputs: {root}")
         print(f"[wsss] executed notebooks: {root / 'notebooks'}")
+        report = root / "08_report" / "report.json"
+        if report.is_file():
+            from .stages.report import REPORT_HTML, miou_table
+            from .store import read_json
+
+            print(miou_table(read_json(report)))
+            print(f"[wsss] report: {root / REPORT_HTML}")
     elif args.command == "stage":
         from .stages import open_run, run_stage, stage
 
@@ -71,6 +90,12 @@ def _run(args: argparse.Namespace) -> None:
         result = run_stage(args.name, cfg, run, force=args.force)
         if run.is_main:
             print(f"[wsss] {args.name}: {result.metrics}")
+    elif args.command == "predict":
+        from .predict import predict_folder
+
+        written = predict_folder(args.run, args.images, args.out, tta=args.tta, skip_bad=args.skip_bad,
+                                 overwrite=args.overwrite, layout=args.layout)
+        print(f"[wsss] {len(written)} masks written to {args.out}")
     elif args.command == "validate":
         from .data import open_dataset, validate_dataset
         from .stages import STAGES, check_stage

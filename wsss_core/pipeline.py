@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 from .config import Config, ConfigError, load_config
 from .stages import STAGES, headline, open_run, pipeline_order
-from .store import LOCK_TOKEN_ENV, Run, StaleUpstreamError
+from .stages.report import REPORT_HTML
+from .store import LOCK_TOKEN_ENV, Run, StaleUpstreamError, write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -221,14 +222,16 @@ def run_pipeline(
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: unknown stage; stages: {', '.join(STAGES)}")
     run = open_run(run_dir, cfg)
+    executed: set[str] = set()  # a notebook may serve several stages (06: the segmenter and its bound)
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}):
         for k, name in enumerate(stages, 1):
             nb = NOTEBOOK_DIR / STAGES[name].notebook  # type: ignore[operator]
             out = run.root / "notebooks" / nb.name
-            tag = f"[wsss] ({k}/{len(stages)}) {name:<13}"
+            tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
             if name not in force and run.is_done(name):
                 m = run.manifest(name) or {}
-                echo(f"{tag} skipped (done){_with(headline(name, m.get('metrics', {})))}")
+                done_here = nb.name in executed
+                echo(f"{tag} {'done' if done_here else 'skipped (done)'}{_with(headline(name, m.get('metrics', {})))}")
                 continue
             run.check_upstream(name)
             why = "forced" if name in force else (run.why_not_done(name) or "evaluation parameters changed")
@@ -247,9 +250,25 @@ def run_pipeline(
                 if e.ename == "StaleUpstreamError":
                     raise StaleUpstreamError(e.evalue) from None
                 raise StageFailed(_failure_line(name, out, e)) from None
+            executed.add(nb.name)
+            if name == "report":
+                export_report(out, run.root / REPORT_HTML)
             m = run.manifest(name) or {}
+            if m.get("status") != "done":
+                raise StageFailed(f"stage {name}: its notebook {out} finished without running it")
             echo(f"{tag} done in {time.perf_counter() - t0:.0f} s{_with(headline(name, m.get('metrics', {})))}")
     return run.root
+
+
+def export_report(notebook: Path, html: Path) -> Path:
+    """The executed report notebook as a standalone HTML page, code hidden."""
+    import nbconvert
+    import nbformat
+
+    exporter = nbconvert.HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    write_text(html, body)
+    return html
 
 
 def _with(text: str) -> str:

@@ -175,8 +175,8 @@ def fit(
         bar = progress(loader, total=len(loader), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", disable=not info.is_main)
         for step, batch in enumerate(bar):
             batch = _to_device(batch, device)
-            if isinstance(batch, (list, tuple)) and len(batch) >= 3:
-                seen.extend(int(i) for i in batch[2])
+            if isinstance(batch, (list, tuple)) and len(batch) >= 3:  # datasets put the sample index last
+                seen.extend(int(i) for i in batch[-1])
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 loss = loss_fn(train_model, batch)
             if not torch.isfinite(loss):

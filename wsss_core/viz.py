@@ -222,7 +222,10 @@ def label_panels(panels: Sequence[tuple[str, np.ndarray]], size: float = 2.6) ->
 
     fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
     for a, (title, arr) in zip(axes[0], panels):
-        a.imshow(arr if arr.ndim == 3 else colorize(arr))
+        if arr.ndim == 2 and arr.dtype.kind == "f":  # a map in [0, 1] (boundary, scores)
+            a.imshow(arr, cmap="magma", vmin=0.0, vmax=1.0)
+        else:
+            a.imshow(arr if arr.ndim == 3 else colorize(arr))
         a.set_title(title, fontsize=8)
         a.axis("off")
     fig.tight_layout()
@@ -242,3 +245,90 @@ def plot_precision_coverage(points: Sequence[Mapping[str, float]], current: tupl
     ax.set(xlabel="coverage (share of pixels not 255)", ylabel="precision of confident pixels",
            title="confident labels: fg/bg thresholds (red: current)")
     return fig
+
+
+def plot_stage_ious(per_stage: Mapping[str, Mapping[str, float | None]], title: str = "IoU per class",
+                    ax: Any = None) -> Any:
+    """Grouped bars: per class, the IoU of each stage (e.g. CAM, confident
+    labels, pseudo masks, predictions), with each stage's mIoU in the legend."""
+    import matplotlib.pyplot as plt
+
+    stages = list(per_stage)
+    classes = list(next(iter(per_stage.values())))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(7, 0.7 * len(classes)), 3.6))
+    width = 0.8 / max(len(stages), 1)
+    x = np.arange(len(classes))
+    for i, st in enumerate(stages):
+        v = np.array([np.nan if per_stage[st].get(c) is None else per_stage[st][c] for c in classes], float)
+        ax.bar(x + i * width, np.nan_to_num(v), width, label=f"{st} (mIoU {np.nanmean(v):.3f})")
+    ax.set_xticks(x + width * (len(stages) - 1) / 2, classes, rotation=45, ha="right")
+    ax.set(ylim=(0, 1), ylabel="IoU", title=title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_boundary_pr(scores: Mapping[str, Any], ax: Any = None) -> Any:
+    """Boundary precision and recall against the threshold, best F marked."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    t = scores["thresholds"]
+    ax.plot(t, scores["precision"], marker="o", label="precision")
+    ax.plot(t, scores["recall"], marker="o", label="recall")
+    ax.plot(t, scores["f"], marker="o", label="F")
+    ax.axvline(scores["best_threshold"], color="C3", ls="--", label=f"best F {scores['best_f']:.3f}")
+    ax.set(xlabel="boundary threshold", ylim=(0, 1), title="boundaries vs mask edges (val)")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_sweep(points: Sequence[Mapping[str, float]], x: str, series: str, y: str = "miou",
+               current: tuple[float, float] | None = None, ax: Any = None) -> Any:
+    """One line of `y` against `x` per value of `series` (e.g. mIoU against the
+    background threshold, one line per beta); the current setting marked."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.4))
+    for value in sorted({p[series] for p in points}):
+        pts = sorted((p[x], p[y]) for p in points if p[series] == value)
+        ax.plot(*zip(*pts), marker="o", label=f"{series} {value:g}")
+    if current is not None:
+        ax.scatter([current[0]], [next((p[y] for p in points if (p[x], p[series]) == current), np.nan)],
+                   s=120, facecolors="none", edgecolors="C3", label="current")
+    ax.set(xlabel=x, ylabel=y)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], ax: Any = None, title: str = "") -> Any:
+    """Row-normalised confusion matrix (rows: ground truth, columns: prediction)."""
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix, dtype=float)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.45 * len(classes) + 2, 0.45 * len(classes) + 1.5))
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="ground truth", title=title or "confusion (share of each true class)")
+    plt.colorbar(im, ax=ax, fraction=0.046)
+    return ax
+
+
+def plot_lift(miou: Mapping[str, float], ax: Any = None, title: str = "mIoU from stage to stage") -> Any:
+    """mIoU of each stage in pipeline order: how much each step adds."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.5 * len(miou) + 2, 3.4))
+    names, values = list(miou), [100 * v for v in miou.values()]
+    bars = ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+    for b, v in zip(bars, values):
+        ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set(ylabel="mIoU (%)", ylim=(0, 100), title=title)
+    return ax

@@ -21,6 +21,7 @@ from .load import (
 from .sections import (
     KINDS,
     AugmentConfig,
+    BoundaryConfig,
     ClassifierConfig,
     Config,
     ConfigError,
@@ -29,11 +30,15 @@ from .sections import (
     DataConfig,
     LabelFilterConfig,
     LidConfig,
+    PredictConfig,
+    PseudoMasksConfig,
+    SegmentationConfig,
     SyntheticConfig,
 )
 
 __all__ = [
-    "KINDS", "AugmentConfig", "CamsConfig", "ClassifierConfig", "Config", "ConfigError", "CrfConfig",
+    "KINDS", "AugmentConfig", "BoundaryConfig", "CamsConfig", "ClassifierConfig", "PredictConfig",
+    "PseudoMasksConfig", "SegmentationConfig", "Config", "ConfigError", "CrfConfig",
     "DataConfig", "LabelFilterConfig", "LidConfig", "SyntheticConfig", "apply_overrides", "cache_root",
     "config_from_dict", "config_to_dict", "dump_config", "field_kind", "load_config", "parse_override_value",
     "parse_yaml", "section_hash", "section_values", "values_of_kind",

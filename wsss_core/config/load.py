@@ -107,7 +107,12 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if name in raw:
-            v = _coerce(raw[name], hints[name], key)
+            value = raw[name]
+            if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping) and \
+                    f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                # keys the YAML leaves out keep this section's own defaults
+                value = {**_plain(f.default_factory()), **value}  # type: ignore[misc]
+            v = _coerce(value, hints[name], key)
         else:
             v = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         check = f.metadata.get("check")

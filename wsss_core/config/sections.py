@@ -87,8 +87,13 @@ def _p(default: Any, check: Check | None = None, doc: str = "", kind: str = "out
     return field(default=default, metadata={"check": check, "doc": doc, "kind": kind})
 
 
-def _section(cls: type) -> Any:
-    return field(default_factory=cls)
+def _section(cls: type, **defaults: Any) -> Any:
+    """A sub-section; `defaults` override the section class's own defaults here
+    (keys the YAML leaves out keep these values)."""
+    return field(default_factory=(lambda: cls(**defaults)) if defaults else cls)
+
+
+_OUTPUT_STRIDE: Check = lambda v: None if v in (8, 16) else f"must be 8 or 16, got {v!r}"  # noqa: E731
 
 
 # --------------------------------------------------------------------------- sections
@@ -141,7 +146,7 @@ class AugmentConfig:
 class ClassifierConfig:
     backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_gap"] = _p("efficientnet_lite0")
     weights: str = _p("imagenet", doc="imagenet | random | path to a state-dict file")
-    output_stride: int = _p(16, lambda v: None if v in (8, 16) else f"must be 8 or 16, got {v!r}")
+    output_stride: int = _p(16, _OUTPUT_STRIDE)
     image_size: int = _p(320, _range(32, 2048))
     epochs: int = _p(6, _positive)
     batch_size: int = _p(16, _positive)
@@ -207,6 +212,76 @@ class CrfConfig:
 
 
 @dataclass(frozen=True)
+class BoundaryConfig:
+    """IRNet's boundary network (step 2c): a frozen ImageNet backbone and a small
+    branch, trained on pixel-pair affinities of the confident labels."""
+
+    backbone: Literal["efficientnet_lite0", "resnet50"] = _p("efficientnet_lite0", doc="IRNet: resnet50")
+    weights: str = _p("imagenet", doc="imagenet | path to a state-dict file; the backbone stays frozen")
+    output_stride: int = _p(16, _OUTPUT_STRIDE)
+    crop_size: int = _p(256, _range(32, 2048), "training crop in pixels (IRNet: 512)")
+    radius: int = _p(10, _range(2, 32), "pairs within this radius (stride-4 cells) are affinity labels")
+    epochs: int = _p(3, _positive)
+    batch_size: int = _p(8, _positive)
+    lr: float = _p(0.1, _positive)
+    weight_decay: float = _p(1e-4, _non_negative)
+    optimizer: Literal["adam", "sgd"] = _p("sgd")
+    schedule: Literal["step", "poly", "constant"] = _p("poly")
+    augment: AugmentConfig = _section(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.0)
+    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA",
+                                 kind="runtime")
+    amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
+    eval_thresholds: tuple[float, ...] = _p((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), _all(_non_empty, _each(_unit)),
+                                            "boundary thresholds of the precision/recall evaluation", kind="eval")
+
+
+@dataclass(frozen=True)
+class PseudoMasksConfig:
+    """IRNet's random walk from the CAMs over the boundary map (step 2c inference)."""
+
+    radius: int = _p(5, _range(2, 16), "transition neighbourhood in stride-4 cells (IRNet: 5)")
+    beta: float = _p(10.0, _positive, "affinities are raised to beta (IRNet: 10)")
+    exp_times: int = _p(8, _range(0, 12), "the transition is applied 2^exp_times times (IRNet: 8)")
+    sem_seg_bg_thres: float = _p(0.25, _unit, "background score after the walk (IRNet: 0.25)")
+    flip: bool = _p(True, doc="boundary map averaged with that of the flipped image")
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Step 3: DeepLabV3+ (segmentation-models-pytorch) trained on the pseudo masks."""
+
+    backbone: Literal["efficientnet_lite0", "resnet50"] = _p("efficientnet_lite0")
+    weights: str = _p("imagenet", doc="imagenet | random | path to a state-dict file (encoder)")
+    output_stride: int = _p(16, _OUTPUT_STRIDE)
+    atrous_rates: tuple[int, int, int] = _p((6, 12, 18), _each(_positive), "ASPP rates (12/24/36 at stride 8)")
+    crop_size: int = _p(256, _range(32, 2048))
+    epochs: int = _p(20, _positive)
+    batch_size: int = _p(8, _positive)
+    lr: float = _p(0.01, _positive, "head learning rate; the encoder gets lr * backbone_lr_mult")
+    backbone_lr_mult: float = _p(0.1, _positive)
+    weight_decay: float = _p(1e-4, _non_negative)
+    optimizer: Literal["adam", "sgd"] = _p("sgd")
+    schedule: Literal["step", "poly", "constant"] = _p("poly")
+    augment: AugmentConfig = _section(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.2)
+    checkpoint: Literal["last", "best"] = _p("last", doc="best: the epoch with the best val mIoU")
+    upper_bound: bool = _p(False, doc="also train on the real masks of the same images (stage segmentation_full)")
+    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA",
+                                 kind="runtime")
+    amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Step 3 inference: test-time augmentation, class-index PNGs, evaluation."""
+
+    splits: tuple[str, ...] = _p(("val",), _non_empty, "splits to segment (scored where they have masks)")
+    tta_scales: tuple[float, ...] = _p((1.0,), _all(_non_empty, _each(_positive)),
+                                       "logits averaged over these scales (reference: 0.5, 1, 2)")
+    tta_flip: bool = _p(True, doc="and over horizontal flips")
+    layout: Literal["voc", "lid"] = _p("voc", doc="lid: the LID submission layout (one PNG per listed image)")
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = _p("demo", kind="runtime")
     seed: int = _p(0)
@@ -216,3 +291,7 @@ class Config:
     label_filter: LabelFilterConfig = _section(LabelFilterConfig)
     cams: CamsConfig = _section(CamsConfig)
     crf: CrfConfig = _section(CrfConfig)
+    boundary: BoundaryConfig = _section(BoundaryConfig)
+    pseudo_masks: PseudoMasksConfig = _section(PseudoMasksConfig)
+    segmentation: SegmentationConfig = _section(SegmentationConfig)
+    predict: PredictConfig = _section(PredictConfig)

@@ -153,4 +153,4 @@ def check_split(cfg: Config, ds: Any, key: str, split: str) -> None:
 
 
 # registration order = pipeline order
-from . import data, classifier, label_filter, cams, crf  # noqa: E402,F401  isort: skip
+from . import data, classifier, label_filter, cams, crf, boundary, pseudo_masks, segmentation, predict, report  # noqa: E402,F401,I001

@@ -1,0 +1,99 @@
+"""IRNet boundary network: stride-4 output for odd sizes, frozen backbone (no grad,
+BatchNorm statistics untouched), flip inference, save / load."""
+
+import pytest
+import torch
+
+from wsss_core.cam import stride4_size
+from wsss_core.models import BoundaryNet, WeightsError, boundary_with_flip, build_backbone, load_boundary, save_boundary
+
+LITE0 = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def lite0_backbone_state():
+    return build_backbone(LITE0, "imagenet", 16).state_dict()
+
+
+def _lite0_net(state, seed: int = 0) -> BoundaryNet:
+    """A lite0 boundary net with ImageNet weights (copied from the fixture) and a seeded branch."""
+    backbone = build_backbone(LITE0, "random", 16)
+    backbone.load_state_dict(state)
+    torch.manual_seed(seed)
+    return BoundaryNet(backbone)
+
+
+@pytest.mark.parametrize("name, weights, output_stride", [(LITE0, "imagenet", 16), (LITE0, "imagenet", 8),
+                                                          ("resnet50", "random", 16)])
+def test_output_is_stride4_size_in_unit_range(name, weights, output_stride):
+    torch.manual_seed(0)
+    model = BoundaryNet(build_backbone(name, weights, output_stride)).eval()
+    assert model.backbone.stage_strides[-1] == output_stride
+    for h, w in [(61, 47), (33, 64)]:
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, h, w))
+        assert out.shape == (2, 1, *stride4_size(h, w))
+        assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_only_the_branch_trains_and_backbone_statistics_stay(lite0_backbone_state):
+    model = _lite0_net(lite0_backbone_state).train()
+    assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
+    assert model.branch.training
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in model.branch.parameters()}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    groups = model.param_groups(lr=0.1, weight_decay=1e-4)
+    assert [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [
+        ("head", 0.1, 1e-4, len(trainable))]
+    before_backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    before_branch = {k: v.clone() for k, v in model.branch.state_dict().items()}
+    opt = torch.optim.SGD(groups, lr=0.1)
+    x = torch.randn(2, 3, 48, 40) * 2  # far from ImageNet statistics: train-mode BN would move a lot
+    loss = (model(x) - torch.rand(2, 1, 12, 10)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(torch.equal(v, before_backbone[k]) for k, v in model.backbone.state_dict().items())
+    changed = [k for k, v in model.branch.state_dict().items() if not torch.equal(v, before_branch[k])]
+    assert "fuse.weight" in changed and "stages.0.0.weight" in changed and "stages.3.1.weight" in changed
+
+
+def test_flip_inference_averages_logits_with_the_flipped_image(lite0_backbone_state):
+    model = _lite0_net(lite0_backbone_state).eval()
+    half = torch.rand(1, 3, 40, 32)
+    symmetric = torch.cat([half, half.flip(-1)], dim=-1)  # 40 x 64, mirror image of itself
+    with torch.no_grad():
+        plain = model(symmetric)
+    assert not torch.equal(plain, plain.flip(-1))  # TF "same" padding is asymmetric: one pass is not
+    out = boundary_with_flip(model, symmetric)
+    assert out.shape == (1, 1, 10, 16) and torch.equal(out, out.flip(-1))
+    x = torch.rand(2, 3, 45, 38)
+    with torch.no_grad():
+        expected = torch.sigmoid((model.forward_logits(x) + model.forward_logits(x.flip(-1)).flip(-1)) / 2)
+    assert torch.allclose(boundary_with_flip(model, x), expected, atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path, lite0_backbone_state):
+    model = _lite0_net(lite0_backbone_state, seed=1).eval()
+    path = save_boundary(tmp_path / "boundary.pt", model, LITE0, 16)
+    blob = torch.load(path, weights_only=True)
+    assert all(k.startswith(("stages.", "fuse.")) for k in blob["branch"])  # the frozen backbone is not stored
+    torch.manual_seed(2)  # another branch init: the loaded weights must replace it
+    loaded = load_boundary(path)
+    assert not loaded.training and loaded.normalization == ((0.5,) * 3, (0.5,) * 3)
+    x = torch.randn(1, 3, 61, 47)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="does not describe the model's backbone"):
+        save_boundary(tmp_path / "x.pt", model, LITE0, 8)
+
+
+def test_load_refuses_a_branch_trained_on_another_backbone(tmp_path, lite0_backbone_state):
+    model = _lite0_net(lite0_backbone_state)
+    with torch.no_grad():
+        model.backbone.conv_stem.weight.mul_(2)  # fine-tuned / other weights than the rebuilt ImageNet ones
+    save_boundary(tmp_path / "boundary.pt", model, LITE0, 16)
+    with pytest.raises(WeightsError, match="differs from the one the boundary branch was trained on"):
+        load_boundary(tmp_path / "boundary.pt")

@@ -1,0 +1,141 @@
+"""Stage `boundary` (04_boundary): IRNet's class-boundary network, trained on
+pixel-pair affinities of the confident labels (03_crf/ir_labels) of the kept
+train images; model.pt and history.json. Evaluated (masks, evaluation only)
+by boundary precision / recall against the class edges of the val masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import runtime
+from ..affinity import affinity_from_boundary, affinity_labels, affinity_loss, downsize_labels
+from ..artifacts import IR_LABELS, model_path, read_kept_ids
+from ..config import Config, ConfigError
+from ..data.transforms import JointTensors, joint_train_transform, to_normalized_tensor
+from ..evaluate import boundary_scores
+from ..models import build_backbone
+from ..models.boundary import BoundaryNet, boundary_with_flip, load_boundary, save_boundary
+from ..store import Run, StageResult, read_json
+from ..train import FitConfig, fit
+from . import dataset, register
+
+
+def check_boundary(cfg: Config, ds: Any) -> None:
+    w = cfg.boundary.weights
+    if w == "random":
+        raise ConfigError("boundary.weights: the boundary backbone is frozen, so it needs trained weights "
+                          "('imagenet' or a state-dict file), not 'random'")
+    if w != "imagenet" and not Path(w).is_file():
+        raise ConfigError(f"boundary.weights: weights file not found: {w}")
+
+
+class ImagesWithLabels:
+    """(image, label map) pairs of the given ids, the labels read from a per-image artifact."""
+
+    def __init__(self, images: Any, ids: list[str], run: Run, artifact: Any = IR_LABELS):
+        self.images, self.ids, self.run, self.artifact = images, list(ids), run, artifact
+        self._index = {i: n for n, i in enumerate(images.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        sid = self.ids[i]
+        return self.images.image(self._index[sid]), self.artifact.read(self.run, sid)
+
+
+class AffinityTargets:
+    """Augmented label crop -> IRNet's affinity targets (bg_pos, fg_pos, neg) at stride 4."""
+
+    def __init__(self, radius: int):
+        self.radius = radius
+
+    def __call__(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        small = downsize_labels(labels.numpy().astype(np.uint8), 4)
+        return tuple(torch.from_numpy(a) for a in affinity_labels(small, self.radius))  # type: ignore[return-value]
+
+
+def affinity_training_loss(radius: int):
+    """Batch loss `(model, (x, bg_pos, fg_pos, neg, index))` of the boundary net."""
+
+    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        x, bg_pos, fg_pos, neg = batch[:4]
+        return affinity_loss(affinity_from_boundary(model(x), radius), bg_pos, fg_pos, neg).total
+
+    return loss
+
+
+def boundary_map(model: BoundaryNet, image: np.ndarray, device: torch.device, flip: bool = True) -> np.ndarray:
+    """The boundary map (ceil(H/4), ceil(W/4)) in [0, 1] of one image at its own size."""
+    mean, std = model.normalization
+    x = to_normalized_tensor(image, mean, std)[None].to(device)
+    with torch.inference_mode():
+        b = boundary_with_flip(model, x) if flip else model(x)
+    return b[0, 0].float().cpu().numpy()
+
+
+def _headline(m: dict) -> str:
+    e = m.get("val_boundary")
+    return f"val boundary F {e['best_f']:.3f} (P {e['best_precision']:.3f}, R {e['best_recall']:.3f})" if e else \
+        f"{m['epochs']} epochs"
+
+
+@register("boundary", "04_boundary", sections=("seed", "boundary"), upstream=("data", "label_filter", "crf"),
+          notebook="04_boundary.ipynb", check=check_boundary, headline=_headline)
+def boundary_stage(cfg: Config, run: Run) -> StageResult:
+    """Train the boundary branch on affinity labels of the confident labels."""
+    b = cfg.boundary
+    ds = dataset(cfg)
+    device = runtime.resolve_device(cfg.device)
+    folder = run.path("boundary")
+    model_file = model_path(run, "boundary")
+    if model_file.is_file():  # trained with these parameters: evaluate only
+        model = load_boundary(model_file, device)
+        history = read_json(folder / "history.json")
+    else:
+        runtime.seed_everything(cfg.seed)  # the branch's initialisation is part of the run
+        model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride))
+        mean, std = model.normalization
+        pairs = ImagesWithLabels(ds.labelled(cfg.data.train_split), read_kept_ids(run), run)
+        train = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), cfg.seed,
+                             target=AffinityTargets(b.radius))
+        result = fit(model, train, affinity_training_loss(b.radius), model.param_groups(b.lr, b.weight_decay),
+                     b.optimizer, b.lr, b.weight_decay,
+                     FitConfig(epochs=b.epochs, batch_size=b.batch_size, seed=cfg.seed,
+                               num_workers=runtime.loader_workers(b.num_workers, device), amp=b.amp,
+                               schedule=b.schedule, desc="boundary"),
+                     folder, device)
+        history = result.history
+        if run.is_main:
+            save_boundary(model_file, model, b.backbone, b.output_stride, b.weights)
+    metrics: dict[str, Any] = {
+        "epochs": len(history),
+        "loss": history[-1]["loss"] if history else None,
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "train_images": len(read_kept_ids(run)),
+    }
+    val = cfg.data.val_split
+    if run.is_main and val in ds.splits and ds.has_masks(val):
+        model.eval()
+        masks = ds.masks(val)
+        items = ((boundary_map(model, masks.image(i), device), masks.mask(i)) for i in ds.ids(val))
+        metrics["val_boundary"] = boundary_scores(items, b.eval_thresholds)
+    return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(folder / "history.json")})
+
+
+def boundary_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
+    """Per train image: the image, its confident labels and its boundary map (for pictures)."""
+    device = runtime.resolve_device(cfg.device)
+    model = load_boundary(model_path(run, "boundary"), device)
+    images = dataset(cfg).labelled(cfg.data.train_split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    rows = []
+    for sid in ids:
+        image = images.image(index[sid])
+        rows.append([(sid, image), ("confident labels (white: 255)", IR_LABELS.read(run, sid)),
+                     ("boundary map (stride 4)", boundary_map(model, image, device))])
+    return rows

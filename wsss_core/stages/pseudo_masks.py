@@ -1,0 +1,127 @@
+"""Stage `pseudo_masks` (05_pseudo_masks): IRNet's random walk. For every kept
+train image: the boundary map (with flip), the stride-4 CAMs times
+(1 - boundary) propagated by the sparse random walk, upsampled, background
+at `sem_seg_bg_thres`, argmax -> masks/<id>.png (and boundary/<id>.png).
+Scored against the masks (evaluation only), beside the CAMs and the
+confident labels of the same images."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .. import runtime
+from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, model_path
+from ..config import Config
+from ..evaluate import labels_from_cams
+from ..metrics import ConfusionMatrix, segmentation_scores
+from ..models.boundary import load_boundary
+from ..random_walk import pseudo_mask, random_walk
+from ..store import Run, StageResult
+from . import dataset, register, stage_ids
+from .boundary import boundary_map
+from .per_image import for_each_image
+
+
+def walk(cfg: Config, cam: Any, boundary: np.ndarray, image_size: tuple[int, int], beta: float | None = None,
+         bg_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(random-walk scores (K, h, w), pseudo mask (H, W)) of one image's CamResult."""
+    p = cfg.pseudo_masks
+    rw = random_walk(cam.cam, boundary, p.radius, p.beta if beta is None else beta, p.exp_times)
+    mask = pseudo_mask(rw, cam.keys, image_size, p.sem_seg_bg_thres if bg_threshold is None else bg_threshold)
+    return rw, mask
+
+
+def _headline(m: dict) -> str:
+    return f"pseudo-mask mIoU {100 * m['miou']:.1f} (CAM {100 * m['cam_miou']:.1f})" if "miou" in m else \
+        f"{m['images']} images"
+
+
+@register("pseudo_masks", "05_pseudo_masks", sections=("pseudo_masks",), upstream=("data", "cams", "boundary"),
+          notebook="05_pseudo_masks.ipynb", headline=_headline)
+def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
+    """Random-walk pseudo masks for every kept train image."""
+    device = runtime.resolve_device(cfg.device)
+    model = load_boundary(model_path(run, "boundary"), device)
+    ds = dataset(cfg)
+    split = cfg.cams.split
+    images = ds.labelled(split)
+    index = {i: n for n, i in enumerate(images.ids)}
+    ids = stage_ids(cfg, run, split)
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        for sid in todo:
+            image = images.image(index[sid])
+            # the walk uses the boundary map as stored (8 bits), so the notebook's sweeps repeat it exactly
+            b = BOUNDARY_MAPS.quantize(boundary_map(model, image, device, cfg.pseudo_masks.flip))
+            BOUNDARY_MAPS.write(run, sid, b)
+            yield sid, walk(cfg, CAMS.read(run, sid), b, image.shape[:2])[1]
+
+    def evaluate() -> dict[str, Any]:
+        if not ds.has_masks(split):
+            return {}
+        return pseudo_mask_scores(cfg, run, ids)
+
+    metrics = for_each_image(run, PSEUDO_MASKS, ids, compute, "random walk", device, evaluate)
+    return StageResult(metrics=metrics, paths={"masks": str(PSEUDO_MASKS.dir(run)),
+                                               "boundary": str(BOUNDARY_MAPS.dir(run))})
+
+
+def pseudo_mask_scores(cfg: Config, run: Run, ids: Sequence[str]) -> dict[str, Any]:
+    """Per-class IoU of the CAMs (at the cams stage's best threshold), the
+    confident labels (255 = void) and the pseudo masks on the same images."""
+    ds = dataset(cfg)
+    masks = ds.masks(cfg.cams.split)
+    cams_m = (run.manifest("cams") or {}).get("metrics", {})
+    cam_threshold = cams_m.get("best_threshold", cfg.pseudo_masks.sem_seg_bg_thres)
+    cms = {k: ConfusionMatrix(ds.num_classes) for k in ("cam", "ir_labels", "pseudo_masks")}
+    for sid in ids:
+        gt = masks.mask(sid)
+        cam = CAMS.read(run, sid)
+        cms["cam"].update(labels_from_cams(cam.high_res, cam.keys, cam_threshold), gt)
+        conf = IR_LABELS.read(run, sid)
+        cms["ir_labels"].update(conf, np.where(conf == 255, 255, gt).astype(np.uint8))
+        cms["pseudo_masks"].update(PSEUDO_MASKS.read(run, sid), gt)
+    scores = {k: segmentation_scores(cm, ds.classes) for k, cm in cms.items()}
+    return {"miou": scores["pseudo_masks"]["miou"], "cam_miou": scores["cam"]["miou"],
+            "ir_labels_miou": scores["ir_labels"]["miou"], "cam_threshold": cam_threshold, "quality": scores}
+
+
+def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: Sequence[float],
+                      betas: Sequence[float]) -> list[dict[str, Any]]:
+    """mIoU of pseudo masks for every (beta, sem_seg_bg_thres) on the images
+    `ids`, from their stored boundary maps (evaluation: reads masks)."""
+    ds = dataset(cfg)
+    masks = ds.masks(cfg.cams.split)
+    gts = {i: masks.mask(i) for i in ids}
+    cams = {i: CAMS.read(run, i) for i in ids}
+    bounds = {i: BOUNDARY_MAPS.read(run, i) for i in ids}
+    out = []
+    for beta in betas:
+        cms = [ConfusionMatrix(ds.num_classes) for _ in bg_thresholds]
+        for i in ids:
+            rw = random_walk(cams[i].cam, bounds[i], cfg.pseudo_masks.radius, beta, cfg.pseudo_masks.exp_times)
+            for cm, t in zip(cms, bg_thresholds):
+                cm.update(pseudo_mask(rw, cams[i].keys, gts[i].shape, t), gts[i])
+        out += [{"beta": float(beta), "sem_seg_bg_thres": float(t), "miou": float(cm.miou())}
+                for t, cm in zip(bg_thresholds, cms)]
+    return out
+
+
+def pseudo_mask_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[str, np.ndarray]]:
+    """Image, CAM, boundary, random-walk scores, pseudo mask and ground truth of one image."""
+    ds = dataset(cfg)
+    images = ds.labelled(cfg.cams.split)
+    image = images.image(images.ids.index(image_id))
+    cam = CAMS.read(run, image_id)
+    b = BOUNDARY_MAPS.read(run, image_id)
+    rw, mask = walk(cfg, cam, b, image.shape[:2])
+    zeros = np.zeros(b.shape, np.float32)
+    heat = cam.cam.max(0) if len(cam.keys) else zeros
+    scores = rw.max(0) / max(float(rw.max()), 1e-12) if len(cam.keys) else zeros
+    panels = [("image", image), ("CAM (stride 4, max)", heat.astype(np.float32)), ("boundary", b),
+              ("random walk (max)", scores.astype(np.float32)), ("pseudo mask", mask)]
+    if ds.has_masks(cfg.cams.split):
+        panels.append(("ground truth", ds.masks(cfg.cams.split).mask(image_id)))
+    return panels

@@ -1,0 +1,126 @@
+"""Stage `report` (08_report): every stage's result in one place (report.json),
+drawn by notebook 08_report, which `wsss run` exports to <run>/report.html
+with the code hidden: per-class IoU of CAMs, confident labels, pseudo masks,
+final predictions and the fully supervised bound side by side, the lift from
+stage to stage, weak / full, the classifier's AP, the label filter's effect,
+timings, the config, the date and the machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..store import Run, StageResult, write_json
+from . import STAGES, register
+
+REPORT_HTML = "report.html"
+
+
+def machine() -> dict[str, Any]:
+    """CPU, GPU, torch version: what the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def _named(iou: Any, classes: list[str]) -> dict[str, float | None]:
+    """Per-class IoU as {class: value}, whether stored as a dict or a list."""
+    if isinstance(iou, dict):
+        return dict(iou)
+    return {c: (None if v is None or v != v else float(v)) for c, v in zip(classes, iou)}
+
+
+def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
+    """The facts of a finished run, read from its manifests (no recomputation)."""
+    m = {name: (run.manifest(name) or {}) for name in STAGES if name != "report"}
+    metrics = {name: x.get("metrics", {}) for name, x in m.items()}
+    classes = (metrics.get("data") or {}).get("classes") or []
+    if not classes:
+        from . import dataset
+
+        classes = list(dataset(cfg).classes)
+    per_class: dict[str, dict[str, float | None]] = {}
+    miou: dict[str, float] = {}
+    cams = metrics.get("cams", {})
+    if "quality" in cams:
+        per_class[f"CAM (threshold {cams['best_threshold']})"] = _named(cams["quality"]["best"]["iou"], classes)
+        miou["CAM"] = cams["miou_best"]
+    crf = metrics.get("crf", {}).get("quality")
+    if crf:
+        per_class["confident labels (255 void)"] = _named(crf["iou"], classes)
+        miou["confident labels"] = crf["miou"]
+    pm = metrics.get("pseudo_masks", {})
+    if "quality" in pm:
+        per_class["pseudo masks"] = _named(pm["quality"]["pseudo_masks"]["iou"], classes)
+        miou["pseudo masks"] = pm["miou"]
+    pred = metrics.get("predict", {})
+    val = pred.get("splits", {}).get(cfg.data.val_split, {})
+    if "quality" in val.get("weak", {}):
+        per_class["segmenter (val)"] = _named(val["weak"]["quality"]["iou"], classes)
+        miou["segmenter (val)"] = val["weak"]["quality"]["miou"]
+    if "quality" in val.get("full", {}):
+        per_class["fully supervised (val)"] = _named(val["full"]["quality"]["iou"], classes)
+        miou["fully supervised (val)"] = val["full"]["quality"]["miou"]
+    timings = {name: x.get("seconds") for name, x in m.items() if x.get("status") == "done"}
+    return {
+        "name": cfg.name,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "classes": classes,
+        "miou": miou,
+        "per_class_iou": per_class,
+        "weak_over_full": pred.get("weak_over_full"),
+        "val_miou": pred.get("val_miou"),
+        "full_val_miou": pred.get("full_val_miou"),
+        "classifier": {k: metrics.get("classifier", {}).get(k) for k in ("val_map", "val_ap", "epochs")},
+        "label_filter": metrics.get("label_filter", {}),
+        "timings": timings,
+        "total_seconds": round(sum(v for v in timings.values() if v), 1),
+        "config": (run.root / "config.yaml").read_text() if (run.root / "config.yaml").is_file() else "",
+    }
+
+
+def miou_table(report: dict[str, Any]) -> str:
+    """The per-stage mIoU table printed at the end of `wsss run`."""
+    rows = [f"  {k:<28} {100 * v:5.1f}" for k, v in report["miou"].items()]
+    if report.get("weak_over_full") is not None:
+        rows.append(f"  {'weak / full':<28} {report['weak_over_full']:.3f}")
+    return "\n".join(["  stage                        mIoU", *rows])
+
+
+def _headline(m: dict) -> str:
+    return f"{len(m.get('miou', {}))} stages scored"
+
+
+@register("report", "08_report", sections=(), upstream=("data", "classifier", "label_filter", "cams", "crf",
+                                                        "boundary", "pseudo_masks", "segmentation",
+                                                        "segmentation_full", "predict"),
+          notebook="08_report.ipynb", headline=_headline)
+def report_stage(cfg: Config, run: Run) -> StageResult:
+    """Collect every stage's results into 08_report/report.json."""
+    report = collect_report(cfg, run)
+    path = run.path("report") / "report.json"
+    if run.is_main:
+        write_json(path, report)
+    return StageResult(metrics={"miou": report["miou"], "weak_over_full": report["weak_over_full"]},
+                       paths={"report": str(path), "html": str(run.root / REPORT_HTML)})

@@ -1,0 +1,203 @@
+"""Stages `segmentation` (06_segmentation) and `segmentation_full`
+(06_segmentation_full): step 3's DeepLabV3+ (smp) trained on the pseudo masks
+of the kept train images, and, when `segmentation.upper_bound` is on, the same
+network, settings and images trained on the real masks: the fully supervised
+bound that says how close the weak labels come (weak / full).
+
+Recipe: pixel cross-entropy ignoring 255, SGD with the head at 10x the
+encoder's lr (backbone_lr_mult 0.1), poly schedule, joint image / mask
+augmentation (rescale, flip, crop, colour), the one fit loop (resume, DDP,
+AMP on CUDA). Val mIoU against the real masks after every epoch (evaluation
+only); the last or the best epoch is kept (`segmentation.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import runtime
+from ..artifacts import PSEUDO_MASKS, model_path, read_kept_ids
+from ..config import Config, ConfigError
+from ..data.transforms import JointTensors, joint_train_transform
+from ..metrics import ConfusionMatrix, segmentation_scores
+from ..models.segmenter import Segmenter, build_segmenter, load_segmenter, save_segmenter, segmentation_loss
+from ..predict import segment
+from ..store import Run, StageResult, read_json, save_torch
+from ..train import FitConfig, fit
+from . import check_split, dataset, register
+from .boundary import ImagesWithLabels
+
+
+def check_segmentation(cfg: Config, ds: Any) -> None:
+    w = cfg.segmentation.weights
+    if w not in ("imagenet", "random") and not Path(w).is_file():
+        raise ConfigError(f"segmentation.weights: weights file not found: {w} (or use 'imagenet' / 'random')")
+    check_split(cfg, ds, "data.val_split", cfg.data.val_split)
+
+
+_CROSS_ENTROPY = segmentation_loss()
+
+
+def pixel_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy over pixels, 255 ignored; batch = (x, masks, index)."""
+    return _CROSS_ENTROPY(model(batch[0]).float(), batch[1])
+
+
+def val_miou(model: Segmenter, ds: Any, split: str, device: torch.device) -> dict[str, Any]:
+    """Single-scale val scores against the real masks (evaluation only)."""
+    masks = ds.masks(split)
+    cm = ConfusionMatrix(ds.num_classes)
+    model.eval()
+    for i in ds.ids(split):
+        cm.update(segment(model, masks.image(i), (1.0,), False, device), masks.mask(i))
+    return segmentation_scores(cm, ds.classes)
+
+
+class _MaskPairs:
+    """(image, real mask) of the given ids: the upper bound's training labels."""
+
+    def __init__(self, masks: Any, ids: list[str]):
+        self.masks, self.ids = masks, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.masks.image(self.ids[i]), self.masks.mask(self.ids[i])
+
+
+def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) -> dict[str, Any]:
+    """Train (or, when its model exists, re-evaluate) the segmenter of `stage` on `pairs`."""
+    s = cfg.segmentation
+    ds = dataset(cfg)
+    device = runtime.resolve_device(cfg.device)
+    folder = run.path(stage)
+    model_file = model_path(run, stage)
+    val = cfg.data.val_split if ds.has_masks(cfg.data.val_split) else None
+    if model_file.is_file():
+        model = load_segmenter(model_file, device)
+        history = read_json(folder / "history.json")
+    else:
+        runtime.seed_everything(cfg.seed)
+        model = build_segmenter(s.backbone, ds.num_classes, s.output_stride, s.atrous_rates, s.weights)
+        mean, std = model.normalization
+        train = JointTensors(pairs, joint_train_transform(s.crop_size, s.augment, mean, std), cfg.seed)
+        keep_best = _BestKeeper(folder, s.checkpoint == "best")
+        result = fit(model, train, pixel_loss, model.param_groups(s.lr, s.backbone_lr_mult, s.weight_decay),
+                     s.optimizer, s.lr, s.weight_decay,
+                     FitConfig(epochs=s.epochs, batch_size=s.batch_size, seed=cfg.seed,
+                               num_workers=runtime.loader_workers(s.num_workers, device), amp=s.amp,
+                               schedule=s.schedule, desc=desc),
+                     folder, device, eval_fn=keep_best.evaluator(lambda m: val_miou(m, ds, val, device))
+                     if val else None)
+        history = result.history
+        keep_best.restore(model)
+        if run.is_main:
+            save_segmenter(model_file, model, {"classes": list(ds.classes), "stage": stage,
+                                               "epoch": keep_best.chosen_epoch(history)})
+    metrics: dict[str, Any] = {
+        "epochs": len(history),
+        "train_images": len(pairs),
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2) if history else None,
+        "checkpoint": s.checkpoint,
+        "kept_epoch": _BestKeeper.chosen(history, s.checkpoint == "best"),
+    }
+    if run.is_main and val:
+        q = val_miou(model, ds, val, device)
+        metrics.update({"val_miou": q["miou"], "val_quality": q})
+    return metrics
+
+
+class _BestKeeper:
+    """Keeps the weights of the epoch with the best val mIoU (checkpoint: best)."""
+
+    def __init__(self, folder: Path, active: bool):
+        self.path = folder / "best.pt"
+        self.active = active
+        hist = folder / "history.json"
+        done = read_json(hist) if hist.is_file() else []  # a resumed run knows its best so far
+        self.best = max((h.get("val_miou", -1.0) for h in done), default=-1.0)
+
+    def evaluator(self, score: Callable[[torch.nn.Module], dict]) -> Callable[[torch.nn.Module], dict]:
+        def evaluate(model: torch.nn.Module) -> dict:
+            miou = score(model)["miou"]
+            if self.active and miou > self.best:
+                self.best = miou
+                save_torch(self.path, model.state_dict())
+            return {"val_miou": miou}
+
+        return evaluate
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.active and self.path.is_file():
+            model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+
+    @staticmethod
+    def chosen(history: list[dict], best: bool) -> int | None:
+        if not history:
+            return None
+        if best and any("val_miou" in h for h in history):
+            return int(max(history, key=lambda h: h.get("val_miou", -1.0))["epoch"])
+        return int(history[-1]["epoch"])
+
+    def chosen_epoch(self, history: list[dict]) -> int | None:
+        return self.chosen(history, self.active)
+
+
+def _headline(m: dict) -> str:
+    if not m.get("enabled", True):
+        return "off (segmentation.upper_bound: false)"
+    return f"val mIoU {100 * m['val_miou']:.1f}, {m['epochs']} epochs" if "val_miou" in m else f"{m['epochs']} epochs"
+
+
+@register("segmentation", "06_segmentation", sections=("seed", "segmentation"),
+          upstream=("data", "label_filter", "pseudo_masks"), notebook="06_segmentation.ipynb",
+          check=check_segmentation, headline=_headline)
+def segmentation_stage(cfg: Config, run: Run) -> StageResult:
+    """DeepLabV3+ on the pseudo masks of the kept train images."""
+    pairs = ImagesWithLabels(dataset(cfg).labelled(cfg.data.train_split), read_kept_ids(run), run, PSEUDO_MASKS)
+    metrics = train_segmenter(cfg, run, "segmentation", pairs, "segmenter")
+    return StageResult(metrics=metrics, paths={"model": str(model_path(run, "segmentation"))})
+
+
+@register("segmentation_full", "06_segmentation_full", sections=("seed", "segmentation"),
+          upstream=("data", "label_filter"), notebook="06_segmentation.ipynb", check=check_segmentation,
+          headline=_headline)
+def segmentation_full_stage(cfg: Config, run: Run) -> StageResult:
+    """The fully supervised bound: the same segmenter on the real masks of the same images."""
+    if not cfg.segmentation.upper_bound:
+        return StageResult(metrics={"enabled": False})
+    ds = dataset(cfg)
+    split = cfg.data.train_split
+    if not ds.has_masks(split):
+        raise ConfigError(f"segmentation.upper_bound: split {split!r} has no masks to train the bound on")
+    metrics = train_segmenter(cfg, run, "segmentation_full", _MaskPairs(ds.masks(split), read_kept_ids(run)),
+                              "segmenter (real masks)")
+    return StageResult(metrics={"enabled": True, **metrics},
+                       paths={"model": str(model_path(run, "segmentation_full"))})
+
+
+def segmentation_examples(cfg: Config, run: Run, split: str, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
+    """Per image: the image, the weak segmenter's prediction (single scale), the
+    bound's when trained, and the real mask (evaluation only), for pictures."""
+    ds = dataset(cfg)
+    device = runtime.resolve_device(cfg.device)
+    nets = [("weak", load_segmenter(model_path(run, "segmentation"), device))]
+    if cfg.segmentation.upper_bound and model_path(run, "segmentation_full").is_file():
+        nets.append(("full", load_segmenter(model_path(run, "segmentation_full"), device)))
+    masks = ds.masks(split) if ds.has_masks(split) else None
+    images = ds.labelled(split)
+    rows = []
+    for sid in ids:
+        image = images.image(images.ids.index(sid))
+        row = [(sid, image)] + [(f"{name} segmenter", segment(net, image, (1.0,), False, device))
+                                for name, net in nets]
+        if masks is not None:
+            row.append(("ground truth", masks.mask(sid)))
+        rows.append(row)
+    return rows
