@@ -52,6 +52,9 @@ def grad_cam_peer():
         require(False, "pytorch-grad-cam (grad-cam) is not installed")
 
 
+FIRST_HALF = ("data", "classifier", "label_filter", "cams", "crf")
+
+
 @pytest.fixture(scope="session")
 def ci_run(tmp_path_factory, _cache_in_tmp):
     """A CI-sized run with data, classifier, label filter, CAMs and CRF done."""
@@ -60,6 +63,22 @@ def ci_run(tmp_path_factory, _cache_in_tmp):
 
     cfg = load_config(REPO / "params" / "ci.yaml")
     run = stages.open_run(tmp_path_factory.mktemp("ci-run"), cfg)
-    for name in ("data", "classifier", "label_filter", "cams", "crf"):
+    for name in FIRST_HALF:
+        stages.run_stage(name, cfg, run)
+    return cfg, run
+
+
+@pytest.fixture(scope="session")
+def ci_full_run(ci_run, tmp_path_factory):
+    """A copy of `ci_run` with every stage done (boundary .. report)."""
+    import shutil
+
+    from wsss_core import stages
+
+    cfg, first = ci_run
+    root = tmp_path_factory.mktemp("ci-full") / "run"
+    shutil.copytree(first.root, root)
+    run = stages.open_run(root, cfg)
+    for name in stages.pipeline_order():
         stages.run_stage(name, cfg, run)
     return cfg, run

@@ -26,7 +26,7 @@ from ..data.transforms import JointTensors, joint_train_transform
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..models.segmenter import Segmenter, build_segmenter, load_segmenter, save_segmenter, segmentation_loss
 from ..predict import segment
-from ..store import Run, StageResult, read_json, save_torch
+from ..store import Run, StageResult, read_json, save_torch, write_json
 from ..train import FitConfig, fit
 from . import check_split, dataset, register
 from .boundary import ImagesWithLabels
@@ -81,6 +81,7 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
     if model_file.is_file():
         model = load_segmenter(model_file, device)
         history = read_json(folder / "history.json")
+        checksums = read_json(folder / "fit.json")["param_checksums"]
     else:
         runtime.seed_everything(cfg.seed)
         model = build_segmenter(s.backbone, ds.num_classes, s.output_stride, s.atrous_rates, s.weights)
@@ -94,11 +95,12 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
                                schedule=s.schedule, desc=desc),
                      folder, device, eval_fn=keep_best.evaluator(lambda m: val_miou(m, ds, val, device))
                      if val else None)
-        history = result.history
+        history, checksums = result.history, result.param_checksums
         keep_best.restore(model)
         if run.is_main:
             save_segmenter(model_file, model, {"classes": list(ds.classes), "stage": stage,
                                                "epoch": keep_best.chosen_epoch(history)})
+            write_json(folder / "fit.json", {"param_checksums": checksums})
     metrics: dict[str, Any] = {
         "epochs": len(history),
         "train_images": len(pairs),
@@ -106,6 +108,8 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
         "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2) if history else None,
         "checkpoint": s.checkpoint,
         "kept_epoch": _BestKeeper.chosen(history, s.checkpoint == "best"),
+        "world_size": len(checksums),
+        "param_checksums": checksums,  # of the last epoch's weights on each process (DDP keeps them equal)
     }
     if run.is_main and val:
         q = val_miou(model, ds, val, device)

@@ -1,0 +1,127 @@
+"""Test-time augmentation and `wsss predict` on a folder of new images."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsss_core import cli, stages
+from wsss_core.models.segmenter import build_segmenter
+from wsss_core.predict import predict_folder, segment, tta_logits
+from wsss_core.stages.segmentation import pixel_loss
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_segmenter("efficientnet_lite0", 5, 16, (6, 12, 18), weights="imagenet").eval()
+
+
+def test_tta_on_a_flip_symmetric_image_is_flip_symmetric(net):
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 255, (37, 25, 3), dtype=np.uint8)
+    image = np.concatenate([half, half[:, ::-1]], axis=1)  # 37 x 50, mirror-symmetric
+    logits = tta_logits(net, image, scales=(0.5, 1.0, 1.5), flip=True)
+    assert torch.allclose(logits, logits.flip(-1), atol=1e-5)
+    plain = tta_logits(net, image, scales=(1.0,), flip=False)
+    assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)  # the network alone is not symmetric
+
+
+def test_tta_averages_what_it_should(net):
+    image = np.random.default_rng(1).integers(0, 255, (33, 41, 3), dtype=np.uint8)
+    one = tta_logits(net, image, (1.0,), flip=False)
+    flipped = tta_logits(net, np.ascontiguousarray(image[:, ::-1]), (1.0,), flip=False).flip(-1)
+    assert torch.allclose(tta_logits(net, image, (1.0,), flip=True), (one + flipped) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w", [(1, 5), (7, 3), (33, 47), (65, 17)])
+def test_odd_sizes_at_any_scale(net, h, w):
+    image = np.random.default_rng(h * w).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    labels = segment(net, image, scales=(0.5, 0.75, 1.0, 1.25, 2.0), flip=True)
+    assert labels.shape == (h, w) and labels.dtype == np.uint8 and labels.max() < 5
+
+
+def test_the_pixel_loss_ignores_255():
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, generator=g)
+    y = torch.randint(0, 4, (2, 6, 6), generator=g)
+    y[:, :2] = 255
+    base = pixel_loss(Fixed(logits), (None, y, None))
+    changed = logits.clone()
+    changed[:, :, :2] = torch.randn(2, 4, 2, 6, generator=g) * 10  # only where the labels are 255
+    assert pixel_loss(Fixed(changed), (None, y, None)) == pytest.approx(float(base), abs=1e-6)
+    known = logits.clone()
+    known[:, 0, 3] += 5.0  # one class at known pixels
+    assert abs(float(pixel_loss(Fixed(known), (None, y, None))) - float(base)) > 1e-3
+    expected = torch.nn.functional.cross_entropy(logits[:, :, 2:], y[:, 2:])
+    assert float(base) == pytest.approx(float(expected), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- wsss predict
+def new_images(folder, bad=False):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"a": (61, 47), "b": (120, 97), "c": (33, 80)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.jpg")
+    Image.fromarray(rng.integers(0, 255, (50, 51), dtype=np.uint8)).save(folder / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 66, 3), dtype=np.uint8)).save(folder / "d.png")
+    if bad:
+        (folder / "notes.txt").write_text("not an image")
+        jpg = (folder / "a.jpg").read_bytes()
+        (folder / "broken.jpg").write_bytes(jpg[: len(jpg) // 3])
+    return {**sizes, "gray": (50, 51), "d": (40, 66)}
+
+
+def test_predict_a_folder_of_new_images(ci_full_run, tmp_path):
+    cfg, run = ci_full_run
+    sizes = new_images(tmp_path / "in")
+    out = tmp_path / "out"
+    written = predict_folder(run.root, tmp_path / "in", out)
+    assert sorted(p.name for p in written) == sorted(f"{k}.png" for k in sizes)
+    n = len(stages.dataset(cfg).classes)
+    for name, (h, w) in sizes.items():
+        labels = np.array(Image.open(out / f"{name}.png"))
+        assert labels.shape == (h, w) and labels.max() < n
+    # the same images without TTA differ only where flips disagree; no overwrite without asking
+    assert cli.main(["predict", "--run", str(run.root), "--images", str(tmp_path / "in"), "--out", str(out),
+                     "--no-tta"]) == 2
+    assert cli.main(["predict", "--run", str(run.root), "--images", str(tmp_path / "in"), "--out", str(out),
+                     "--no-tta", "--overwrite"]) == 0
+
+
+def test_predict_refuses_bad_folders_before_any_work(ci_full_run, ci_run, tmp_path, capsys):
+    _, run = ci_full_run
+    _, unfinished = ci_run
+    new_images(tmp_path / "in", bad=True)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--run", str(unfinished.root), "--images", str(tmp_path / "in")], "the segmentation stage has not finished"),
+        (["--run", str(run.root), "--images", str(tmp_path / "empty")], "the folder has no files"),
+        (["--run", str(run.root), "--images", str(tmp_path / "nope")], "image folder not found"),
+        (["--run", str(run.root), "--images", str(tmp_path / "in")], "2 unreadable image file(s): broken.jpg"),
+        (["--run", str(tmp_path), "--images", str(tmp_path / "in")], "not a run folder"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert cli.main(["predict", *args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "predict", "--run", str(run.root), "--images",
+                        str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--skip-bad"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png", "d.png", "gray.png"]
+    assert "skipped 2 unreadable file(s): broken.jpg" in r.stdout and "notes.txt (not an image file" in r.stdout
