@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from wsss_core.config import DataConfig
+from wsss_core.config import DataConfig, LidConfig
 
 CLASSES = ("background", "cat", "dog")
 W, H = 20, 14
@@ -47,3 +48,38 @@ def make_voc(root: Path, splits: dict[str, list[str]] | None = None, csv: bool =
 
 def voc_cfg(root: Path, **kw) -> DataConfig:
     return DataConfig(format="voc", root=str(root), **kw)
+
+
+# --------------------------------------------------------------------------- LID layout
+NAMES = {"1": "accordion", "2": "airplane", "3": "ant"}
+TRAIN = [
+    ["n02672831/n02672831_10026", [1]],
+    ["n02691156/n02691156_1", [2, 3]],
+    ["n02691156/n02691156_77", []],
+    ["n02219486/n02219486_5", [3]],
+]
+VAL = [["ILSVRC2012_val_00000001", [1]], ["ILSVRC2012_val_00000002", [3, 2]]]
+LID_H, LID_W = 18, 24
+
+
+def make_lid(root: Path, lid: LidConfig = LidConfig(), train=TRAIN, val=VAL, names=NAMES) -> Path:
+    """Write idx_to_name, the two lists, nested train images, val images and val masks."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    (root / lid.idx_to_name).write_text(json.dumps(names))
+    (root / lid.train_list).write_text(json.dumps(train))
+    (root / lid.val_list).write_text(json.dumps(val))
+    fmt = "JPEG" if lid.image_ext.lower() in (".jpeg", ".jpg") else None
+    for folder, entries in ((lid.train_images, train), (lid.val_images, val)):
+        for rel, _ in entries:
+            p = root / folder / f"{rel}{lid.image_ext}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (LID_H, LID_W, 3), dtype=np.uint8)).save(p, format=fmt)
+    (root / lid.val_masks).mkdir()
+    for rel, ids in val:
+        m = np.zeros((LID_H, LID_W), np.uint8)
+        for j, k in enumerate(ids):
+            m[2 + 5 * j: 6 + 5 * j, 3:20] = k
+        m[-1] = 255
+        Image.fromarray(m).save(root / lid.val_masks / f"{Path(rel).name}.png")
+    return root

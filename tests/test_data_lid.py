@@ -12,39 +12,7 @@ from PIL import Image
 from wsss_core.config import DataConfig, LidConfig
 from wsss_core.data import DataError, open_dataset, validate_dataset
 
-NAMES = {"1": "accordion", "2": "airplane", "3": "ant"}
-TRAIN = [
-    ["n02672831/n02672831_10026", [1]],
-    ["n02691156/n02691156_1", [2, 3]],
-    ["n02691156/n02691156_77", []],
-    ["n02219486/n02219486_5", [3]],
-]
-VAL = [["ILSVRC2012_val_00000001", [1]], ["ILSVRC2012_val_00000002", [3, 2]]]
-H, W = 18, 24
-
-
-def make_lid(root: Path, lid: LidConfig = LidConfig(), train=TRAIN, val=VAL) -> Path:
-    """Write idx_to_name, the two lists, nested train images, val images and val masks."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True)
-    (root / lid.idx_to_name).write_text(json.dumps(NAMES))
-    (root / lid.train_list).write_text(json.dumps(train))
-    (root / lid.val_list).write_text(json.dumps(val))
-    fmt = "JPEG" if lid.image_ext.lower() in (".jpeg", ".jpg") else None
-    for folder, entries in ((lid.train_images, train), (lid.val_images, val)):
-        for rel, _ in entries:
-            p = root / folder / f"{rel}{lid.image_ext}"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(p, format=fmt)
-    (root / lid.val_masks).mkdir()
-    for rel, ids in val:
-        m = np.zeros((H, W), np.uint8)
-        for j, k in enumerate(ids):
-            m[2 + 5 * j: 6 + 5 * j, 3:20] = k
-        m[-1] = 255
-        Image.fromarray(m).save(root / lid.val_masks / f"{Path(rel).name}.png")
-    return root
-
+from fixtures import LID_H as H, LID_W as W, NAMES, TRAIN, VAL, make_lid
 
 def lid_cfg(root: Path, **kw) -> DataConfig:
     return DataConfig(format="lid", root=str(root), **kw)
