@@ -104,3 +104,15 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("skipped (done)") == len(stage_notebooks()), out
     assert {p.name: p.stat().st_mtime_ns for p in (root / "notebooks").glob("*.ipynb")} == stamps
+
+
+def test_architecture_table_lists_every_registered_stage():
+    from wsss_core.stages import STAGES
+
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    table = [line for line in doc.splitlines() if line.startswith("| ")][2:]  # after the header and the rule
+    rows = {line.split("|")[1].strip(): line for line in table}
+    assert set(rows) == set(STAGES)
+    for name, s in STAGES.items():
+        module = f"`stages/{s.fn.__module__.rsplit('.', 1)[-1]}.py`"
+        assert module in rows[name] and f"`{s.notebook.removesuffix('.ipynb')}`" in rows[name], name
