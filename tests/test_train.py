@@ -132,3 +132,35 @@ def test_param_checksum_detects_change():
     with torch.no_grad():
         m[0].weight[0, 0, 0, 0] += 1.0
     assert param_checksum(m) == pytest.approx(c + 1.0)
+
+
+def test_a_last_batch_of_one_image_can_be_dropped(tmp_path):
+    """smp's ASPP pooling ends in BatchNorm on a 1x1 map: a batch of one fails in train mode."""
+    import torch
+    from torch import nn
+
+    from wsss_core.train import FitConfig, fit
+
+    class Tiny(torch.utils.data.Dataset):
+        def __len__(self):
+            return 9  # 9 % 4 == 1
+
+        def __getitem__(self, i):
+            return torch.full((3,), float(i)), i
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    seen = []
+
+    def loss(m, batch):
+        seen.append(len(batch[0]))
+        return m(batch[0]).pow(2).mean()
+
+    groups = [{"params": list(model.parameters())}]
+    fit(model, Tiny(), loss, groups, "sgd", 0.01, 0.0,
+        FitConfig(epochs=1, batch_size=4, drop_single_last=True), tmp_path / "a", torch.device("cpu"))
+    assert seen == [4, 4]
+    seen.clear()
+    plain = nn.Linear(3, 4)
+    fit(plain, Tiny(), loss, [{"params": list(plain.parameters())}], "sgd", 0.01, 0.0,
+        FitConfig(epochs=1, batch_size=4), tmp_path / "b", torch.device("cpu"))
+    assert seen == [4, 4, 1]

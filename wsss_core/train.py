@@ -64,6 +64,7 @@ class FitConfig:
     gamma: float = 0.2
     desc: str = "train"
     stop_after_epochs: int | None = None  # for tests: simulate an interruption
+    drop_single_last: bool = False  # drop a last batch of one image (BatchNorm on 1x1 maps needs 2)
 
 
 @dataclass
@@ -125,7 +126,8 @@ def fit(
     model.to(device)
     opt = build_optimizer(param_groups, optimizer, lr, weight_decay)
     sampler = EpochSampler(len(dataset), sample_weights, cfg.seed, info.rank, info.world_size)
-    steps_per_epoch = max(1, math.ceil(len(sampler) / cfg.batch_size))
+    drop_last = cfg.drop_single_last and len(sampler) > 1 and len(sampler) % cfg.batch_size == 1
+    steps_per_epoch = max(1, len(sampler) // cfg.batch_size if drop_last else math.ceil(len(sampler) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.schedule, steps_per_epoch * cfg.epochs, steps_per_epoch, cfg.step_size, cfg.gamma)
     )
@@ -160,7 +162,7 @@ def fit(
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.num_workers > 0,
-        drop_last=False,
+        drop_last=drop_last,
         worker_init_fn=_one_thread_worker,
     )
     seen: list[int] = []
