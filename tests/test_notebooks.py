@@ -105,6 +105,55 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path, capsys):
     assert out.count("skipped (done)") == len(stage_notebooks()), out
     assert {p.name: p.stat().st_mtime_ns for p in (root / "notebooks").glob("*.ipynb")} == stamps
 
+    # one changed parameter reruns exactly its stage and what is downstream of it
+    run_pipeline(config, run_dir, overrides={"predict.tta_flip": False}, log_output=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[wsss] (")]
+    ran = [line.split()[2] for line in lines if " running " in line]
+    assert ran == ["predict", "report"], lines
+    assert (root / "report.html").is_file() and "weak / full" in (root / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_killed_pipeline_resumes_where_it_stopped(tmp_path):
+    """SIGKILL in the middle of a stage: the rerun redoes no finished stage,
+    resumes the interrupted one and leaves no half-written file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(REPO / "params" / "ci.yaml"),
+           "--run-dir", str(run_dir), "--to", "cams", "--set", "classifier.epochs=12"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ckpt = run_dir / "01_classifier" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ckpt.exists(), first.communicate()
+    os.killpg(first.pid, signal.SIGKILL)  # the pipeline, mid-classifier
+    first.wait()
+    from wsss_core.store import process_alive
+
+    kernel = json.loads((run_dir / "01_classifier" / "manifest.json").read_text())["pid"]
+    deadline = time.monotonic() + 30  # its kernel (own session) notices the dead parent within a second or so
+    while process_alive(kernel, os.uname().nodename) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    data_manifest = (run_dir / "00_data" / "manifest.json").read_text()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    out = second.stdout
+    assert re.search(r"\(1/4\) data +skipped \(done\)", out), out
+    assert re.search(r"\(2/4\) classifier +running \(01_classifier was interrupted", out), out
+    assert "resuming classifier from epoch" in out
+    assert (run_dir / "00_data" / "manifest.json").read_text() == data_manifest
+    assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
+    for folder in ("00_data", "01_classifier", "01_label_filter", "02_cams"):
+        assert json.loads((run_dir / folder / "manifest.json").read_text())["status"] == "done"
+    history = json.loads((run_dir / "01_classifier" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+
 
 def test_architecture_table_lists_every_registered_stage():
     from wsss_core.stages import STAGES

@@ -1,6 +1,7 @@
 """CAM and CRF stages on a CI-sized run: files, formats, metrics, skipping."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from wsss_core import stages
@@ -80,3 +81,83 @@ def test_cams_at_a_chosen_layer_and_a_bad_layer(tmp_path):
     run = stages.open_run(tmp_path / "run", cfg)
     m = stages.run_stage("cams", cfg, run).metrics
     assert len(list((run.path("cams") / "cams").glob("*.npz"))) == m["images"] > 0
+
+
+def test_threshold_sweep_against_a_hand_computed_case():
+    from wsss_core.evaluate import cam_threshold_sweep
+
+    classes = ("background", "cat", "dog")
+    cams = np.zeros((2, 2, 4), np.float32)
+    cams[0] = [[0.9, 0.5, 0.0, 0.0], [0.4, 0.2, 0.0, 0.0]]  # class 1 (cat)
+    cams[1] = [[0.0, 0.0, 0.7, 0.35], [0.0, 0.0, 0.8, 0.1]]  # class 2 (dog)
+    gt = np.array([[1, 1, 2, 2], [1, 0, 2, 0]], np.uint8)
+    q = cam_threshold_sweep([(cams, np.array([1, 2]), gt)], [0.3, 0.6], classes)
+    # t = 0.3: pred [[1,1,2,2],[1,0,2,0]] == gt: every IoU 1
+    # t = 0.6: pred [[1,0,2,0],[0,0,2,0]]: bg 2/(2+3) = 0.4, cat 1/3, dog 2/3
+    assert q["miou"][0] == pytest.approx(1.0)
+    assert q["miou"][1] == pytest.approx((0.4 + 1 / 3 + 2 / 3) / 3)
+    assert q["best_threshold"] == 0.3 and q["best"]["miou"] == pytest.approx(1.0)
+
+
+def test_crf_sweep_at_the_run_thresholds_equals_the_stage(ci_run):
+    from wsss_core.stages.crf import crf_threshold_sweep
+
+    cfg, run = ci_run
+    ids = read_kept_ids(run)
+    c = cfg.crf
+    point = crf_threshold_sweep(cfg, run, ids, [(c.conf_fg_thres, c.conf_bg_thres), (0.9, 0.01)])
+    q = run.manifest("crf")["metrics"]["quality"]
+    assert point[0]["precision"] == pytest.approx(q["precision"], abs=1e-12)
+    assert point[0]["coverage"] == pytest.approx(q["coverage"], abs=1e-12)
+    assert point[1]["coverage"] < point[0]["coverage"]  # a wider unconfident band covers less
+
+
+@pytest.mark.usefixtures("grad_cam_peer")
+def test_stored_cams_of_the_trained_classifier_equal_the_peer(ci_run, tmp_path):
+    """Through the stage: the CAMs it stores for the ci classifier equal
+    pytorch-grad-cam's on the normalised image (single scale, no flip)."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from wsss_core.artifacts import CAMS, model_path
+    from wsss_core.config import load_config
+    from wsss_core.multilabel import load_classifier
+
+    from conftest import REPO
+
+    _, first = ci_run
+    shutil.copytree(first.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"cams.scales": [1.0], "cams.flip": False})
+    run = stages.open_run(tmp_path / "run", cfg)
+    stages.run_stage("cams", cfg, run)
+    trained = load_classifier(model_path(run, "classifier"))
+    mean, std = trained.meta["normalization"]
+    images = stages.dataset(cfg).labelled("train")
+    checked = 0
+    for sid in read_kept_ids(run):
+        stored = CAMS.read(run, sid)
+        if not len(stored.keys):
+            continue
+        image = images.image(images.ids.index(sid))
+        x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) \
+            / torch.tensor(std)[:, None, None]
+        for j, k in enumerate(stored.keys):
+            target = [ClassifierOutputTarget(trained.class_ids.index(int(k)))]
+            with GradCAM(model=trained.model, target_layers=[trained.model.cam_layer]) as cam:
+                cam(input_tensor=x[None], targets=target)
+                acts = cam.activations_and_grads.activations[0].numpy()
+                grads = cam.activations_and_grads.gradients[0].numpy()
+                raw = np.maximum(cam.get_cam_image(x[None], trained.model.cam_layer, target, acts, grads), 0)
+            cells = raw.shape[-2] * raw.shape[-1]  # the stage sums scales in plain-CAM units (x h w)
+            up = F.interpolate(torch.from_numpy(raw * cells)[None].float(), size=image.shape[:2], mode="bilinear",
+                               align_corners=False)[0, 0].numpy()
+            expected = up / (up.max() + 1e-5)
+            assert np.abs(stored.high_res[j] - expected).max() < 1e-3, (sid, int(k))  # float16 on disk
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3

@@ -70,3 +70,13 @@ def test_widget_controls_drive_the_render(inspector):
     ctl["image"].value = other
     assert inspector.last.image.shape == inspector.images.image(inspector.ids.index(other)).shape
     assert ctl["class"].options[0] in inspector.class_names(other)
+
+
+def test_widget_opens_on_the_runs_cam_settings(inspector, ci_run):
+    cfg, run = ci_run
+    ctl = inspector.widget().controls
+    assert ctl["method"].value == cfg.cams.method
+    assert ctl["scales"].value == tuple(cfg.cams.scales)
+    assert ctl["scales"].label == ", ".join(map(str, cfg.cams.scales)) + " (this run)"
+    assert ctl["bg_threshold"].value == pytest.approx(run.manifest("cams")["metrics"]["best_threshold"])
+    assert inspector.run_settings()["flip"] == cfg.cams.flip
