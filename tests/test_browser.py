@@ -73,7 +73,6 @@ class Lab:
     url: str  # http://127.0.0.1:PORT/
     token: str
     root: Path  # the server's root_dir, holding the edited notebooks
-    run_root: Path
     best_threshold: float
     cfg: object
 
@@ -179,6 +178,9 @@ def browser():
         require(False, "playwright is not installed (it is in the dev extra: pip install -e .[dev])")
     require(CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
             f"{CHROMIUM} not found (apt-get install chromium)")
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)  # expect() waits for the page this long (default 5 s)
     pw = sync_playwright().start()
     b = None
     try:
@@ -216,7 +218,7 @@ def lab(browser, request, tmp_path_factory):
     proc, url = start_lab(root, home, token, env)
     try:
         best = run.manifest("cams")["metrics"]["best_threshold"]
-        yield Lab(url, token, root, Path(run.root), float(best), cfg)
+        yield Lab(url, token, root, float(best), cfg)
     finally:
         stop_lab(proc, url, token)
 
@@ -328,11 +330,17 @@ def test_cam_inspector_runs_and_responds_in_jupyterlab(page, lab):
 
 
 def test_02_cams_runs_and_draws_in_jupyterlab(page, lab):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect
 
     run_all_cells(page, lab, "02_cams.ipynb")
     images = page.locator(f"{PANEL} .jp-OutputArea-output img")
     expect(images.first).to_be_visible()  # at least one picture
+    try:
+        page.wait_for_function("sel => [...document.querySelectorAll(sel)].every(i => i.complete)",
+                               arg=f"{PANEL} .jp-OutputArea-output img")
+    except PlaywrightTimeout:
+        pass  # reported below
     sizes = images.evaluate_all("imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
     assert all(ok and w > 0 and h > 0 for ok, w, h in sizes), sizes
     text = "\n".join(page.locator(f"{PANEL} .jp-OutputArea-output").all_inner_texts())

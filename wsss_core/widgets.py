@@ -56,6 +56,7 @@ class CamInspector:
             raise StaleUpstreamError(f"the CAM inspector needs a trained classifier: {reason}. "
                                      "Run the classifier stage first (wsss run --to classifier).")
         self.cfg = cfg
+        self.run = run
         self.device = resolve_device(device or cfg.device)
         self.trained = load_classifier(model_path(run, "classifier"), self.device)
         self.cam_model = self.trained.model.at_layer(cfg.cams.layer)
@@ -114,11 +115,32 @@ class CamInspector:
                 rows.append({"title": f"{image_id} ({method})", "image": image, "maps": maps})
         return rows
 
+    def run_settings(self) -> dict[str, Any]:
+        """The CAM settings the inspector opens on: the run's own method, scales
+        and flip, and the background threshold its cams stage found best (the
+        middle of the swept thresholds when the stage is not done)."""
+        cams = self.cfg.cams
+        threshold = cams.bg_thresholds[len(cams.bg_thresholds) // 2]
+        if self.run.is_done("cams"):
+            best = ((self.run.manifest("cams") or {}).get("metrics") or {}).get("best_threshold")
+            if best is not None:
+                threshold = float(best)
+        return {"method": cams.method, "scales": tuple(cams.scales), "flip": cams.flip, "bg_threshold": threshold}
+
+    def scale_choices(self) -> list[tuple[str, tuple[float, ...]]]:
+        """(label, scales) options of the scales dropdown; the run's scales are
+        among them, labelled "(this run)"."""
+        mine = tuple(self.cfg.cams.scales)
+        choices = [(f"{label} (this run)" if sc == mine else label, sc) for label, sc in SCALE_CHOICES.items()]
+        if mine not in SCALE_CHOICES.values():
+            choices.insert(0, (", ".join(str(s) for s in mine) + " (this run)", mine))
+        return choices
+
     def render(self, image_id: str, class_name: str, method: str = "gradcam", scales: Sequence[float] = (1.0,),
                bg_threshold: float = 0.15, alpha: float = 0.5, crf: bool = False,
-               labelled_only: bool = True) -> Rendered:
+               labelled_only: bool = True, flip: bool = True) -> Rendered:
         """Everything the inspector draws for one setting of the controls."""
-        res = self.maps(image_id, method, scales)
+        res = self.maps(image_id, method, scales, flip)
         image, labels = self.images[self._index[image_id]]
         k = self.ds.classes.index(class_name)
         keys = np.asarray(res.keys)
@@ -134,20 +156,20 @@ class CamInspector:
         """The ipywidgets panel (JupyterLab)."""
         import ipywidgets as w
 
+        run = self.run_settings()  # open on the run's own CAM settings
         image = w.Dropdown(options=self.ids, description="image")
         cls = w.Dropdown(options=self.class_names(self.ids[0]), description="class")
         method = w.ToggleButtons(options=[("Grad-CAM", "gradcam"), ("Grad-CAM++", "gradcam++")],
-                                 description="method")
-        scales = w.Dropdown(options=list(SCALE_CHOICES), value="1.0, 0.5", description="scales")
-        thr = w.FloatSlider(value=self.cfg.cams.bg_thresholds[len(self.cfg.cams.bg_thresholds) // 2], min=0.0,
-                            max=1.0, step=0.01, description="bg thresh")
+                                 value=run["method"], description="method")
+        scales = w.Dropdown(options=self.scale_choices(), value=run["scales"], description="scales")
+        thr = w.FloatSlider(value=run["bg_threshold"], min=0.0, max=1.0, step=0.01, description="bg thresh")
         alpha = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="alpha")
         crf = w.Checkbox(value=False, description="dense CRF")
         out = w.Output()
 
         def draw(*_):
-            r = self.last = self.render(image.value, cls.value, method.value, SCALE_CHOICES[scales.value],
-                                        thr.value, alpha.value, crf.value)
+            r = self.last = self.render(image.value, cls.value, method.value, scales.value,
+                                        thr.value, alpha.value, crf.value, flip=run["flip"])
             out.clear_output(wait=True)
             with out:
                 show_rendered(r, f"{image.value} / {cls.value} / {method.value}")
