@@ -80,3 +80,21 @@ def test_widget_opens_on_the_runs_cam_settings(inspector, ci_run):
     assert ctl["scales"].label == ", ".join(map(str, cfg.cams.scales)) + " (this run)"
     assert ctl["bg_threshold"].value == pytest.approx(run.manifest("cams")["metrics"]["best_threshold"])
     assert inspector.run_settings()["flip"] == cfg.cams.flip
+
+
+def test_second_half_panels_come_from_the_stored_outputs(ci_full_run):
+    from wsss_core.artifacts import BOUNDARY_MAPS, IR_LABELS, PSEUDO_MASKS, read_kept_ids
+
+    cfg, run = ci_full_run
+    insp = CamInspector(cfg, run)
+    kept = read_kept_ids(run)
+    panels = dict(insp.second_half(kept[0]))
+    assert list(panels) == ["CAM (stride 4, max)", "confident labels", "boundary", "random walk (max)",
+                            "pseudo mask", "ground truth"]
+    assert np.array_equal(panels["confident labels"], IR_LABELS.read(run, kept[0]))
+    assert np.array_equal(panels["boundary"], BOUNDARY_MAPS.read(run, kept[0]))
+    assert np.array_equal(panels["pseudo mask"], PSEUDO_MASKS.read(run, kept[0]))  # the walk repeats the stage
+    dropped = [i for i in insp.ids if i not in set(kept)]
+    assert dropped and insp.second_half(dropped[0]) is None
+    panel = insp.widget()
+    assert len(panel.children) == 5  # controls, the CAM row, the second half

@@ -152,6 +152,23 @@ class CamInspector:
             lab = crf_refine(image, lab, self.cfg)
         return Rendered(image, cam, heat_overlay(image, cam, alpha), lab, overlay(image, lab, alpha), keys)
 
+    def second_half(self, image_id: str) -> list[tuple[str, np.ndarray]] | None:
+        """The method's second half for one image, from the run's stored outputs:
+        CAM, confident labels, boundary map, random-walk scores, pseudo mask
+        (and ground truth). None when the pseudo_masks stage has not made it."""
+        from .artifacts import IR_LABELS, PSEUDO_MASKS
+
+        if self.run.why_not_done("pseudo_masks") or not PSEUDO_MASKS.exists(self.run, image_id):
+            return None
+        key = ("second half", image_id)
+        if key not in self._cache:
+            from .stages.pseudo_masks import pseudo_mask_breakdown
+
+            panels = pseudo_mask_breakdown(self.cfg, self.run, image_id)
+            panels.insert(2, ("confident labels", IR_LABELS.read(self.run, image_id)))
+            self._cache[key] = panels[1:]
+        return self._cache[key]
+
     def widget(self) -> Any:
         """The ipywidgets panel (JupyterLab)."""
         import ipywidgets as w
@@ -166,6 +183,21 @@ class CamInspector:
         alpha = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="alpha")
         crf = w.Checkbox(value=False, description="dense CRF")
         out = w.Output()
+        second = w.Output()
+
+        def draw_second(image_id: str) -> None:
+            from .viz import label_panels
+
+            import matplotlib.pyplot as plt
+
+            panels = self.second_half(image_id)
+            second.clear_output(wait=True)
+            with second:
+                if panels is None:
+                    print("second half: not available for this image (pseudo_masks stage not run, or image not kept)")
+                else:
+                    label_panels(panels, size=2.3)
+                    plt.show()
 
         def draw(*_):
             r = self.last = self.render(image.value, cls.value, method.value, scales.value,
@@ -177,12 +209,14 @@ class CamInspector:
         def new_image(change):
             cls.options = self.class_names(change["new"])
             draw()
+            draw_second(change["new"])
 
         image.observe(new_image, names="value")
         for c in (cls, method, scales, thr, alpha, crf):
             c.observe(draw, names="value")
         draw()
-        panel = w.VBox([w.HBox([image, cls, scales]), method, w.HBox([thr, alpha, crf]), out])
+        draw_second(image.value)
+        panel = w.VBox([w.HBox([image, cls, scales]), method, w.HBox([thr, alpha, crf]), out, second])
         panel.controls = {"image": image, "class": cls, "method": method, "scales": scales,  # type: ignore[attr-defined]
                           "bg_threshold": thr, "alpha": alpha, "crf": crf}
         return panel
