@@ -65,6 +65,7 @@ class FitConfig:
     desc: str = "train"
     stop_after_epochs: int | None = None  # for tests: simulate an interruption
     drop_single_last: bool = False  # drop a last batch of one image (BatchNorm on 1x1 maps needs 2)
+    channels_last: bool = True  # NHWC convolutions: 1.4-1.5x faster training on CPU (oneDNN), same maths
 
 
 @dataclass
@@ -124,6 +125,8 @@ def fit(
     info = init_distributed(device)
     seed_everything(cfg.seed)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = build_optimizer(param_groups, optimizer, lr, weight_decay)
     sampler = EpochSampler(len(dataset), sample_weights, cfg.seed, info.rank, info.world_size)
     drop_last = cfg.drop_single_last and len(sampler) > 1 and len(sampler) % cfg.batch_size == 1
@@ -176,7 +179,7 @@ def fit(
         total, count = 0.0, 0
         bar = progress(loader, total=len(loader), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", disable=not info.is_main)
         for step, batch in enumerate(bar):
-            batch = _to_device(batch, device)
+            batch = _to_device(batch, device, cfg.channels_last)
             if isinstance(batch, (list, tuple)) and len(batch) >= 3:  # datasets put the sample index last
                 seen.extend(int(i) for i in batch[-1])
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
@@ -241,13 +244,15 @@ def _one_thread_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(batch, torch.Tensor):
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():  # image batches
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(_to_device(b, device, channels_last) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
     return batch
 
 

@@ -17,7 +17,7 @@ from ..evaluate import cam_threshold_sweep
 from ..models import build_backbone
 from ..multilabel import load_classifier
 from ..store import Run, StageResult
-from . import check_split, dataset, register, stage_ids
+from . import check_split, dataset, register, stage_images
 from .per_image import for_each_image
 
 
@@ -47,9 +47,7 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
     cam_model = trained.model.at_layer(c.layer)
     mean, std = trained.meta["normalization"]
     ds = dataset(cfg)
-    images = ds.labelled(c.split)
-    index = {i: n for n, i in enumerate(images.ids)}
-    ids = stage_ids(cfg, run, c.split)
+    images, index, ids = stage_images(cfg, run, c.split)
 
     def compute(todo: list[str]) -> Iterator[tuple[str, Any]]:
         for sid in todo:

@@ -14,7 +14,7 @@ from ..config import Config
 from ..crf import confident_label_parts, confident_label_scores, confident_labels, confident_labels_many
 from ..store import Run, StageResult
 from ..viz import heat_overlay
-from . import dataset, register, stage_ids
+from . import dataset, register, stage_ids, stage_images
 from .per_image import for_each_image
 
 
@@ -30,9 +30,7 @@ def crf_stage(cfg: Config, run: Run) -> StageResult:
     """Dense-CRF confident labels per image (0 bg, k class, 255 unconfident) for IRNet."""
     ds = dataset(cfg)
     split = cfg.cams.split
-    images = ds.labelled(split)
-    index = {i: n for n, i in enumerate(images.ids)}
-    ids = stage_ids(cfg, run, split)
+    images, index, ids = stage_images(cfg, run, split)
 
     def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         def items():

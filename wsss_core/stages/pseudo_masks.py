@@ -19,7 +19,7 @@ from ..metrics import ConfusionMatrix, segmentation_scores
 from ..models.boundary import load_boundary
 from ..random_walk import pseudo_mask, random_walk
 from ..store import Run, StageResult
-from . import dataset, register, stage_ids
+from . import dataset, register, stage_ids, stage_images
 from .boundary import boundary_map
 from .per_image import for_each_image
 
@@ -46,9 +46,7 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     model = load_boundary(model_path(run, "boundary"), device)
     ds = dataset(cfg)
     split = cfg.cams.split
-    images = ds.labelled(split)
-    index = {i: n for n, i in enumerate(images.ids)}
-    ids = stage_ids(cfg, run, split)
+    images, index, ids = stage_images(cfg, run, split)
 
     def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         for sid in todo:
