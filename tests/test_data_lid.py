@@ -12,7 +12,7 @@ from PIL import Image
 from wsss_core.config import DataConfig, LidConfig
 from wsss_core.data import DataError, open_dataset, validate_dataset
 
-from fixtures import LID_H as H, LID_W as W, NAMES, TRAIN, VAL, make_lid
+from fixtures import LID_H as H, LID_W as W, TRAIN, make_lid
 
 def lid_cfg(root: Path, **kw) -> DataConfig:
     return DataConfig(format="lid", root=str(root), **kw)

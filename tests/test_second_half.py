@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from wsss_core import stages
-from wsss_core.artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, model_path, predictions, read_kept_ids
-from wsss_core.config import load_config
+from wsss_core.artifacts import BOUNDARY_MAPS, CAMS, PSEUDO_MASKS, model_path, predictions, read_kept_ids
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.models.boundary import load_boundary
 from wsss_core.models.segmenter import load_segmenter

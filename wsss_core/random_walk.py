@@ -102,7 +102,7 @@ def transition_matrix(boundary: torch.Tensor, radius: int = 5, beta: float = 10.
             col[at] = q[ok].to(index_dtype)
             val[at] = v[ok]
             pos += ok
-        del weight_half, half, pos, counts, row_sum
+        del pos, counts, row_sum
         with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul is all we use
             warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
             return torch.sparse_csr_tensor(crow.to(index_dtype), col, val, size=(n, n), check_invariants=False)

@@ -14,7 +14,7 @@ from ..config import Config
 from ..crf import confident_label_parts, confident_label_scores, confident_labels, confident_labels_many
 from ..store import Run, StageResult
 from ..viz import heat_overlay
-from . import dataset, register, stage_ids, stage_images
+from . import dataset, register, stage_images
 from .per_image import for_each_image
 
 

@@ -19,7 +19,7 @@ from ..metrics import ConfusionMatrix, segmentation_scores
 from ..models.boundary import load_boundary
 from ..random_walk import pseudo_mask, random_walk
 from ..store import Run, StageResult
-from . import dataset, register, stage_ids, stage_images
+from . import dataset, register, stage_images
 from .boundary import boundary_map
 from .per_image import for_each_image
 
