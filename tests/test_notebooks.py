@@ -165,3 +165,22 @@ def test_architecture_table_lists_every_registered_stage():
     for name, s in STAGES.items():
         module = f"`stages/{s.fn.__module__.rsplit('.', 1)[-1]}.py`"
         assert module in rows[name] and f"`{s.notebook.removesuffix('.ipynb')}`" in rows[name], name
+
+
+def test_batch_logs_show_progress_bars_and_own_lines_only():
+    import io
+
+    from wsss_core.pipeline import ProgressFilter
+
+    out = io.StringIO()
+    f = ProgressFilter(out)
+    f.write("[wsss] 02_cams: running\nclasses: cat, dog\n")  # the stage's own status line: the runner prints it
+    f.write("\rCAMs (gradcam):  50%|#####     | 8/16 [00:01<00:01,  6.1it/s]")
+    f.write("\rCAMs (gradcam): 100%|##########| 16/16 [00:02<00:00,  6.2it/s]\n")
+    f.write("[wsss] resuming classifier from epoch 3 (x/checkpoint.pt)\n")
+    f.write("Executing Cell 4---------------\nsome print\n")
+    f.flush()
+    assert out.getvalue() == (
+        "\r  CAMs (gradcam):  50%|#####     | 8/16 [00:01<00:01,  6.1it/s]"
+        "\r  CAMs (gradcam): 100%|##########| 16/16 [00:02<00:00,  6.2it/s]\n"
+        "  [wsss] resuming classifier from epoch 3 (x/checkpoint.pt)\n")
