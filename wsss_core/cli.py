@@ -126,9 +126,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print("wsss: interrupted. Finished stages and the finished files of the interrupted stage are kept; "
-              "run the same command again to resume.", file=sys.stderr)
+              "run the same command again to resume.", file=sys.stderr, flush=True)
+        _silence_stderr()  # the kernel client's half-closed tasks complain at exit: not for the user
         return 130
     return 0
+
+
+def _silence_stderr() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 if __name__ == "__main__":
