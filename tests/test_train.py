@@ -164,3 +164,34 @@ def test_a_last_batch_of_one_image_can_be_dropped(tmp_path):
     fit(plain, Tiny(), loss, [{"params": list(plain.parameters())}], "sgd", 0.01, 0.0,
         FitConfig(epochs=1, batch_size=4), tmp_path / "b", torch.device("cpu"))
     assert seen == [4, 4, 1]
+
+
+def test_loader_workers_see_each_epoch(tmp_path):
+    """Augmentation is seeded from the epoch: worker processes must get the new epoch every epoch."""
+    import torch
+    from torch import nn
+
+    from wsss_core.train import FitConfig, fit
+
+    class EpochEcho(torch.utils.data.Dataset):
+        epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.full((3,), float(self.epoch)), i
+
+    model = nn.Linear(3, 1)
+    seen = []
+
+    def loss(m, batch):
+        seen.extend(batch[0][:, 0].tolist())
+        return m(batch[0]).pow(2).mean()
+
+    fit(model, EpochEcho(), loss, [{"params": list(model.parameters())}], "sgd", 0.01, 0.0,
+        FitConfig(epochs=2, batch_size=2, num_workers=2), tmp_path, torch.device("cpu"))
+    assert seen == [0.0] * 4 + [1.0] * 4

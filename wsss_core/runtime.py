@@ -71,8 +71,10 @@ def init_distributed(device: torch.device | None = None) -> DistInfo:
     if world_size() <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device)  # collectives (all_reduce, all_gather_object) use this rank's GPU
+        dist.init_process_group(backend="nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 

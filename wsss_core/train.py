@@ -164,7 +164,7 @@ def fit(
         num_workers=cfg.num_workers,
         collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=False,  # workers get the dataset's epoch (set_epoch) when each epoch starts
         drop_last=drop_last,
         worker_init_fn=_one_thread_worker,
     )

@@ -61,12 +61,12 @@ def joint_train_transform(
     steps: list = [_RandomRescale(lo, hi)]
     if augment.flip:
         steps.append(v2.RandomHorizontalFlip())
-    steps.append(v2.RandomCrop(crop_size, pad_if_needed=True,
-                               fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}))
     if augment.color_jitter > 0:
         j = augment.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 3, 0.5)))
-    steps.append(v2.Normalize(mean, std))
+    steps.append(v2.Normalize(mean, std))  # before the crop: padding 0 is the mean colour
+    steps.append(v2.RandomCrop(crop_size, pad_if_needed=True,
+                               fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}))
     pipeline = v2.Compose(steps)
 
     def apply(image: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,7 +114,7 @@ class BoundaryNet(nn.Module):
         return self.branch(features, stride4_size(x.shape[-2], x.shape[-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.forward_logits(x))
+        return torch.sigmoid(self.forward_logits(x).float())  # float32: fp16 saturates at 1 (zero gradient)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The branch's parameters (the only ones that require grad)."""
