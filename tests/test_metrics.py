@@ -365,3 +365,20 @@ def test_f1_equals_sklearn(case, threshold):
         ref_macro = ref_micro = ref[0]
     assert f["macro"] == pytest.approx(ref_macro)
     assert f["micro"] == pytest.approx(ref_micro)
+
+
+def test_mask_edges_inside_void_bands():
+    from wsss_core.evaluate import mask_edges
+
+    m = np.zeros((5, 8), np.uint8)
+    m[:, 5:] = 3
+    m[:, 3:5] = 255  # a void band between background and class 3, as VOC and MSRC outline objects
+    edges = mask_edges(m)
+    # void takes the nearest label: columns 0-3 background, 4-7 class 3 -> the edge is at column 3
+    assert edges[:, 3].all() and edges.sum() == 5
+    plain = np.zeros((3, 4), np.uint8)
+    plain[1:, 2:] = 1
+    # the left / upper pixel of every pair of different neighbours
+    assert mask_edges(plain).tolist() == [[False, False, True, True], [False, True, False, False],
+                                          [False, True, False, False]]
+    assert not mask_edges(np.full((3, 3), 255, np.uint8)).any()

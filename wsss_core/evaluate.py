@@ -53,9 +53,19 @@ def cam_threshold_sweep(
 
 # --------------------------------------------------------------------------- boundaries
 def mask_edges(mask: np.ndarray, void: int = 255) -> np.ndarray:
-    """(H, W) bool: pixels whose right or lower neighbour has another class
-    (void pixels never make an edge)."""
+    """(H, W) bool: pixels whose right or lower neighbour has another class.
+
+    Void pixels first take the class of the nearest labelled pixel: VOC and
+    MSRC outline objects with a void band, and the class border lies inside it."""
+    from scipy import ndimage
+
     m = np.asarray(mask)
+    is_void = m == void
+    if is_void.all():
+        return np.zeros(m.shape, bool)
+    if is_void.any():
+        _, (iy, ix) = ndimage.distance_transform_edt(is_void, return_indices=True)
+        m = m[iy, ix]
     edges = np.zeros(m.shape, bool)
     for a, b, at in ((m[:, :-1], m[:, 1:], (slice(None), slice(None, -1))),
                      (m[:-1, :], m[1:, :], (slice(None, -1), slice(None)))):
