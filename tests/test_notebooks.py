@@ -184,3 +184,23 @@ def test_batch_logs_show_progress_bars_and_own_lines_only():
         "\r  CAMs (gradcam):  50%|#####     | 8/16 [00:01<00:01,  6.1it/s]"
         "\r  CAMs (gradcam): 100%|##########| 16/16 [00:02<00:00,  6.2it/s]\n"
         "  [wsss] resuming classifier from epoch 3 (x/checkpoint.pt)\n")
+
+
+@pytest.mark.slow
+def test_wsss_run_reruns_everything_after_a_label_edit_and_says_why(tmp_path, capsys):
+    from fixtures import make_voc
+
+    root = make_voc(tmp_path / "data")
+    config = tmp_path / "voc.yaml"
+    config.write_text(f"data:\n  format: voc\n  root: {root}\nclassifier:\n  image_size: 32\n  epochs: 1\n")
+    run_pipeline(config, tmp_path / "run", to_stage="classifier", log_output=False)
+    csv = root / "image_labels_train.csv"
+    csv.write_text(csv.read_text().replace("a1,cat", "a1,dog"))
+    capsys.readouterr()
+    run_pipeline(config, tmp_path / "run", to_stage="classifier", log_output=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " running " in line]
+    assert len(lines) == 2, lines
+    assert re.search(r"\(1/2\) data +running \(00_data was made from other data "
+                     r"\(image_labels_train\.csv changed\)\)$", lines[0]), lines
+    assert re.search(r"\(2/2\) classifier +running \(01_classifier is stale because its input changed: "
+                     r"00_data was made from other data \(image_labels_train\.csv changed\)\)$", lines[1]), lines

@@ -79,7 +79,8 @@ def test_a_classifier_parameter_reruns_it_and_everything_downstream(finished):
     with pytest.raises(StaleUpstreamError, match=r"classifier\.lr: 0\.001 -> 0\.01"):
         stages.run_stage("cams", cfg, stages.open_run(finished, cfg))
     did, run = rerun(finished, {"classifier.lr": 0.01})
-    assert did == {"data": "skipped", "classifier": "ran", "label_filter": "ran", "cams": "ran", "crf": "ran"}
+    # the label filter trains with its own lr: it is not stale
+    assert did == {"data": "skipped", "classifier": "ran", "label_filter": "skipped", "cams": "ran", "crf": "ran"}
     after = stamp(model)
     assert after[0] != before[0] and after[1] != before[1]
     kept = read_kept_ids(run)
@@ -111,7 +112,7 @@ def test_a_crf_parameter_reruns_only_crf(finished):
     assert run.manifest("crf")["metrics"]["computed"] == len(read_kept_ids(run))
 
 
-def test_force_reruns_exactly_one_stage(finished):
+def test_force_reruns_exactly_one_stage_and_makes_its_downstream_stale(finished):
     cfg = load_config(REPO / "params" / "ci.yaml")
     run = stages.open_run(finished, cfg)
     first = read_kept_ids(run)[0]
@@ -119,5 +120,35 @@ def test_force_reruns_exactly_one_stage(finished):
     r = stages.run_stage("cams", cfg, run, force=True)
     assert not r.skipped and r.metrics["computed"] == len(read_kept_ids(run))
     assert CAMS.path(run, first).stat().st_mtime_ns != before
-    assert stages.run_stage("crf", cfg, run).skipped
-    assert stages.run_stage("classifier", cfg, run).skipped
+    assert stages.run_stage("classifier", cfg, run).skipped and stages.run_stage("label_filter", cfg, run).skipped
+    # the CRF labels were made from the CAMs before the redo: stale, and rerun on request
+    assert run.why_not_done("crf") == "03_crf is stale because its input was redone since: 02_cams"
+    crf_before = IR_LABELS.path(run, first).stat().st_mtime_ns
+    r = stages.run_stage("crf", cfg, run)
+    assert not r.skipped and r.metrics["computed"] == len(read_kept_ids(run))  # remade, not resumed
+    assert IR_LABELS.path(run, first).stat().st_mtime_ns != crf_before
+    assert run.is_done("crf")
+
+
+def test_upper_bound_and_evaluation_changes_in_the_second_half(ci_full_run, tmp_path):
+    import json
+
+    _, full = ci_full_run
+    shutil.copytree(full.root, tmp_path / "run")
+    weak_model = tmp_path / "run" / "06_segmentation" / "model.pt"
+    before = stamp(weak_model)
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound": False})
+    run = stages.open_run(tmp_path / "run", cfg)
+    did = {n: stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order()}
+    # turning the bound off retrains nothing: the weak segmenter does not depend on it
+    assert [n for n, skipped in did.items() if not skipped] == ["segmentation_full", "predict", "report"]
+    assert stamp(weak_model) == before
+    assert "full_val_miou" not in run.manifest("predict")["metrics"]
+    # an evaluation-only change of the CAMs re-evaluates what reads their scores: pseudo masks, report
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound": False, "cams.bg_thresholds": [0.05]})
+    run = stages.open_run(tmp_path / "run", cfg)
+    did = {n: stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order()}
+    assert [n for n, skipped in did.items() if not skipped] == ["cams", "pseudo_masks", "report"]
+    assert run.manifest("pseudo_masks")["metrics"]["cam_threshold"] == 0.05
+    report = json.loads((tmp_path / "run" / "08_report" / "report.json").read_text())
+    assert report["miou"]["CAM (train)"] == run.manifest("cams")["metrics"]["miou_best"]

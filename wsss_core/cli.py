@@ -116,11 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _run(args)
-    except (ConfigError, DataError, StaleUpstreamError, RunLockedError, StageFailed, KeyError) as e:
+    except (ConfigError, DataError, StaleUpstreamError, RunLockedError, StageFailed) as e:
         if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"wsss: error: {msg}", file=sys.stderr)
+        print(f"wsss: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:

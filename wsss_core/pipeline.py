@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 from .config import Config, ConfigError, load_config
-from .stages import STAGES, headline, open_run, pipeline_order
+from .stages import STAGES, check_stage, headline, open_run, pipeline_order
 from .stages.report import REPORT_HTML
 from .store import LOCK_TOKEN_ENV, Run, StaleUpstreamError, write_text
 
@@ -224,6 +224,9 @@ def run_pipeline(
     run = open_run(run_dir, cfg)
     executed: set[str] = set()  # a notebook may serve several stages (06: the segmenter and its bound)
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}):
+        # Reasons are taken before anything runs, so a downstream stage names the root cause
+        # ("00_data was made from other data") rather than "00_data was rerun since".
+        reasons = {name: run.why_not_done(name) for name in stages}
         for k, name in enumerate(stages, 1):
             nb = NOTEBOOK_DIR / STAGES[name].notebook  # type: ignore[operator]
             out = run.root / "notebooks" / nb.name
@@ -234,8 +237,10 @@ def run_pipeline(
                 echo(f"{tag} {'done' if done_here else 'skipped (done)'}{_with(headline(name, m.get('metrics', {})))}")
                 continue
             run.check_upstream(name)
-            why = "forced" if name in force else (run.why_not_done(name) or "evaluation parameters changed")
+            why = "forced" if name in force else \
+                (reasons[name] or run.why_not_done(name) or "evaluation parameters changed")
             if name in force:
+                check_stage(name, cfg)  # a bad value must not cost the previous results
                 run.begin(name, fresh=True)
             echo(f"{tag} running ({why})")
             t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from . import runtime
-from .config import Config, config_to_dict, dump_config, section_hash, section_values
+from .config import Config, ConfigError, config_to_dict, dump_config, section_hash, section_values
 
 MANIFEST = "manifest.json"
 _TMP_TAG = ".tmp-"
@@ -48,6 +48,13 @@ class StaleUpstreamError(RuntimeError):
 
 class RunLockedError(RuntimeError):
     """Another live process is working on the same run folder."""
+
+
+class UnknownStageError(ConfigError, KeyError):
+    """A stage name that is not registered (a user error: one line, exit 2)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def _file_mode() -> int:
@@ -177,7 +184,8 @@ def clear_folder(folder: Path) -> None:
 class StageSpec:
     """What a stage is called, where it writes, and what it depends on.
 
-    `sections`: top-level config sections (or fields) whose values it uses;
+    `sections`: top-level config sections (or fields) whose values it uses
+    (minus the dotted fields in `ignore`);
     `content`: for the data stage, a function of the config describing the
     dataset's content (`data.content.dataset_content`), part of the fingerprint.
     """
@@ -188,6 +196,8 @@ class StageSpec:
     upstream: tuple[str, ...] = ()
     content: Callable[[Config], dict[str, Any]] | None = None
     explain_content: Callable[[dict, dict], list[str]] | None = None
+    ignore: tuple[str, ...] = ()  # dotted fields of `sections` that do not change this stage's outputs
+    reads_metrics: tuple[str, ...] = ()  # upstream stages whose evaluation this stage's evaluation uses
 
 
 @dataclass
@@ -224,6 +234,8 @@ def process_alive(pid: int, host: str) -> bool:
     """Whether process `pid` on `host` still runs (another host: assumed alive)."""
     if host != socket.gethostname():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -267,7 +279,7 @@ class Run:
         try:
             return self.specs[name]
         except KeyError:
-            raise KeyError(f"unknown stage {name!r}; stages: {', '.join(self.specs)}") from None
+            raise UnknownStageError(f"unknown stage {name!r}; stages: {', '.join(self.specs)}") from None
 
     def folder(self, name: str) -> Path:
         """The stage's folder (not created)."""
@@ -297,7 +309,7 @@ class Run:
         of its upstream stages'."""
         spec = self.spec(name)
         content = self.content(name)
-        parts = [name, section_hash(self.cfg, spec.sections), content["hash"] if content else ""]
+        parts = [name, section_hash(self.cfg, spec.sections, ignore=spec.ignore), content["hash"] if content else ""]
         return _hash(*parts, *(self.fingerprint(u) for u in spec.upstream))
 
     def _eval_sections(self, name: str) -> tuple[str, ...]:
@@ -307,13 +319,28 @@ class Run:
         return tuple(s for s in self.spec(name).sections if s == name)
 
     def eval_hash(self, name: str) -> str:
-        """Hash of the stage's evaluation-only parameters."""
-        return section_hash(self.cfg, self._eval_sections(name), kind="eval")
+        """Hash of the stage's evaluation-only parameters (and of those of the
+        upstream stages whose metrics its evaluation reads)."""
+        own = section_hash(self.cfg, self._eval_sections(name), kind="eval")
+        return _hash(own, *(self.eval_hash(u) for u in self.spec(name).reads_metrics))
+
+    def _upstream_runs(self, name: str) -> dict[str, str | None]:
+        """The run id of each upstream stage's current outputs."""
+        return {u: (self.manifest(u) or {}).get("run_id") for u in self.spec(name).upstream}
+
+    def _rerun_upstream(self, name: str) -> str | None:
+        """An upstream stage redone (e.g. --force) since `name` used its outputs."""
+        recorded = (self.manifest(name) or {}).get("upstream_runs", {})
+        for u, rid in self._upstream_runs(name).items():
+            if recorded.get(u) != rid:
+                return u
+        return None
 
     def usable(self, name: str) -> bool:
         """Finished, and its outputs are those the current parameters and upstream make."""
         m = self.manifest(name)
-        return bool(m) and m.get("status") == "done" and m.get("fingerprint") == self.fingerprint(name)
+        return bool(m) and m.get("status") == "done" and m.get("fingerprint") == self.fingerprint(name) \
+            and self._rerun_upstream(name) is None
 
     def is_done(self, name: str) -> bool:
         """Usable and evaluated with the current evaluation parameters: nothing to do."""
@@ -332,8 +359,11 @@ class Run:
         if status != "done":
             return f"{folder} did not finish (status: {status})"
         if m.get("fingerprint") == self.fingerprint(name):
-            return None
-        changes = _diff(m.get("config", {}), section_values(self.cfg, self.spec(name).sections))
+            redone = self._rerun_upstream(name)
+            return None if redone is None else \
+                f"{folder} is stale because its input was redone since: {self.spec(redone).folder}"
+        spec = self.spec(name)
+        changes = _diff(m.get("config", {}), section_values(self.cfg, spec.sections, ignore=spec.ignore))
         if changes:
             return f"{folder} was made with other parameters ({'; '.join(changes)})"
         content = self.content(name)
@@ -373,14 +403,19 @@ class Run:
         folder = self.path(name)
         if self.is_main:
             old = self.manifest(name)
-            if fresh or (old is not None and old.get("fingerprint") != self.fingerprint(name)):
+            stale = old is not None and (old.get("fingerprint") != self.fingerprint(name)
+                                         or self._rerun_upstream(name) is not None)
+            if fresh or stale:
                 clear_folder(folder)
             remove_temp_files(folder)
             content = self.content(name)
             if content is not None:
                 write_json(folder / "content.json", content)
+            # A new run id tells downstream stages their inputs were remade; resuming or
+            # re-evaluating keeps the outputs, so it keeps the id.
+            kept_id = None if fresh or stale or old is None else old.get("run_id")
             self._write_manifest(name, status="running", started=now_iso(), pid=os.getpid(),
-                                 host=socket.gethostname())
+                                 host=socket.gethostname(), run_id=kept_id or uuid.uuid4().hex)
         return folder
 
     def finish(self, name: str, result: StageResult, started: str) -> None:
@@ -390,6 +425,7 @@ class Run:
         write_json(folder / "metrics.json", result.metrics)
         self._write_manifest(
             name,
+            run_id=(self.manifest(name) or {}).get("run_id"),
             status="done",
             started=started,
             finished=now_iso(),
@@ -425,10 +461,11 @@ class Run:
             "folder": spec.folder,
             "fingerprint": self.fingerprint(name),
             "eval_hash": self.eval_hash(name),
-            "config": section_values(self.cfg, spec.sections),
+            "config": section_values(self.cfg, spec.sections, ignore=spec.ignore),
             "eval_config": section_values(self.cfg, self._eval_sections(name), kind="eval"),
             "content_hash": content["hash"] if content else None,
             "upstream": {u: self.fingerprint(u) for u in spec.upstream},
+            "upstream_runs": self._upstream_runs(name),
             **fields,
         }
         write_json(self.folder(name) / MANIFEST, manifest)
@@ -455,26 +492,14 @@ class Run:
         token = uuid.uuid4().hex
         info = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "started": now_iso(),
                 "command": command}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                held = self._read_lock(path)
-                if held and process_alive(int(held.get("pid", -1)), str(held.get("host", ""))):
-                    raise RunLockedError(
-                        f"{self.root}: in use by pid {held.get('pid')} on {held.get('host')} since "
-                        f"{held.get('started')} ({held.get('command') or 'wsss'}); wait for it to finish or stop it"
-                    ) from None
-                print(f"[wsss] {self.root}: taking over the lock left by pid {held.get('pid') if held else '?'} "
-                      "(no longer running)", flush=True)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(info, fh)
-            break
-        else:
-            raise RunLockedError(f"{self.root}: could not take the run lock {path}")
+        # the lock appears complete or not at all: written to a private file, then hard-linked into place
+        # (link fails if the lock exists, atomically, so two processes cannot both take it)
+        mine = self.root / f".wsss.lock.{os.getpid()}.{token[:8]}"
+        mine.write_text(json.dumps(info))
+        try:
+            self._link_lock(mine, path)
+        finally:
+            mine.unlink()
         self._lock_token, self._lock_depth = token, 1
         try:
             yield
@@ -485,6 +510,25 @@ class Run:
             if held and held.get("token") == token:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+    def _link_lock(self, mine: Path, path: Path) -> None:
+        """Link our lock file into place; take over a lock whose process is gone."""
+        for _ in range(3):
+            try:
+                os.link(mine, path)
+                return
+            except FileExistsError:
+                held = self._read_lock(path)  # complete by construction (linked), or gone
+                if held and process_alive(int(held.get("pid", -1)), str(held.get("host", ""))):
+                    raise RunLockedError(
+                        f"{self.root}: in use by pid {held.get('pid')} on {held.get('host')} since "
+                        f"{held.get('started')} ({held.get('command') or 'wsss'}); wait for it to finish or stop it"
+                    ) from None
+                print(f"[wsss] {self.root}: taking over the lock left by pid {held.get('pid') if held else '?'} "
+                      "(no longer running)", flush=True)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        raise RunLockedError(f"{self.root}: could not take the run lock {path}")
 
     @property
     def lock_token(self) -> str | None:

@@ -196,39 +196,42 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return out
 
 
+_WEIGHTED = ("classifier", "boundary", "segmentation")  # sections with a `weights` field
+
+
+def _absolute(value: str | None, base: Path) -> str | None:
+    """A user path made absolute: ~ and $VARS expanded, relative to `base`."""
+    if value is None:
+        return None
+    p = Path(os.path.expandvars(os.path.expanduser(value)))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
 def _resolve_paths(cfg: Config, base: Path) -> Config:
-    """Make data paths absolute, relative to the YAML file's folder."""
+    """Make every path absolute, relative to the YAML file's folder (notebooks
+    run in notebooks/, so a relative path must not depend on the working folder)."""
     data = cfg.data
-    root = data.root
-    if root is not None:
-        p = Path(os.path.expandvars(os.path.expanduser(root)))
-        root = str(p if p.is_absolute() else (base / p).resolve())
     syn = data.synthetic
-    cache = syn.cache_dir
-    if cache is not None:
-        p = Path(os.path.expandvars(os.path.expanduser(cache)))
-        cache = str(p if p.is_absolute() else (base / p).resolve())
-    lf = cfg.label_filter
-    trusted = lf.trusted_list
-    if trusted is not None:
-        p = Path(os.path.expandvars(os.path.expanduser(trusted)))
-        trusted = str(p if p.is_absolute() else (base / p).resolve())
-    weights = cfg.classifier.weights
-    if weights not in ("imagenet", "random"):
-        p = Path(os.path.expandvars(os.path.expanduser(weights)))
-        weights = str(p if p.is_absolute() else (base / p).resolve())
+    sections = {s: getattr(cfg, s) for s in _WEIGHTED}
+    weights = {s: dataclasses.replace(v, weights=v.weights if v.weights in ("imagenet", "random")
+                                      else _absolute(v.weights, base)) for s, v in sections.items()}
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(data, root=root, synthetic=dataclasses.replace(syn, cache_dir=cache)),
-        label_filter=dataclasses.replace(lf, trusted_list=trusted),
-        classifier=dataclasses.replace(cfg.classifier, weights=weights),
+        data=dataclasses.replace(data, root=_absolute(data.root, base),
+                                 synthetic=dataclasses.replace(syn, cache_dir=_absolute(syn.cache_dir, base))),
+        label_filter=dataclasses.replace(cfg.label_filter, trusted_list=_absolute(cfg.label_filter.trusted_list, base)),
+        **weights,
     )
 
 
 def _cross_checks(cfg: Config) -> None:
-    w = cfg.classifier.weights
-    if w not in ("imagenet", "random") and not Path(w).is_file():
-        raise ConfigError(f"classifier.weights: weights file not found: {w} (or use 'imagenet' / 'random')")
+    for s in _WEIGHTED:
+        w = getattr(cfg, s).weights
+        if w not in ("imagenet", "random") and not Path(w).is_file():
+            raise ConfigError(f"{s}.weights: weights file not found: {w} (or use 'imagenet' / 'random')")
+    if cfg.boundary.weights == "random":
+        raise ConfigError("boundary.weights: the boundary backbone is frozen, so it needs trained weights "
+                          "('imagenet' or a state-dict file), not 'random'")
     if cfg.data.format in ("voc", "lid") and not cfg.data.root:
         raise ConfigError(f"data.root: required when data.format is {cfg.data.format!r}")
     if cfg.crf.conf_bg_thres > cfg.crf.conf_fg_thres:
@@ -317,8 +320,10 @@ def values_of_kind(v: Any, kind: str) -> Any:
     return out
 
 
-def section_values(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output") -> dict[str, Any]:
-    """{section: values of its `kind` fields} for top-level sections or fields."""
+def section_values(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output",
+                   ignore: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """{section: values of its `kind` fields} for top-level sections or fields,
+    without the dotted fields in `ignore` (fields of a section a stage does not use)."""
     out = {}
     for s in sections:
         value = getattr(cfg, s)
@@ -326,12 +331,20 @@ def section_values(cfg: Config, sections: tuple[str, ...] | list[str], kind: str
             out[s] = values_of_kind(value, kind)
         elif field_kind(Config, s) == kind:
             out[s] = _plain(value)
+    for dotted in ignore:
+        *parents, last = dotted.split(".")
+        node: Any = out
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
     return out
 
 
-def section_hash(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output") -> str:
+def section_hash(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output",
+                 ignore: tuple[str, ...] | list[str] = ()) -> str:
     """Stable hash of the `kind` fields of the named sections (what a stage depends on)."""
-    blob = json.dumps(section_values(cfg, sections, kind), sort_keys=True, default=str).encode()
+    blob = json.dumps(section_values(cfg, sections, kind, ignore), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -263,7 +263,8 @@ class SegmentationConfig:
     optimizer: Literal["adam", "sgd"] = _p("sgd")
     schedule: Literal["step", "poly", "constant"] = _p("poly")
     augment: AugmentConfig = _section(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.2)
-    checkpoint: Literal["last", "best"] = _p("last", doc="best: the epoch with the best val mIoU")
+    checkpoint: Literal["last", "best"] = _p(
+        "last", doc="best: the epoch with the best val mIoU (a choice made on the val masks: report test numbers)")
     upper_bound: bool = _p(False, doc="also train on the real masks of the same images (stage segmentation_full)")
     num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA",
                                  kind="runtime")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .. import runtime
 from ..config import Config, ConfigError
-from ..store import Run, StageResult, StageSpec, now_iso
+from ..store import Run, StageResult, StageSpec, UnknownStageError, now_iso
 
 StageFn = Callable[[Config, Run], StageResult]
 CheckFn = Callable[[Config, Any], None]  # (cfg, dataset) -> None or ConfigError/DataError
@@ -51,11 +51,17 @@ STAGES: dict[str, Stage] = {}
 def register(name: str, folder: str, sections: tuple[str, ...], upstream: tuple[str, ...] = (), *,
              notebook: str | None = None, check: CheckFn | None = None, headline: HeadlineFn | None = None,
              content: Callable[[Config], dict] | None = None,
-             explain_content: Callable[[dict, dict], list[str]] | None = None) -> Callable[[StageFn], StageFn]:
-    """Decorator adding a stage function to the registry (in pipeline order)."""
+             explain_content: Callable[[dict, dict], list[str]] | None = None, ignore: tuple[str, ...] = (),
+             reads_metrics: tuple[str, ...] = ()) -> Callable[[StageFn], StageFn]:
+    """Decorator adding a stage function to the registry (in pipeline order).
+
+    `ignore`: dotted fields of `sections` that do not change this stage's
+    outputs; `reads_metrics`: upstream stages whose evaluation results this
+    stage's evaluation uses (their evaluation parameters re-evaluate it too)."""
 
     def deco(fn: StageFn) -> StageFn:
-        spec = StageSpec(name, folder, tuple(sections), tuple(upstream), content, explain_content)
+        spec = StageSpec(name, folder, tuple(sections), tuple(upstream), content, explain_content, tuple(ignore),
+                         tuple(reads_metrics))
         STAGES[name] = Stage(spec, fn, notebook, check, headline)
         return fn
 
@@ -66,7 +72,7 @@ def stage(name: str) -> Stage:
     try:
         return STAGES[name]
     except KeyError:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+        raise UnknownStageError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
 
 
 def pipeline_order() -> list[str]:
