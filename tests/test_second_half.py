@@ -115,9 +115,10 @@ def test_segmenters_and_predictions(ci_full_run):
 def test_report_collects_every_stage(ci_full_run):
     cfg, run = ci_full_run
     report = json.loads((run.folder("report") / "report.json").read_text())
-    assert list(report["miou"]) == ["CAM", "confident labels", "pseudo masks", "segmenter (val)",
-                                    "fully supervised (val)"]
-    assert report["miou"]["pseudo masks"] == run.manifest("pseudo_masks")["metrics"]["miou"]
+    assert list(report["miou"]) == ["CAM (train)", "confident labels (train, 255 void)", "pseudo masks (train)",
+                                    "segmenter (val)", "fully supervised (val)"]
+    assert list(report["lift"]) == ["CAM (train)", "pseudo masks (train)", "segmenter (val)", "fully supervised (val)"]
+    assert report["miou"]["pseudo masks (train)"] == run.manifest("pseudo_masks")["metrics"]["miou"]
     assert report["weak_over_full"] == run.manifest("predict")["metrics"]["weak_over_full"]
     assert set(report["timings"]) >= {"data", "classifier", "boundary", "segmentation", "predict"}
     assert report["machine"]["torch"] == torch.__version__

@@ -5,6 +5,7 @@ format is written and read in exactly one place:
 
 | artifact | file | writer / reader |
 | --- | --- | --- |
+| classifier val scores | 01_classifier/val_scores.npz | write_val_scores / read_val_scores |
 | kept train ids | 01_label_filter/kept.txt | write_kept_ids / read_kept_ids |
 | filter scores | 01_label_filter/scores.csv | write_filter_scores / read_filter_scores |
 | CAMs | 02_cams/cams/<id>.npz | CAMS.write / CAMS.read (CamResult, float16 on disk) |
@@ -30,14 +31,16 @@ from .store import Run, save_npz, save_png, write_text
 
 
 # --------------------------------------------------------------------------- label PNGs
-def write_label_png(path: str | Path, labels: np.ndarray) -> Path:
-    """A uint8 class-id map as a palette PNG (VOC colours; values are the ids)."""
+def write_label_png(path: str | Path, labels: np.ndarray, layout: str = "voc") -> Path:
+    """A uint8 class-id map as a PNG: a palette PNG with the VOC colours
+    ("voc"), or plain grayscale ("lid", the LID submission format, which
+    readers like OpenCV decode to the ids themselves)."""
     from .data.images import voc_palette
 
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.dtype != np.uint8:
         raise ValueError(f"{path}: label maps are 2-D uint8, got {labels.dtype} {labels.shape}")
-    return save_png(path, labels, palette=voc_palette())
+    return save_png(path, labels, palette=voc_palette() if layout == "voc" else None)
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
@@ -93,11 +96,14 @@ class CamFiles(PerImage):
         return CamResult.from_npz(self.path(run, image_id))
 
 
+@dataclass(frozen=True)
 class LabelMaps(PerImage):
-    """uint8 class-id maps as palette PNGs."""
+    """uint8 class-id maps as PNGs (palette, or grayscale for the "lid" layout)."""
+
+    layout: str = "voc"
 
     def write(self, run: Run, image_id: str, value: Any) -> Path:
-        return write_label_png(self.path(run, image_id), value)
+        return write_label_png(self.path(run, image_id), value, self.layout)
 
     def read(self, run: Run, image_id: str) -> np.ndarray:
         return read_label_png(self.path(run, image_id))
@@ -112,8 +118,7 @@ class BoundaryMaps(PerImage):
         return (np.round(np.clip(np.asarray(value, np.float32), 0.0, 1.0) * 255) / 255).astype(np.float32)
 
     def write(self, run: Run, image_id: str, value: Any) -> Path:
-        b = np.asarray(value, dtype=np.float32)
-        return save_png(self.path(run, image_id), np.round(np.clip(b, 0.0, 1.0) * 255).astype(np.uint8))
+        return save_png(self.path(run, image_id), np.round(self.quantize(value) * 255).astype(np.uint8))
 
     def read(self, run: Run, image_id: str) -> np.ndarray:
         from PIL import Image
@@ -128,9 +133,9 @@ BOUNDARY_MAPS = BoundaryMaps("pseudo_masks", "boundary", ".png")
 PSEUDO_MASKS = LabelMaps("pseudo_masks", "masks", ".png")
 
 
-def predictions(split: str) -> LabelMaps:
+def predictions(split: str, layout: str = "voc") -> LabelMaps:
     """Predicted class-id maps of one split (07_predict/<split>/<id>.png)."""
-    return LabelMaps("predict", split, ".png")
+    return LabelMaps("predict", split, ".png", layout)
 
 
 # --------------------------------------------------------------------------- label filter
@@ -171,7 +176,26 @@ def read_filter_scores(run: Run) -> dict[str, np.ndarray]:
     }
 
 
+# --------------------------------------------------------------------------- classifier scores
+def write_val_scores(run: Run, scores: np.ndarray, ids: Sequence[str], labels: np.ndarray) -> Path:
+    """01_classifier/val_scores.npz: sigmoid scores and labels (N, K) in head order."""
+    return save_npz(run.path("classifier") / "val_scores.npz", scores=scores, ids=np.array(ids), labels=labels)
+
+
+def read_val_scores(run: Run) -> dict[str, np.ndarray]:
+    with np.load(run.folder("classifier") / "val_scores.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
 # --------------------------------------------------------------------------- models
+def read_history(run: Run, stage: str) -> list[dict[str, Any]] | None:
+    """The fit loop's history.json of a training stage (None before it trained)."""
+    from .store import read_json
+
+    p = run.folder(stage) / "history.json"
+    return read_json(p) if p.is_file() else None
+
+
 def model_path(run: Run, stage: str) -> Path:
     """The trained model of a stage (classifier, boundary, segmentation, ...)."""
     return run.folder(stage) / "model.pt"

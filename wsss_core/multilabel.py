@@ -34,8 +34,6 @@ def check_classifier_params(cfg: ClassifierConfig, classes: Sequence[str], key: 
 
     if cfg.backbone not in BACKBONES:
         raise ConfigError(f"{key}.backbone: unknown backbone {cfg.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
-    if cfg.weights not in ("imagenet", "random") and not Path(cfg.weights).is_file():
-        raise ConfigError(f"{key}.weights: weights file not found: {cfg.weights} (or use 'imagenet' / 'random')")
     unknown = [c for c in cfg.exclude_classes if c not in classes[1:]]
     if unknown:
         raise ConfigError(

@@ -77,7 +77,6 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     from .models.segmenter import load_segmenter
     from .runtime import progress, resolve_device
     from .stages import open_run
-    from .store import save_png
 
     run_dir, images, out = Path(run_dir), Path(images), Path(out)
     if not (run_dir / "config.yaml").is_file():
@@ -124,7 +123,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     out.mkdir(parents=True, exist_ok=True)
     for p, t in progress(list(zip(good, targets)), desc="segmenting", disable=False):
         labels = segment(model, read_image(p), scales, flip, dev)
-        save_png(t, labels) if layout == "lid" else write_label_png(t, labels)
+        write_label_png(t, labels, layout)
     if bad:
         print(f"[wsss] skipped {len(bad)} unreadable file(s): {listing}")
     return targets

@@ -303,6 +303,29 @@ def plot_sweep(points: Sequence[Mapping[str, float]], x: str, series: str, y: st
     return ax
 
 
+def iou_table(series: Mapping[str, Mapping[str, float | None]]) -> str:
+    """Per-class IoU of several models as a text table (one column per model)."""
+    names = list(series)
+    classes = list(next(iter(series.values())))
+    head = f"{'class':<14}" + "".join(f"{n:>22}" for n in names)
+    rows = [f"{c:<14}" + "".join(f"{'-' if series[n].get(c) is None else f'{series[n][c]:.3f}':>22}" for n in names)
+            for c in classes]
+    return "\n".join([head, *rows])
+
+
+def plot_timings(seconds: Mapping[str, float | None], ax: Any = None) -> Any:
+    """Minutes per stage, in pipeline order."""
+    import matplotlib.pyplot as plt
+
+    t = {k: v for k, v in seconds.items() if v}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.35 * len(t) + 1))
+    ax.barh(list(t), [v / 60 for v in t.values()])
+    ax.set(xlabel="minutes", title=f"time per stage (total {sum(t.values()) / 60:.1f} min)")
+    ax.invert_yaxis()
+    return ax
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], ax: Any = None, title: str = "") -> Any:
     """Row-normalised confusion matrix (rows: ground truth, columns: prediction)."""
     import matplotlib.pyplot as plt

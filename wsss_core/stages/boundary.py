@@ -5,7 +5,6 @@ by boundary precision / recall against the class edges of the val masks."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,12 +24,10 @@ from . import dataset, register
 
 
 def check_boundary(cfg: Config, ds: Any) -> None:
-    w = cfg.boundary.weights
-    if w == "random":
-        raise ConfigError("boundary.weights: the boundary backbone is frozen, so it needs trained weights "
-                          "('imagenet' or a state-dict file), not 'random'")
-    if w != "imagenet" and not Path(w).is_file():
-        raise ConfigError(f"boundary.weights: weights file not found: {w}")
+    """The boundary net learns from the train images' confident labels."""
+    if cfg.cams.split != cfg.data.train_split:
+        raise ConfigError(f"cams.split: the second half (boundary, pseudo masks) works on the train images; "
+                          f"cams.split is {cfg.cams.split!r}, data.train_split {cfg.data.train_split!r}")
 
 
 class ImagesWithLabels:

@@ -53,8 +53,8 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
         for sid in todo:
             image, labels = images[index[sid]]
             x = to_normalized_tensor(image, mean, std).to(device)
-            if c.classes == "labels":
-                class_ids = [k for k in trained.class_ids if labels[k - 1] > 0.5]
+            if c.classes == "labels":  # an empty label set means no object: no fallback to predictions
+                class_ids = select_classes(labels, "labels", head_class_ids=trained.class_ids)
             else:
                 with torch.inference_mode():
                     logits = trained.model(x[None])[0]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import runtime
-from ..artifacts import model_path
+from ..artifacts import model_path, read_val_scores, write_val_scores
 from ..config import Config
 from ..multilabel import (
     check_classifier_params,
@@ -21,7 +21,7 @@ from ..multilabel import (
     train_multilabel,
     trained_class_ids,
 )
-from ..store import Run, StageResult, read_json, save_npz, write_json
+from ..store import Run, StageResult, read_json, write_json
 from . import dataset, register
 
 
@@ -65,13 +65,23 @@ def classifier_stage(cfg: Config, run: Run) -> StageResult:
         "param_checksums": fit_info["param_checksums"],
     }
     if run.is_main:
-        if not model_file.is_file():
-            save_classifier(model_file, model, cfg.classifier, class_ids, ds.classes)
+        if not model_file.is_file():  # model.pt last: its presence means training is complete
             write_json(folder / "fit.json", fit_info)
+            save_classifier(model_file, model, cfg.classifier, class_ids, ds.classes)
             if fit_info["samples_per_rank"] is not None and len(fit_info["samples_per_rank"]) > 1:
                 write_json(folder / "samples_per_rank.json", fit_info["samples_per_rank"])
         if "val_scores" in scores:
-            save_npz(folder / "val_scores.npz", scores=scores.pop("val_scores"), ids=np.array(val.ids),
-                     labels=np.asarray(val.labels)[:, columns])
+            write_val_scores(run, scores.pop("val_scores"), val.ids, np.asarray(val.labels)[:, columns])
         metrics.update({f"val_{k}": v for k, v in scores.items()})
     return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(folder / "history.json")})
+
+
+def val_predictions(cfg: Config, run: Run, n: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, list[str]]:
+    """The first n val images with their labels, the classifier's scores for
+    them and the class names (head order), for pictures."""
+    z = read_val_scores(run)
+    names = (run.manifest("classifier") or {}).get("metrics", {}).get("classes", [])
+    images = dataset(cfg).labelled(cfg.data.val_split)
+    index = {i: k for k, i in enumerate(images.ids)}
+    pairs = [(images.image(index[str(i)]), z["labels"][k]) for k, i in enumerate(z["ids"][:n])]
+    return pairs, z["scores"][:n], names

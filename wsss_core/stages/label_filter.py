@@ -24,8 +24,14 @@ def _headline(m: dict) -> str:
     return f"kept {m['kept']} of {m['images']} train images"
 
 
+# the filter trains with the classifier's recipe but its own epochs, lr and backbone share, unbalanced
+_UNUSED_CLASSIFIER_FIELDS = ("classifier.epochs", "classifier.lr", "classifier.backbone_lr_mult", "classifier.balance",
+                             "classifier.repeat_threshold")
+
+
 @register("label_filter", "01_label_filter", sections=("seed", "classifier", "label_filter"), upstream=("data",),
-          notebook="01_label_filter.ipynb", check=check_label_filter, headline=_headline)
+          notebook="01_label_filter.ipynb", check=check_label_filter, headline=_headline,
+          ignore=_UNUSED_CLASSIFIER_FIELDS)
 def label_filter_stage(cfg: Config, run: Run) -> StageResult:
     """Decide which train images later stages may use (NoPeopleAllowed filter).
 

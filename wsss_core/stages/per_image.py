@@ -64,7 +64,7 @@ def for_each_image(
 
 def _throughput(run: Run, artifact: PerImage, computed: int, seconds: float) -> float | None:
     """Images per second over every attempt that computed images (resumes add up)."""
-    path = run.folder(artifact.stage) / f"throughput_{artifact.subdir}.json"
+    path = run.folder(artifact.stage) / f"throughput_{artifact.subdir.replace('/', '_')}.json"
     total = read_json(path) if path.is_file() else {"images": 0, "seconds": 0.0}
     if computed:
         total = {"images": total["images"] + computed, "seconds": total["seconds"] + seconds}

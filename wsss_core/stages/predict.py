@@ -16,16 +16,9 @@ from ..config import Config
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..models.segmenter import load_segmenter
 from ..predict import segment
-from ..store import Run, StageResult, save_png
+from ..store import Run, StageResult
 from . import check_split, dataset, register
 from .per_image import for_each_image
-
-
-class GrayLabelMaps(LabelMaps):
-    """Class ids as plain grayscale PNGs (the LID submission format)."""
-
-    def write(self, run: Run, image_id: str, value: Any):
-        return save_png(self.path(run, image_id), np.asarray(value, np.uint8))
 
 
 def check_predict(cfg: Config, ds: Any) -> None:
@@ -35,8 +28,7 @@ def check_predict(cfg: Config, ds: Any) -> None:
 
 def prediction_artifact(cfg: Config, split: str, model: str = "segmentation") -> LabelMaps:
     """Where the predictions of one split live (the bound's under full/)."""
-    base = predictions(split) if model == "segmentation" else predictions(f"full/{split}")
-    return GrayLabelMaps(base.stage, base.subdir, base.suffix) if cfg.predict.layout == "lid" else base
+    return predictions(split if model == "segmentation" else f"full/{split}", cfg.predict.layout)
 
 
 def _headline(m: dict) -> str:
@@ -61,10 +53,11 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
             ids = ds.ids(split)
             art = prediction_artifact(cfg, split, which)
             images = ds.labelled(split)
+            index = {i: n for n, i in enumerate(images.ids)}
 
             def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
                 for sid in todo:
-                    yield sid, segment(net, images.image(images.ids.index(sid)), p.tta_scales, p.tta_flip, device)
+                    yield sid, segment(net, images.image(index[sid]), p.tta_scales, p.tta_flip, device)
 
             def evaluate() -> dict[str, Any]:
                 return prediction_scores(cfg, run, split, which) if ds.has_masks(split) else {}
@@ -76,9 +69,10 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
     if "quality" in val.get("weak", {}):
         metrics["val_miou"] = round(100 * val["weak"]["quality"]["miou"], 2)
         metrics["images"] = val["weak"]["images"]
-        if "quality" in val.get("full", {}):
-            metrics["full_val_miou"] = round(100 * val["full"]["quality"]["miou"], 2)
-            metrics["weak_over_full"] = round(val["weak"]["quality"]["miou"] / val["full"]["quality"]["miou"], 4)
+        full = val.get("full", {}).get("quality", {}).get("miou")
+        if full is not None and full == full:
+            metrics["full_val_miou"] = round(100 * full, 2)
+            metrics["weak_over_full"] = round(val["weak"]["quality"]["miou"] / full, 4) if full > 0 else None
     return StageResult(metrics=metrics, paths={s: str(prediction_artifact(cfg, s).dir(run)) for s in p.splits})
 
 

@@ -39,7 +39,7 @@ def _headline(m: dict) -> str:
 
 
 @register("pseudo_masks", "05_pseudo_masks", sections=("pseudo_masks",), upstream=("data", "cams", "boundary"),
-          notebook="05_pseudo_masks.ipynb", headline=_headline)
+          notebook="05_pseudo_masks.ipynb", headline=_headline, reads_metrics=("cams",))
 def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     """Random-walk pseudo masks for every kept train image."""
     device = runtime.resolve_device(cfg.device)
@@ -54,7 +54,10 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
             # the walk uses the boundary map as stored (8 bits), so the notebook's sweeps repeat it exactly
             b = BOUNDARY_MAPS.quantize(boundary_map(model, image, device, cfg.pseudo_masks.flip))
             BOUNDARY_MAPS.write(run, sid, b)
-            yield sid, walk(cfg, CAMS.read(run, sid), b, image.shape[:2])[1]
+            try:
+                yield sid, walk(cfg, CAMS.read(run, sid), b, image.shape[:2])[1]
+            except ValueError as e:  # name the image
+                raise ValueError(f"{sid}: {e}") from None
 
     def evaluate() -> dict[str, Any]:
         if not ds.has_masks(split):

@@ -54,33 +54,33 @@ def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
     """The facts of a finished run, read from its manifests (no recomputation)."""
     m = {name: (run.manifest(name) or {}) for name in STAGES if name != "report"}
     metrics = {name: x.get("metrics", {}) for name, x in m.items()}
-    classes = (metrics.get("data") or {}).get("classes") or []
-    if not classes:
-        from . import dataset
+    from . import dataset
 
-        classes = list(dataset(cfg).classes)
+    classes = list(dataset(cfg).classes)
+    train, val_split = cfg.data.train_split, cfg.data.val_split
     per_class: dict[str, dict[str, float | None]] = {}
     miou: dict[str, float] = {}
     cams = metrics.get("cams", {})
-    if "quality" in cams:
-        per_class[f"CAM (threshold {cams['best_threshold']})"] = _named(cams["quality"]["best"]["iou"], classes)
-        miou["CAM"] = cams["miou_best"]
+    if "quality" in cams:  # its threshold was chosen on these masks: an oracle, as IRNet reports CAMs
+        per_class[f"CAM ({train}, threshold {cams['best_threshold']})"] = _named(cams["quality"]["best"]["iou"],
+                                                                                 classes)
+        miou[f"CAM ({train})"] = cams["miou_best"]
     crf = metrics.get("crf", {}).get("quality")
     if crf:
-        per_class["confident labels (255 void)"] = _named(crf["iou"], classes)
-        miou["confident labels"] = crf["miou"]
+        per_class[f"confident labels ({train}, 255 void)"] = _named(crf["iou"], classes)
+        miou[f"confident labels ({train}, 255 void)"] = crf["miou"]
     pm = metrics.get("pseudo_masks", {})
     if "quality" in pm:
-        per_class["pseudo masks"] = _named(pm["quality"]["pseudo_masks"]["iou"], classes)
-        miou["pseudo masks"] = pm["miou"]
+        per_class[f"pseudo masks ({train})"] = _named(pm["quality"]["pseudo_masks"]["iou"], classes)
+        miou[f"pseudo masks ({train})"] = pm["miou"]
     pred = metrics.get("predict", {})
-    val = pred.get("splits", {}).get(cfg.data.val_split, {})
+    val = pred.get("splits", {}).get(val_split, {})
     if "quality" in val.get("weak", {}):
-        per_class["segmenter (val)"] = _named(val["weak"]["quality"]["iou"], classes)
-        miou["segmenter (val)"] = val["weak"]["quality"]["miou"]
+        per_class[f"segmenter ({val_split})"] = _named(val["weak"]["quality"]["iou"], classes)
+        miou[f"segmenter ({val_split})"] = val["weak"]["quality"]["miou"]
     if "quality" in val.get("full", {}):
-        per_class["fully supervised (val)"] = _named(val["full"]["quality"]["iou"], classes)
-        miou["fully supervised (val)"] = val["full"]["quality"]["miou"]
+        per_class[f"fully supervised ({val_split})"] = _named(val["full"]["quality"]["iou"], classes)
+        miou[f"fully supervised ({val_split})"] = val["full"]["quality"]["miou"]
     timings = {name: x.get("seconds") for name, x in m.items() if x.get("status") == "done"}
     return {
         "name": cfg.name,
@@ -88,6 +88,8 @@ def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
         "machine": machine(),
         "classes": classes,
         "miou": miou,
+        # the lift from stage to stage: masks of the same kind (confident labels leave pixels out)
+        "lift": {k: v for k, v in miou.items() if not k.startswith("confident")},
         "per_class_iou": per_class,
         "weak_over_full": pred.get("weak_over_full"),
         "val_miou": pred.get("val_miou"),
@@ -102,7 +104,7 @@ def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
 
 def miou_table(report: dict[str, Any]) -> str:
     """The per-stage mIoU table printed at the end of `wsss run`."""
-    rows = [f"  {k:<28} {100 * v:5.1f}" for k, v in report["miou"].items()]
+    rows = [f"  {k:<28} {100 * v:5.1f}" for k, v in report["miou"].items() if v is not None]
     if report.get("weak_over_full") is not None:
         rows.append(f"  {'weak / full':<28} {report['weak_over_full']:.3f}")
     return "\n".join(["  stage                        mIoU", *rows])
@@ -112,10 +114,12 @@ def _headline(m: dict) -> str:
     return f"{len(m.get('miou', {}))} stages scored"
 
 
-@register("report", "08_report", sections=(), upstream=("data", "classifier", "label_filter", "cams", "crf",
-                                                        "boundary", "pseudo_masks", "segmentation",
-                                                        "segmentation_full", "predict"),
-          notebook="08_report.ipynb", headline=_headline)
+_EVERY_STAGE = ("data", "classifier", "label_filter", "cams", "crf", "boundary", "pseudo_masks", "segmentation",
+                "segmentation_full", "predict")
+
+
+@register("report", "08_report", sections=(), upstream=_EVERY_STAGE, notebook="08_report.ipynb",
+          headline=_headline, reads_metrics=_EVERY_STAGE)
 def report_stage(cfg: Config, run: Run) -> StageResult:
     """Collect every stage's results into 08_report/report.json."""
     report = collect_report(cfg, run)

@@ -33,10 +33,10 @@ from .boundary import ImagesWithLabels
 
 
 def check_segmentation(cfg: Config, ds: Any) -> None:
-    w = cfg.segmentation.weights
-    if w not in ("imagenet", "random") and not Path(w).is_file():
-        raise ConfigError(f"segmentation.weights: weights file not found: {w} (or use 'imagenet' / 'random')")
     check_split(cfg, ds, "data.val_split", cfg.data.val_split)
+    if cfg.segmentation.upper_bound and not ds.has_masks(cfg.data.train_split):
+        raise ConfigError(f"segmentation.upper_bound: split {cfg.data.train_split!r} has no masks to train the "
+                          "fully supervised bound on (set it to false)")
 
 
 _CROSS_ENTROPY = segmentation_loss()
@@ -97,10 +97,10 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
                      if val else None)
         history, checksums = result.history, result.param_checksums
         keep_best.restore(model)
-        if run.is_main:
+        if run.is_main:  # model.pt last: its presence means training is complete
+            write_json(folder / "fit.json", {"param_checksums": checksums})
             save_segmenter(model_file, model, {"classes": list(ds.classes), "stage": stage,
                                                "epoch": keep_best.chosen_epoch(history)})
-            write_json(folder / "fit.json", {"param_checksums": checksums})
     metrics: dict[str, Any] = {
         "epochs": len(history),
         "train_images": len(pairs),
@@ -161,7 +161,7 @@ def _headline(m: dict) -> str:
 
 @register("segmentation", "06_segmentation", sections=("seed", "segmentation"),
           upstream=("data", "label_filter", "pseudo_masks"), notebook="06_segmentation.ipynb",
-          check=check_segmentation, headline=_headline)
+          check=check_segmentation, headline=_headline, ignore=("segmentation.upper_bound",))
 def segmentation_stage(cfg: Config, run: Run) -> StageResult:
     """DeepLabV3+ on the pseudo masks of the kept train images."""
     pairs = ImagesWithLabels(dataset(cfg).labelled(cfg.data.train_split), read_kept_ids(run), run, PSEUDO_MASKS)
@@ -178,8 +178,6 @@ def segmentation_full_stage(cfg: Config, run: Run) -> StageResult:
         return StageResult(metrics={"enabled": False})
     ds = dataset(cfg)
     split = cfg.data.train_split
-    if not ds.has_masks(split):
-        raise ConfigError(f"segmentation.upper_bound: split {split!r} has no masks to train the bound on")
     metrics = train_segmenter(cfg, run, "segmentation_full", _MaskPairs(ds.masks(split), read_kept_ids(run)),
                               "segmenter (real masks)")
     return StageResult(metrics={"enabled": True, **metrics},
