@@ -126,3 +126,17 @@ def test_cross_entropy_ignores_255():
     changed.permute(0, 2, 3, 1)[masks == IGNORE_INDEX] = 100.0
     assert torch.equal(loss(changed, masks), loss(logits, masks))
     assert not torch.equal(loss(logits, masks), nn.functional.cross_entropy(logits, masks.clamp(max=2)))
+
+
+def test_load_names_a_missing_or_foreign_model_file(tmp_path):
+    from wsss_core.models import WeightsError
+    from wsss_core.models.boundary import load_boundary
+
+    with pytest.raises(WeightsError, match=re.escape(f"{tmp_path / 'nope.pt'}: segmenter file not found")):
+        load_segmenter(tmp_path / "nope.pt")
+    torch.save({"format": "wsss-segmenter-1", "segmenter": {}}, tmp_path / "seg.pt")
+    with pytest.raises(WeightsError, match=re.escape(f"{tmp_path / 'seg.pt'}: not a saved boundary model")):
+        load_boundary(tmp_path / "seg.pt")  # a segmenter file given as the boundary net
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(WeightsError, match="list.pt: not a saved segmenter"):
+        load_segmenter(tmp_path / "list.pt")

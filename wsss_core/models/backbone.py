@@ -10,6 +10,7 @@ stage's output; `forward` returns the last one, the feature map used for CAMs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -144,6 +145,17 @@ def _unwrap(state: Mapping, source: str) -> StateDict:
 def _listing(keys: list[str], limit: int = 8) -> str:
     more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+def read_model_file(path: str | Path, fmt: str, what: str) -> dict:
+    """The saved dict of a `what` model file, after checking it exists and has format `fmt`."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: {what} file not found")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise WeightsError(f"{path}: not a saved {what}")
+    return blob
 
 
 def _check_fit(state: StateDict, own: StateDict, optional: tuple[str, ...], what: str) -> None:

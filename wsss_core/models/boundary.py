@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cam import stride4_size
-from .backbone import Backbone, WeightsError, _check_fit
+from .backbone import Backbone, WeightsError, _check_fit, read_model_file
 from .factory import build_backbone
 
 BRANCH_CHANNELS = 32
@@ -174,12 +174,7 @@ def load_boundary(path: str | Path, device: torch.device | str = "cpu") -> Bound
     """Rebuild a saved boundary net: the backbone from its weights spec (ImageNet by
     default), the branch loaded strictly; in eval mode on `device`. Raises
     WeightsError if the file does not fit or the rebuilt backbone differs."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: boundary model file not found")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise WeightsError(f"{path}: not a saved boundary model")
+    blob = read_model_file(path, FORMAT, "boundary model")
     backbone = build_backbone(blob["backbone"], blob["backbone_weights"], blob["output_stride"])
     if backbone_fingerprint(backbone) != blob["backbone_fingerprint"]:
         raise WeightsError(

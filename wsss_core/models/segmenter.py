@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, StateDict, WeightsError, _check_fit, _unwrap
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, StateDict, WeightsError, _check_fit, _unwrap, read_model_file
 from .efficientnet import MEAN_STD, TIMM_NAME, to_timm_names
 from .factory import OUTPUT_STRIDES, resolve_weights
 
@@ -199,12 +199,7 @@ def save_segmenter(path: str | Path, model: Segmenter, extra: Mapping[str, Any] 
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Segmenter:
     """Rebuild a saved segmenter (random init, then its state dict loaded strictly), in
     eval mode on `device`; `model.extra` holds the saved metadata."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: segmenter file not found")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise WeightsError(f"{path}: not a saved segmenter")
+    blob = read_model_file(path, FORMAT, "segmenter")
     s = blob["segmenter"]
     model = build_segmenter(s["backbone"], s["num_classes"], s["output_stride"], s["atrous_rates"], weights="random")
     state: StateDict = blob["state_dict"]
