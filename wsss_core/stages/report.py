@@ -104,10 +104,11 @@ def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
 
 def miou_table(report: dict[str, Any]) -> str:
     """The per-stage mIoU table printed at the end of `wsss run`."""
-    rows = [f"  {k:<28} {100 * v:5.1f}" for k, v in report["miou"].items() if v is not None]
+    w = max(len("weak / full"), *(len(k) for k in report["miou"]))
+    rows = [f"  {k:<{w}}  {100 * v:5.1f}" for k, v in report["miou"].items() if v is not None]
     if report.get("weak_over_full") is not None:
-        rows.append(f"  {'weak / full':<28} {report['weak_over_full']:.3f}")
-    return "\n".join(["  stage                        mIoU", *rows])
+        rows.append(f"  {'weak / full':<{w}}  {report['weak_over_full']:5.3f}")
+    return "\n".join([f"  {'stage':<{w}}   mIoU", *rows])
 
 
 def _headline(m: dict) -> str:
