@@ -38,6 +38,13 @@ def test_notebook_is_stored_clean_with_parameters(path):
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
     assert "config =" in params[0].source and "run_dir =" in params[0].source
+    # papermill finds every name the cell assigns (it skips a line with a second "=", even in a comment)
+    import ast
+
+    import papermill
+
+    assigned = [t.id for node in ast.parse(params[0].source).body for t in node.targets]
+    assert list(papermill.inspect_notebook(str(path))) == assigned
 
 
 def test_unknown_notebook_parameter_is_refused():
@@ -106,11 +113,8 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path, capsys):
     assert out.count("skipped (done)") == len(stage_notebooks()), out
     assert {p.name: p.stat().st_mtime_ns for p in (root / "notebooks").glob("*.ipynb")} == stamps
 
-    # one changed parameter reruns exactly its stage and what is downstream of it
-    run_pipeline(config, run_dir, overrides={"predict.tta_flip": False}, log_output=False)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[wsss] (")]
-    ran = [line.split()[2] for line in lines if " running " in line]
-    assert ran == ["predict", "report"], lines
+    # (one changed parameter rerunning exactly its downstream through `wsss run`: the label-edit test below;
+    # every parameter of the real stage graph: test_stage_graph.py)
     assert (root / "report.html").is_file() and "weak / full" in (root / "report.html").read_text()
 
 
@@ -126,7 +130,7 @@ def test_a_killed_pipeline_resumes_where_it_stopped(tmp_path):
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(REPO / "params" / "ci.yaml"),
-           "--run-dir", str(run_dir), "--to", "classifier", "--set", "classifier.epochs=12"]
+           "--run-dir", str(run_dir), "--to", "classifier", "--set", "classifier.epochs=6"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpt = run_dir / "01_classifier" / "checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -153,7 +157,7 @@ def test_a_killed_pipeline_resumes_where_it_stopped(tmp_path):
     for folder in ("00_data", "01_classifier"):
         assert json.loads((run_dir / folder / "manifest.json").read_text())["status"] == "done"
     history = json.loads((run_dir / "01_classifier" / "history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert [h["epoch"] for h in history] == list(range(1, 7))
 
 
 def test_architecture_table_lists_every_registered_stage():
