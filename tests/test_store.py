@@ -125,6 +125,7 @@ def test_skip_if_done_and_rerun_on_param_change(toy, tmp_path):
     assert not run2.is_done("toy_a")
     r3 = stages.run_stage("toy_a", cfg2, run2)
     assert not r3.skipped and r3.metrics["lr"] == 0.5
+    assert r3.metrics["written"] == 4  # the old parameters' files were cleared, not resumed from
 
 
 def test_downstream_refuses_stale_upstream_naming_the_change(toy, tmp_path):
