@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
@@ -176,6 +178,35 @@ def execute_notebook(
 
 
 @contextlib.contextmanager
+def _ctrl_c_reaches_kernels() -> Iterator[threading.Event]:
+    """Forward Ctrl-C to the running notebook's kernel, then interrupt as usual.
+
+    Jupyter starts kernels in their own session, so a terminal's Ctrl-C reaches
+    only this process; the kernel would train on. The returned event stays set,
+    so an interrupt that the kernel client swallows still stops the run at the
+    next stage (seen under load on 2 cores).
+    """
+    hit = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield hit
+        return
+    import psutil
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        hit.set()
+        for child in psutil.Process().children():  # the kernel (jupyter's launcher is this process)
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGINT)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def _stderr_to(path: Path) -> Iterator[None]:
     """Point file descriptor 2 at `path` (child processes inherit it), then back."""
     sys.stderr.flush()
@@ -223,11 +254,13 @@ def run_pipeline(
         raise ConfigError(f"--force {unknown[0]}: unknown stage; stages: {', '.join(STAGES)}")
     run = open_run(run_dir, cfg)
     executed: set[str] = set()  # a notebook may serve several stages (06: the segmenter and its bound)
-    with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}):
+    with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
         # Reasons are taken before anything runs, so a downstream stage names the root cause
         # ("00_data was made from other data") rather than "00_data was rerun since".
         reasons = {name: run.why_not_done(name) for name in stages}
         for k, name in enumerate(stages, 1):
+            if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
+                raise KeyboardInterrupt
             nb = NOTEBOOK_DIR / STAGES[name].notebook  # type: ignore[operator]
             out = run.root / "notebooks" / nb.name
             tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
@@ -250,7 +283,7 @@ def run_pipeline(
             try:
                 execute_notebook(nb, out, params, log_output=log_output)
             except papermill.PapermillExecutionError as e:
-                if e.ename == "KeyboardInterrupt":  # Ctrl-C reaches the kernel too
+                if e.ename == "KeyboardInterrupt" or ctrl_c.is_set():  # Ctrl-C, forwarded to the kernel
                     raise KeyboardInterrupt from None
                 if e.ename == "StaleUpstreamError":
                     raise StaleUpstreamError(e.evalue) from None
