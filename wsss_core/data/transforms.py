@@ -127,7 +127,24 @@ class _CenterPad(torch.nn.Module):
         return v2.functional.pad(img, pad, fill=0.0)[..., : self.size, : self.size]
 
 
-class LabelledTensors(torch.utils.data.Dataset):
+class _EpochSeeded(torch.utils.data.Dataset):
+    """Items whose augmentation is seeded from (seed, epoch, index); the fit
+    loop calls `set_epoch` each epoch."""
+
+    def __init__(self, items: Any, transform: Callable, seed: int = 0):
+        self.items = items
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class LabelledTensors(_EpochSeeded):
     """Wrap LabelledImages (images + image-level labels) as tensors for training.
 
     `columns` picks and orders the label columns the model predicts (so
@@ -136,20 +153,11 @@ class LabelledTensors(torch.utils.data.Dataset):
     """
 
     def __init__(self, images, transform: Callable, columns: Sequence[int] | None = None, seed: int = 0):
-        self.images = images
-        self.transform = transform
+        super().__init__(images, transform, seed)
         self.columns = None if columns is None else list(columns)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image, labels = self.images[i]
+        image, labels = self.items[i]
         with seeded(self.seed, self.epoch, i):
             x = self.transform(image)
         y = labels if self.columns is None else labels[self.columns]
@@ -165,7 +173,7 @@ def seeded(seed: int, epoch: int, index: int) -> Iterator[None]:
         yield
 
 
-class JointTensors(torch.utils.data.Dataset):
+class JointTensors(_EpochSeeded):
     """Images with per-pixel labels (pseudo masks, confident labels, real masks)
     as augmented training tensors: items `(x, labels, index)`.
 
@@ -174,20 +182,11 @@ class JointTensors(torch.utils.data.Dataset):
     may turn the augmented label map into other targets (a tuple)."""
 
     def __init__(self, pairs: Any, transform: Callable, seed: int = 0, target: Callable | None = None):
-        self.pairs = pairs
-        self.transform = transform
-        self.seed = seed
+        super().__init__(pairs, transform, seed)
         self.target = target
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple:
-        image, labels = self.pairs[i]
+        image, labels = self.items[i]
         with seeded(self.seed, self.epoch, i):
             x, y = self.transform(image, labels)
         targets = (y,) if self.target is None else tuple(self.target(y))
