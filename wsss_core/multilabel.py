@@ -155,7 +155,7 @@ def evaluate_multilabel(cfg: ClassifierConfig, model: nn.Module, val_images, col
 
 
 def _labels(ds: LabelledTensors) -> np.ndarray:
-    y = np.asarray(ds.images.labels)
+    y = np.asarray(ds.items.labels)
     return y if ds.columns is None else y[:, ds.columns]
 
 
