@@ -17,6 +17,7 @@ import yaml
 
 from wsss_core import cli, stages
 from wsss_core.config import load_config
+from wsss_core.store import StaleUpstreamError
 
 from conftest import REPO
 from fixtures import make_voc
@@ -185,17 +186,17 @@ def wsss(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
                           timeout=timeout, **kw)
 
 
-def test_exit_codes_and_messages_through_a_process(tmp_path):
-    ok = wsss("validate", "--config", str(CI_YAML))
-    assert ok.returncode == 0 and "parameters valid for every stage" in ok.stdout
+def test_exit_codes_and_messages_through_a_process(tmp_path, capsys):
+    assert cli.main(["validate", "--config", str(CI_YAML)]) == 0
+    assert "parameters valid for every stage" in capsys.readouterr().out
     bad = wsss("stage", "cams", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "r"))
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "wsss: error: stage 'cams' refuses to run on stale inputs: 00_data has not been run; 01_classifier has "
         "not been run; 01_label_filter has not been run. Rerun from 'data' first (wsss run --from data)."]
     assert not (tmp_path / "r").exists()
-    debug = wsss("stage", "cams", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "r"), "--debug")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    with pytest.raises(StaleUpstreamError):  # --debug: the exception itself, with its traceback
+        cli.main(["stage", "cams", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "r"), "--debug"])
 
 
 def test_scientific_notation_in_yaml_and_set(tmp_path):
@@ -223,18 +224,19 @@ def test_outputs_follow_the_umask(finished):
 
 
 # --------------------------------------------------------------------------- one run per folder
-def test_second_process_on_a_locked_run_refuses_naming_the_pid(finished, tmp_path):
+def test_second_process_on_a_locked_run_refuses_naming_the_pid(finished, tmp_path, capsys):
     run = stages.open_run(finished, load_config(CI_YAML))
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (finished / ".wsss.lock").write_text(
             f'{{"pid": {holder.pid}, "host": "{os.uname().nodename}", "token": "x", "started": "now", '
             '"command": "wsss run"}')
-        r = wsss("stage", "crf", "--force", "--config", str(CI_YAML), "--run-dir", str(finished))
-        assert r.returncode == 2
-        assert f"in use by pid {holder.pid}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-        r = wsss("run", "--config", str(CI_YAML), "--run-dir", str(finished))
-        assert r.returncode == 2 and f"in use by pid {holder.pid}" in r.stderr
+        capsys.readouterr()
+        assert cli.main(["stage", "crf", "--force", "--config", str(CI_YAML), "--run-dir", str(finished)]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by pid {holder.pid}" in err and len(err.strip().splitlines()) == 1
+        assert cli.main(["run", "--config", str(CI_YAML), "--run-dir", str(finished)]) == 2
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
@@ -274,9 +276,8 @@ def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
 
 
 def test_a_killed_stage_is_reported_as_interrupted(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "wsss_core.cli", "stage", "data", "--config", str(CI_YAML),
-                             "--run-dir", str(tmp_path / "r")], stdout=subprocess.PIPE, text=True)
-    proc.wait(timeout=120)
+    cfg = load_config(CI_YAML)
+    stages.run_stage("data", cfg, stages.open_run(tmp_path / "r", cfg))
     p = subprocess.Popen([sys.executable, "-m", "wsss_core.cli", "stage", "classifier", "--config", str(CI_YAML),
                           "--run-dir", str(tmp_path / "r"), "--set", "classifier.epochs=30"],
                          stdout=subprocess.PIPE, text=True)
