@@ -129,7 +129,7 @@ def test_a_killed_pipeline_resumes_where_it_stopped(tmp_path):
     cfg = load_config(REPO / "params" / "ci.yaml")
     stages.run_stage("data", cfg, stages.open_run(run_dir, cfg))  # done before: the rerun must keep it
     cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(REPO / "params" / "ci.yaml"),
-           "--run-dir", str(run_dir), "--to", "classifier", "--set", "classifier.epochs=6"]
+           "--run-dir", str(run_dir), "--to", "label_filter", "--set", "classifier.epochs=6"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpt = run_dir / "01_classifier" / "checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -148,12 +148,13 @@ def test_a_killed_pipeline_resumes_where_it_stopped(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     out = second.stdout
-    assert re.search(r"\(1/2\) data +skipped \(done\)", out), out
-    assert re.search(r"\(2/2\) classifier +running \(01_classifier was interrupted", out), out
+    assert re.search(r"\(1/3\) data +skipped \(done\)", out), out
+    assert re.search(r"\(2/3\) classifier +running \(01_classifier was interrupted", out), out
     assert "resuming classifier from epoch" in out
     assert (run_dir / "00_data" / "manifest.json").read_text() == data_manifest
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]
-    for folder in ("00_data", "01_classifier"):
+    assert re.search(r"\(3/3\) label_filter +running \(01_label_filter has not been run\)", out), out
+    for folder in ("00_data", "01_classifier", "01_label_filter"):
         assert json.loads((run_dir / folder / "manifest.json").read_text())["status"] == "done"
     history = json.loads((run_dir / "01_classifier" / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, 7))

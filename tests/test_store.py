@@ -156,6 +156,22 @@ def test_downstream_refuses_stale_upstream_naming_the_change(toy, tmp_path):
     assert stages.run_stage("toy_b", cfg2, run2).metrics["total"] == 6.0
 
 
+def test_an_interrupted_resume_keeps_downstream_done(toy, tmp_path):
+    cfg = config_from_dict({})
+    run = stages.open_run(tmp_path / "run", cfg)
+    stages.run_stage("toy_a", cfg, run)
+    stages.run_stage("toy_b", cfg, run)
+    # toy_a started again with the same parameters (a re-evaluation, a resume) and Ctrl-C'd
+    run.begin("toy_a")
+    run.fail("toy_a", KeyboardInterrupt(), "now")
+    assert run.why_not_done("toy_a") == "01_toy_a did not finish (status: interrupted)"
+    assert stages.run_stage("toy_a", cfg, run).metrics["written"] == 0  # resumed: its files are kept
+    assert run.is_done("toy_b")  # so toy_b's inputs are the same files: nothing to redo
+    # a forced redo is new outputs: toy_b is stale
+    stages.run_stage("toy_a", cfg, run, force=True)
+    assert run.why_not_done("toy_b") == "02_toy_b is stale because its input was redone since: 01_toy_a"
+
+
 def test_failed_stage_is_recorded_and_not_done(toy, tmp_path, monkeypatch):
     cfg = config_from_dict({})
     run = stages.open_run(tmp_path / "run", cfg)

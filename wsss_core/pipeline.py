@@ -199,11 +199,15 @@ def _ctrl_c_reaches_kernels() -> Iterator[threading.Event]:
                 child.send_signal(signal.SIGINT)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started with Ctrl-C ignored (a background job of a script): keep it
+        yield hit
+        return
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         yield hit
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -295,6 +299,8 @@ def run_pipeline(
             if m.get("status") != "done":
                 raise StageFailed(f"stage {name}: its notebook {out} finished without running it")
             echo(f"{tag} done in {time.perf_counter() - t0:.0f} s{_with(headline(name, m.get('metrics', {})))}")
+        if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish
+            raise KeyboardInterrupt
     return run.root
 
 

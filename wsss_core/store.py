@@ -172,6 +172,9 @@ def clear_folder(folder: Path) -> None:
     """Delete everything inside `folder` (not the folder itself)."""
     import shutil
 
+    manifest = folder / MANIFEST
+    if manifest.exists():  # first: an interrupted clear must not leave a "done" stage with half its files
+        manifest.unlink()
     for p in folder.iterdir():
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -413,9 +416,9 @@ class Run:
                 write_json(folder / "content.json", content)
             # A new run id tells downstream stages their inputs were remade; resuming or
             # re-evaluating keeps the outputs, so it keeps the id.
-            kept_id = None if fresh or stale or old is None else old.get("run_id")
+            run_id = uuid.uuid4().hex if fresh or stale or old is None else old.get("run_id")
             self._write_manifest(name, status="running", started=now_iso(), pid=os.getpid(),
-                                 host=socket.gethostname(), run_id=kept_id or uuid.uuid4().hex)
+                                 host=socket.gethostname(), run_id=run_id)
         return folder
 
     def finish(self, name: str, result: StageResult, started: str) -> None:
@@ -425,7 +428,6 @@ class Run:
         write_json(folder / "metrics.json", result.metrics)
         self._write_manifest(
             name,
-            run_id=(self.manifest(name) or {}).get("run_id"),
             status="done",
             started=started,
             finished=now_iso(),
@@ -454,6 +456,8 @@ class Run:
         )
 
     def _write_manifest(self, name: str, **fields: Any) -> None:
+        if "run_id" not in fields:  # the outputs' identity outlives a failure or an interruption
+            fields["run_id"] = (self.manifest(name) or {}).get("run_id")
         spec = self.spec(name)
         content = self.content(name)
         manifest = {

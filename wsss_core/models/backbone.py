@@ -152,7 +152,10 @@ def read_model_file(path: str | Path, fmt: str, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: {what} file not found")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects we refuse to load
+        raise WeightsError(f"{path}: not a saved {what} ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         raise WeightsError(f"{path}: not a saved {what}")
     return blob
