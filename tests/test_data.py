@@ -149,6 +149,10 @@ def test_labelled_images_api(tmp_path):
         images[4]
     with pytest.raises(TypeError):
         images["a0"]  # type: ignore[index]
+    assert [images.position(i) for i in ("a3", "a0", "a2")] == [3, 0, 2]
+    assert sub.position("a0") == 1  # positions of the subset, not of the parent
+    with pytest.raises(KeyError, match="'zz'"):
+        images.position("zz")
 
 
 def test_mask_set_api(tmp_path):

@@ -93,8 +93,7 @@ def filter_train_images(cfg: Config, ds: Dataset, out_dir: Path, device: torch.d
         col = ds.classes.index(lf.class_name) - 1
         ccfg = _filter_classifier_config(cfg)
         trusted = trusted_ids(cfg, ds)
-        index = {i: n for n, i in enumerate(images.ids)}
-        trusted_idx = [index[i] for i in trusted]
+        trusted_idx = [images.position(i) for i in trusted]
         model, _, history = train_multilabel(
             ccfg, images.subset(trusted_idx), None, [col], [lf.class_name], out_dir, device, cfg.seed,
             epochs=lf.epochs, lr=lf.lr, desc=f"filter[{lf.class_name}]",

@@ -63,7 +63,6 @@ class CamInspector:
         self.ds = open_dataset(cfg.data, validate=False)
         self.split = split or cfg.cams.split
         self.images = self.ds.labelled(self.split)
-        self._index = {i: n for n, i in enumerate(self.images.ids)}
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self.cache_size = cache_size
         self.computed = 0  # how many times maps were actually computed (for tests)
@@ -75,7 +74,7 @@ class CamInspector:
 
     def labelled_class_names(self, image_id: str) -> list[str]:
         """The image's labelled classes that the model knows."""
-        labels = self.images.labels[self._index[image_id]]
+        labels = self.images.labels[self.images.position(image_id)]
         return [self.ds.classes[k] for k in self.trained.class_ids if labels[k - 1] > 0.5]
 
     def class_names(self, image_id: str) -> list[str]:
@@ -92,7 +91,7 @@ class CamInspector:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        image, _ = self.images[self._index[image_id]]
+        image, _ = self.images[self.images.position(image_id)]
         mean, std = self.trained.meta["normalization"]
         x = to_normalized_tensor(image, mean, std).to(self.device)
         res = class_activation_maps(self.cam_model, x, self.trained.class_ids, scales=tuple(scales), flip=flip,
@@ -108,7 +107,7 @@ class CamInspector:
         """Rows for `viz.cam_gallery`: per image and method, the CAMs of its labelled classes."""
         rows = []
         for image_id in ids:
-            image, labels = self.images[self._index[image_id]]
+            image, labels = self.images[self.images.position(image_id)]
             for method in methods:
                 res = self.maps(image_id, method, scales)
                 maps = [(self.ds.classes[k], res.high_res[j]) for j, k in enumerate(res.keys) if labels[k - 1] > 0.5]
@@ -141,7 +140,7 @@ class CamInspector:
                labelled_only: bool = True, flip: bool = True) -> Rendered:
         """Everything the inspector draws for one setting of the controls."""
         res = self.maps(image_id, method, scales, flip)
-        image, labels = self.images[self._index[image_id]]
+        image, labels = self.images[self.images.position(image_id)]
         k = self.ds.classes.index(class_name)
         keys = np.asarray(res.keys)
         j = int(np.flatnonzero(keys == k)[0])

@@ -151,7 +151,7 @@ class LabelledImages(Sequence):
     `labels[i, k-1]` is 1 when image i is labelled with class k (`classes[k]`).
     """
 
-    __slots__ = ("ids", "_paths", "labels", "classes")
+    __slots__ = ("ids", "_paths", "labels", "classes", "_positions")
 
     def __init__(self, ids: Sequence[str], image_paths: Sequence[Path], labels: np.ndarray, classes: tuple[str, ...]):
         labels = np.array(labels, dtype=np.float32, copy=True)
@@ -161,6 +161,16 @@ class LabelledImages(Sequence):
         self._paths = [Path(p) for p in image_paths]
         self.labels = labels
         self.classes = tuple(classes)
+        self._positions: dict[str, int] | None = None
+
+    def position(self, image_id: str) -> int:
+        """The index of image `image_id` (KeyError naming it if absent)."""
+        if self._positions is None:
+            self._positions = {i: n for n, i in enumerate(self.ids)}
+        try:
+            return self._positions[image_id]
+        except KeyError:
+            raise KeyError(f"image {image_id!r} is not in this split") from None
 
     def __repr__(self) -> str:
         return f"LabelledImages({len(self)} images, {len(self.classes) - 1} classes)"

@@ -151,10 +151,9 @@ def stage_ids(cfg: Config, run: Run, split: str) -> list[str]:
     return dataset(cfg).ids(split)
 
 
-def stage_images(cfg: Config, run: Run, split: str) -> tuple[Any, dict[str, int], list[str]]:
-    """(the split's LabelledImages, id -> position, the ids the stage works on)."""
-    images = dataset(cfg).labelled(split)
-    return images, {i: n for n, i in enumerate(images.ids)}, stage_ids(cfg, run, split)
+def stage_images(cfg: Config, run: Run, split: str) -> tuple[Any, list[str]]:
+    """(the split's LabelledImages, the ids the stage works on)."""
+    return dataset(cfg).labelled(split), stage_ids(cfg, run, split)
 
 
 def check_split(cfg: Config, ds: Any, key: str, split: str) -> None:

@@ -35,14 +35,13 @@ class ImagesWithLabels:
 
     def __init__(self, images: Any, ids: list[str], run: Run, artifact: Any = IR_LABELS):
         self.images, self.ids, self.run, self.artifact = images, list(ids), run, artifact
-        self._index = {i: n for n, i in enumerate(images.ids)}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         sid = self.ids[i]
-        return self.images.image(self._index[sid]), self.artifact.read(self.run, sid)
+        return self.images.image(self.images.position(sid)), self.artifact.read(self.run, sid)
 
 
 class AffinityTargets:
@@ -129,10 +128,9 @@ def boundary_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[
     device = runtime.resolve_device(cfg.device)
     model = load_boundary(model_path(run, "boundary"), device)
     images = dataset(cfg).labelled(cfg.data.train_split)
-    index = {i: n for n, i in enumerate(images.ids)}
     rows = []
     for sid in ids:
-        image = images.image(index[sid])
+        image = images.image(images.position(sid))
         rows.append([(sid, image), ("confident labels (white: 255)", IR_LABELS.read(run, sid)),
                      ("boundary map (stride 4)", boundary_map(model, image, device))])
     return rows

@@ -47,11 +47,11 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
     cam_model = trained.model.at_layer(c.layer)
     mean, std = trained.meta["normalization"]
     ds = dataset(cfg)
-    images, index, ids = stage_images(cfg, run, c.split)
+    images, ids = stage_images(cfg, run, c.split)
 
     def compute(todo: list[str]) -> Iterator[tuple[str, Any]]:
         for sid in todo:
-            image, labels = images[index[sid]]
+            image, labels = images[images.position(sid)]
             x = to_normalized_tensor(image, mean, std).to(device)
             if c.classes == "labels":  # an empty label set means no object: no fallback to predictions
                 class_ids = select_classes(labels, "labels", head_class_ids=trained.class_ids)

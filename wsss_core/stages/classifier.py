@@ -82,6 +82,5 @@ def val_predictions(cfg: Config, run: Run, n: int) -> tuple[list[tuple[np.ndarra
     z = read_val_scores(run)
     names = (run.manifest("classifier") or {}).get("metrics", {}).get("classes", [])
     images = dataset(cfg).labelled(cfg.data.val_split)
-    index = {i: k for k, i in enumerate(images.ids)}
-    pairs = [(images.image(index[str(i)]), z["labels"][k]) for k, i in enumerate(z["ids"][:n])]
+    pairs = [(images.image(images.position(str(i))), z["labels"][k]) for k, i in enumerate(z["ids"][:n])]
     return pairs, z["scores"][:n], names

@@ -30,13 +30,13 @@ def crf_stage(cfg: Config, run: Run) -> StageResult:
     """Dense-CRF confident labels per image (0 bg, k class, 255 unconfident) for IRNet."""
     ds = dataset(cfg)
     split = cfg.cams.split
-    images, index, ids = stage_images(cfg, run, split)
+    images, ids = stage_images(cfg, run, split)
 
     def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         def items():
             for sid in todo:
                 cam = CAMS.read(run, sid)
-                yield sid, images.image(index[sid]), cam.high_res, cam.keys
+                yield sid, images.image(images.position(sid)), cam.high_res, cam.keys
 
         return confident_labels_many(items(), cfg.crf, cfg.crf.workers)
 
@@ -70,12 +70,11 @@ def crf_threshold_sweep(cfg: Config, run: Run, ids: list[str],
     ds = dataset(cfg)
     images = ds.labelled(cfg.cams.split)
     masks = ds.masks(cfg.cams.split)
-    index = {i: n for n, i in enumerate(images.ids)}
     cams = {i: CAMS.read(run, i) for i in ids}
     out = []
     for fg, bg in pairs:
         c = dataclasses.replace(cfg.crf, conf_fg_thres=fg, conf_bg_thres=min(bg, fg))
-        maps = (confident_labels(images.image(index[i]), cams[i].high_res, cams[i].keys, c) for i in ids)
+        maps = (confident_labels(images.image(images.position(i)), cams[i].high_res, cams[i].keys, c) for i in ids)
         s = confident_label_scores(maps, (masks.mask(i) for i in ids), ds.num_classes)
         out.append({"conf_fg_thres": fg, "conf_bg_thres": c.conf_bg_thres, "precision": s["precision"],
                     "coverage": s["coverage"], "miou": s["miou"]})

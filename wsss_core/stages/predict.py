@@ -53,11 +53,10 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
             ids = ds.ids(split)
             art = prediction_artifact(cfg, split, which)
             images = ds.labelled(split)
-            index = {i: n for n, i in enumerate(images.ids)}
 
             def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
                 for sid in todo:
-                    yield sid, segment(net, images.image(index[sid]), p.tta_scales, p.tta_flip, device)
+                    yield sid, segment(net, images.image(images.position(sid)), p.tta_scales, p.tta_flip, device)
 
             def evaluate() -> dict[str, Any]:
                 return prediction_scores(cfg, run, split, which) if ds.has_masks(split) else {}

@@ -46,11 +46,11 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     model = load_boundary(model_path(run, "boundary"), device)
     ds = dataset(cfg)
     split = cfg.cams.split
-    images, index, ids = stage_images(cfg, run, split)
+    images, ids = stage_images(cfg, run, split)
 
     def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
         for sid in todo:
-            image = images.image(index[sid])
+            image = images.image(images.position(sid))
             # the walk uses the boundary map as stored (8 bits), so the notebook's sweeps repeat it exactly
             b = BOUNDARY_MAPS.quantize(boundary_map(model, image, device, cfg.pseudo_masks.flip))
             BOUNDARY_MAPS.write(run, sid, b)
