@@ -246,6 +246,14 @@ def test_second_process_on_a_locked_run_refuses_naming_the_pid(finished, tmp_pat
     assert not (finished / ".wsss.lock").exists()
 
 
+def _status_running(manifest) -> bool:
+    """The manifest says running; a rerun deletes it before writing it again, so absent means not yet."""
+    try:
+        return '"running"' in manifest.read_text()
+    except FileNotFoundError:
+        return False
+
+
 def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
     shutil.copytree(finished, tmp_path / "r")
     first = subprocess.Popen([sys.executable, "-m", "wsss_core.cli", "run", "--config", str(CI_YAML), "--run-dir",
@@ -255,9 +263,9 @@ def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
     manifest = tmp_path / "r" / "01_classifier" / "manifest.json"
     try:
         deadline = time.monotonic() + 120
-        while '"running"' not in manifest.read_text() and first.poll() is None and time.monotonic() < deadline:
+        while not _status_running(manifest) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert lock.exists() and '"running"' in manifest.read_text(), first.communicate()
+        assert lock.exists() and _status_running(manifest), first.communicate()
         second = wsss("run", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "r"))
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip().splitlines() == [
@@ -283,7 +291,7 @@ def test_a_killed_stage_is_reported_as_interrupted(tmp_path):
                          stdout=subprocess.PIPE, text=True)
     manifest = tmp_path / "r" / "01_classifier" / "manifest.json"
     deadline = time.monotonic() + 120
-    while (not manifest.exists() or '"running"' not in manifest.read_text()) and time.monotonic() < deadline:
+    while not _status_running(manifest) and time.monotonic() < deadline:
         time.sleep(0.2)
     p.kill()
     p.wait()
