@@ -223,6 +223,25 @@ def test_outputs_follow_the_umask(finished):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
 
 
+def test_the_registry_and_the_data_stage_do_not_import_torch(tmp_path):
+    """Stage modules import torch and the models where they use them: the data
+    stage, a fully skipped rerun and the pipeline start without a second of imports."""
+    script = (
+        "import sys\n"
+        "from wsss_core import pipeline, stages\n"
+        "from wsss_core.config import load_config\n"
+        f"cfg = load_config({str(CI_YAML)!r})\n"
+        f"run = stages.open_run({str(tmp_path / 'run')!r}, cfg)\n"
+        "first = stages.run_stage('data', cfg, run)\n"
+        "again = stages.run_stage('data', cfg, run)\n"
+        "print(first.skipped, again.skipped, sorted(m for m in ('torch', 'torchvision', 'timm', "
+        "'segmentation_models_pytorch') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False True []"
+
+
 # --------------------------------------------------------------------------- one run per folder
 def test_second_process_on_a_locked_run_refuses_naming_the_pid(finished, tmp_path, capsys):
     run = stages.open_run(finished, load_config(CI_YAML))

@@ -11,7 +11,7 @@ from PIL import Image
 from wsss_core import cli, stages
 from wsss_core.models.segmenter import build_segmenter
 from wsss_core.predict import predict_folder, segment, tta_logits
-from wsss_core.stages.segmentation import pixel_loss
+from wsss_core.models.segmenter import pixel_loss
 
 
 @pytest.fixture(scope="module")

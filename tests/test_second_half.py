@@ -15,10 +15,10 @@ import torch
 from wsss_core import stages
 from wsss_core.artifacts import BOUNDARY_MAPS, CAMS, PSEUDO_MASKS, model_path, predictions, read_kept_ids
 from wsss_core.metrics import ConfusionMatrix
-from wsss_core.models.boundary import load_boundary
+from wsss_core.affinity import AffinityTargets
+from wsss_core.models.boundary import boundary_map, load_boundary
 from wsss_core.models.segmenter import load_segmenter
 from wsss_core.random_walk import pseudo_mask
-from wsss_core.stages.boundary import AffinityTargets, boundary_map
 from wsss_core.train import param_checksum
 
 from conftest import REPO

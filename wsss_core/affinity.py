@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -275,3 +275,24 @@ def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor | np.ndarray, fg_pos: 
     ng = mean_over(neg_term, neg)
     pos = bg / 2 + fg / 2
     return AffinityLoss(total=(pos + ng) / 2, pos=pos, neg=ng, bg_pos=bg, fg_pos=fg)
+
+
+class AffinityTargets:
+    """Augmented label crop (H, W) tensor -> IRNet's affinity targets (bg_pos, fg_pos, neg) at stride 4."""
+
+    def __init__(self, radius: int):
+        self.radius = radius
+
+    def __call__(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        small = downsize_labels(labels.numpy().astype(np.uint8), 4)
+        return tuple(torch.from_numpy(a) for a in affinity_labels(small, self.radius))  # type: ignore[return-value]
+
+
+def affinity_training_loss(radius: int):
+    """Batch loss `(model, (x, bg_pos, fg_pos, neg, index))` of the boundary net."""
+
+    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        x, bg_pos, fg_pos, neg = batch[:4]
+        return affinity_loss(affinity_from_boundary(model(x), radius), bg_pos, fg_pos, neg).total
+
+    return loss

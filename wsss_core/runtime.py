@@ -4,6 +4,9 @@ Under `torchrun --nproc_per_node N`, every process runs the same stage:
 training stages use DistributedDataParallel, per-image stages take every N-th
 image (`shard`). Only this module reads the torchrun environment
 (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) or joins the process group.
+
+torch is imported where it is used: stages that never touch it (data, report)
+and `wsss validate` start without its second of import time.
 """
 
 from __future__ import annotations
@@ -12,17 +15,20 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Iterable, Sequence, TypeVar
 
 import numpy as np
-import torch
-import torch.distributed as dist
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` -> CUDA if available else CPU; under torchrun, this rank's GPU."""
+    import torch
+
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -31,6 +37,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -70,6 +78,9 @@ def init_distributed(device: torch.device | None = None) -> DistInfo:
     process). gloo on CPU, nccl on CUDA. Safe to call more than once."""
     if world_size() <= 1:
         return DistInfo()
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         cuda = device is not None and device.type == "cuda"
         if cuda:
@@ -80,6 +91,10 @@ def init_distributed(device: torch.device | None = None) -> DistInfo:
 
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
+    if world_size() <= 1:
+        return
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -119,6 +134,11 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
 
 def sum_over_ranks(value: float) -> float:
     """Sum of `value` over every process (the value itself in a single process)."""
+    if world_size() <= 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None

@@ -13,7 +13,7 @@ from .boundary import BoundaryNet, boundary_with_flip, load_boundary, save_bound
 from .classifier import MultiLabelClassifier, build_classifier, param_groups
 from .efficientnet import imagenet_lite0, lite0_name_map
 from .factory import BACKBONES, OUTPUT_STRIDES, build_backbone
-from .segmenter import IGNORE_INDEX, Segmenter, build_segmenter, load_segmenter, save_segmenter, segmentation_loss
+from .segmenter import IGNORE_INDEX, Segmenter, build_segmenter, load_segmenter, pixel_loss, save_segmenter, segmentation_loss
 
 __all__ = [
     "BACKBONES",
@@ -37,5 +37,6 @@ __all__ = [
     "param_groups",
     "save_boundary",
     "save_segmenter",
+    "pixel_loss",
     "segmentation_loss",
 ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,6 +134,17 @@ def boundary_with_flip(model: BoundaryNet, x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     logits = model.forward_logits(torch.cat([x, x.flip(-1)], dim=0))
     return torch.sigmoid(logits[:n] / 2 + logits[n:].flip(-1) / 2)
+
+
+def boundary_map(model: BoundaryNet, image: np.ndarray, device: torch.device, flip: bool = True) -> np.ndarray:
+    """The boundary map (ceil(H/4), ceil(W/4)) in [0, 1] of one image (H, W, 3) at its own size."""
+    from ..data.transforms import to_normalized_tensor
+
+    mean, std = model.normalization
+    x = to_normalized_tensor(image, mean, std)[None].to(device)
+    with torch.inference_mode():
+        b = boundary_with_flip(model, x) if flip else model(x)
+    return b[0, 0].float().cpu().numpy()
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:

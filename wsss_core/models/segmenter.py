@@ -116,6 +116,14 @@ def segmentation_loss() -> nn.CrossEntropyLoss:
     return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
 
+_CROSS_ENTROPY = segmentation_loss()
+
+
+def pixel_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The segmenter's batch loss: cross-entropy over pixels, 255 ignored; batch = (x, masks, index)."""
+    return _CROSS_ENTROPY(model(batch[0]).float(), batch[1])
+
+
 def build_segmenter(backbone: str, num_classes: int, output_stride: int = 16,
                     atrous_rates: Sequence[int] = (12, 24, 36), weights: str = "imagenet") -> Segmenter:
     """DeepLabV3+ (smp) on `backbone` ('efficientnet_lite0' or 'resnet50') at output

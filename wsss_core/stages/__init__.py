@@ -112,7 +112,8 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageRes
         print(f"[wsss] {s.spec.folder}: already done with these parameters, skipped", flush=True)
         return run.result(name)
     check_stage(name, cfg)
-    runtime.init_distributed(runtime.resolve_device(cfg.device))
+    if runtime.world_size() > 1:  # torchrun: join the process group before the barrier below
+        runtime.init_distributed(runtime.resolve_device(cfg.device))
     with run.lock(f"wsss stage {name}"):
         started = now_iso()
         t0 = time.perf_counter()

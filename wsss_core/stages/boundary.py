@@ -8,18 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import runtime
-from ..affinity import affinity_from_boundary, affinity_labels, affinity_loss, downsize_labels
 from ..artifacts import IR_LABELS, model_path, read_kept_ids
 from ..config import Config, ConfigError
-from ..data.transforms import JointTensors, joint_train_transform, to_normalized_tensor
 from ..evaluate import boundary_scores
-from ..models import build_backbone
-from ..models.boundary import BoundaryNet, boundary_with_flip, load_boundary, save_boundary
 from ..store import Run, StageResult, read_json
-from ..train import FitConfig, fit
 from . import dataset, register
 
 
@@ -44,36 +38,6 @@ class ImagesWithLabels:
         return self.images.image(self.images.position(sid)), self.artifact.read(self.run, sid)
 
 
-class AffinityTargets:
-    """Augmented label crop -> IRNet's affinity targets (bg_pos, fg_pos, neg) at stride 4."""
-
-    def __init__(self, radius: int):
-        self.radius = radius
-
-    def __call__(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        small = downsize_labels(labels.numpy().astype(np.uint8), 4)
-        return tuple(torch.from_numpy(a) for a in affinity_labels(small, self.radius))  # type: ignore[return-value]
-
-
-def affinity_training_loss(radius: int):
-    """Batch loss `(model, (x, bg_pos, fg_pos, neg, index))` of the boundary net."""
-
-    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        x, bg_pos, fg_pos, neg = batch[:4]
-        return affinity_loss(affinity_from_boundary(model(x), radius), bg_pos, fg_pos, neg).total
-
-    return loss
-
-
-def boundary_map(model: BoundaryNet, image: np.ndarray, device: torch.device, flip: bool = True) -> np.ndarray:
-    """The boundary map (ceil(H/4), ceil(W/4)) in [0, 1] of one image at its own size."""
-    mean, std = model.normalization
-    x = to_normalized_tensor(image, mean, std)[None].to(device)
-    with torch.inference_mode():
-        b = boundary_with_flip(model, x) if flip else model(x)
-    return b[0, 0].float().cpu().numpy()
-
-
 def _headline(m: dict) -> str:
     e = m.get("val_boundary")
     return f"val boundary F {e['best_f']:.3f} (P {e['best_precision']:.3f}, R {e['best_recall']:.3f})" if e else \
@@ -84,6 +48,12 @@ def _headline(m: dict) -> str:
           notebook="04_boundary.ipynb", check=check_boundary, headline=_headline)
 def boundary_stage(cfg: Config, run: Run) -> StageResult:
     """Train the boundary branch on affinity labels of the confident labels."""
+    from ..affinity import AffinityTargets, affinity_training_loss
+    from ..data.transforms import JointTensors, joint_train_transform
+    from ..models import build_backbone
+    from ..models.boundary import BoundaryNet, boundary_map, load_boundary, save_boundary
+    from ..train import FitConfig, fit
+
     b = cfg.boundary
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
@@ -125,6 +95,8 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
 
 def boundary_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
     """Per train image: the image, its confident labels and its boundary map (for pictures)."""
+    from ..models.boundary import boundary_map, load_boundary
+
     device = runtime.resolve_device(cfg.device)
     model = load_boundary(model_path(run, "boundary"), device)
     images = dataset(cfg).labelled(cfg.data.train_split)

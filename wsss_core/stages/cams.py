@@ -1,21 +1,19 @@
 """Stage `cams` (02_cams): multi-scale Grad-CAM / Grad-CAM++ of every kept
 image's classes (cams/<id>.npz), and the CAM mIoU as the background
-threshold moves (evaluation only)."""
+threshold moves (evaluation only).
+
+Stage modules import torch and the models inside the functions that use them:
+importing the registry stays light for the stages and commands that need
+neither (data, report, `wsss validate`, a rerun that skips everything)."""
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
-import torch
-
 from .. import runtime
 from ..artifacts import CAMS, model_path
-from ..cam import class_activation_maps, select_classes
 from ..config import Config, ConfigError
-from ..data.transforms import to_normalized_tensor
 from ..evaluate import cam_threshold_sweep
-from ..models import build_backbone
-from ..multilabel import load_classifier
 from ..store import Run, StageResult
 from . import check_split, dataset, register, stage_images
 from .per_image import for_each_image
@@ -25,6 +23,8 @@ def check_cams(cfg: Config, ds: Any) -> None:
     """The split exists and the CAM layer is a layer of the classifier's backbone."""
     check_split(cfg, ds, "cams.split", cfg.cams.split)
     if cfg.cams.layer is not None:
+        from ..models import build_backbone
+
         names = build_backbone(cfg.classifier.backbone, "random", cfg.classifier.output_stride).layer_names
         if cfg.cams.layer not in names:
             raise ConfigError(f"cams.layer: {cfg.cams.layer!r} is not a layer of {cfg.classifier.backbone}; "
@@ -41,6 +41,12 @@ def _headline(m: dict) -> str:
 def cams_stage(cfg: Config, run: Run) -> StageResult:
     """Multi-scale Grad-CAM / Grad-CAM++ for every image of the split, then a
     background-threshold sweep against the masks."""
+    import torch
+
+    from ..cam import class_activation_maps, select_classes
+    from ..data.transforms import to_normalized_tensor
+    from ..multilabel import load_classifier
+
     c = cfg.cams
     device = runtime.resolve_device(cfg.device)
     trained = load_classifier(model_path(run, "classifier"), device)

@@ -13,19 +13,13 @@ import numpy as np
 from .. import runtime
 from ..artifacts import model_path, read_val_scores, write_val_scores
 from ..config import Config
-from ..multilabel import (
-    check_classifier_params,
-    evaluate_multilabel,
-    load_classifier,
-    save_classifier,
-    train_multilabel,
-    trained_class_ids,
-)
 from ..store import Run, StageResult, read_json, write_json
 from . import dataset, register
 
 
 def check_classifier(cfg: Config, ds: Any) -> None:
+    from ..multilabel import check_classifier_params
+
     check_classifier_params(cfg.classifier, ds.classes)
 
 
@@ -38,6 +32,8 @@ def _headline(m: dict) -> str:
           notebook="01_classifier.ipynb", check=check_classifier, headline=_headline)
 def classifier_stage(cfg: Config, run: Run) -> StageResult:
     """Train the multi-label classifier; save model.pt, history and val metrics."""
+    from ..multilabel import evaluate_multilabel, load_classifier, save_classifier, train_multilabel, trained_class_ids
+
     ds = dataset(cfg)
     class_ids = trained_class_ids(ds.classes, cfg.classifier.exclude_classes)
     columns = [k - 1 for k in class_ids]

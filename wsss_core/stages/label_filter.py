@@ -9,13 +9,14 @@ from typing import Any
 from .. import runtime
 from ..artifacts import write_filter_scores, write_kept_ids
 from ..config import Config
-from ..label_filter import check_label_filter_params, filter_train_images
-from ..multilabel import check_classifier_params
 from ..store import Run, StageResult
 from . import dataset, register
 
 
 def check_label_filter(cfg: Config, ds: Any) -> None:
+    from ..label_filter import check_label_filter_params
+    from ..multilabel import check_classifier_params
+
     check_classifier_params(cfg.classifier, ds.classes)
     check_label_filter_params(cfg, ds)
 
@@ -38,6 +39,8 @@ def label_filter_stage(cfg: Config, run: Run) -> StageResult:
     Dropped: images labelled with an excluded class, and (filter enabled)
     images where the filter class is probably present but not labelled.
     """
+    from ..label_filter import filter_train_images
+
     ds = dataset(cfg)
     folder = run.path("label_filter")
     table, metrics = filter_train_images(cfg, ds, folder, runtime.resolve_device(cfg.device))

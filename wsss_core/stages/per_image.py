@@ -12,13 +12,14 @@ in `throughput.json`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .. import runtime
 from ..artifacts import PerImage
 from ..store import Run, read_json, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 ComputeMany = Callable[[list[str]], Iterable[tuple[str, Any]]]
 

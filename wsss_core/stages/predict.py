@@ -14,8 +14,6 @@ from .. import runtime
 from ..artifacts import LabelMaps, model_path, predictions
 from ..config import Config
 from ..metrics import ConfusionMatrix, segmentation_scores
-from ..models.segmenter import load_segmenter
-from ..predict import segment
 from ..store import Run, StageResult
 from . import check_split, dataset, register
 from .per_image import for_each_image
@@ -42,6 +40,9 @@ def _headline(m: dict) -> str:
           notebook="07_predict.ipynb", check=check_predict, headline=_headline)
 def predict_stage(cfg: Config, run: Run) -> StageResult:
     """Segment the predict splits with TTA and score them."""
+    from ..models.segmenter import load_segmenter
+    from ..predict import segment
+
     p = cfg.predict
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)

@@ -16,17 +16,16 @@ from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, model_path
 from ..config import Config
 from ..evaluate import labels_from_cams
 from ..metrics import ConfusionMatrix, segmentation_scores
-from ..models.boundary import load_boundary
-from ..random_walk import pseudo_mask, random_walk
 from ..store import Run, StageResult
 from . import dataset, register, stage_images
-from .boundary import boundary_map
 from .per_image import for_each_image
 
 
 def walk(cfg: Config, cam: Any, boundary: np.ndarray, image_size: tuple[int, int], beta: float | None = None,
          bg_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(random-walk scores (K, h, w), pseudo mask (H, W)) of one image's CamResult."""
+    from ..random_walk import pseudo_mask, random_walk
+
     p = cfg.pseudo_masks
     rw = random_walk(cam.cam, boundary, p.radius, p.beta if beta is None else beta, p.exp_times)
     mask = pseudo_mask(rw, cam.keys, image_size, p.sem_seg_bg_thres if bg_threshold is None else bg_threshold)
@@ -42,6 +41,8 @@ def _headline(m: dict) -> str:
           notebook="05_pseudo_masks.ipynb", headline=_headline, reads_metrics=("cams",))
 def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     """Random-walk pseudo masks for every kept train image."""
+    from ..models.boundary import boundary_map, load_boundary
+
     device = runtime.resolve_device(cfg.device)
     model = load_boundary(model_path(run, "boundary"), device)
     ds = dataset(cfg)
@@ -93,6 +94,8 @@ def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: 
                       betas: Sequence[float]) -> list[dict[str, Any]]:
     """mIoU of pseudo masks for every (beta, sem_seg_bg_thres) on the images
     `ids`, from their stored boundary maps (evaluation: reads masks)."""
+    from ..random_walk import pseudo_mask, random_walk
+
     ds = dataset(cfg)
     masks = ds.masks(cfg.cams.split)
     gts = {i: masks.mask(i) for i in ids}
@@ -114,7 +117,7 @@ def pseudo_mask_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[st
     """Image, CAM, boundary, random-walk scores, pseudo mask and ground truth of one image."""
     ds = dataset(cfg)
     images = ds.labelled(cfg.cams.split)
-    image = images.image(images.ids.index(image_id))
+    image = images.image(images.position(image_id))
     cam = CAMS.read(run, image_id)
     b = BOUNDARY_MAPS.read(run, image_id)
     rw, mask = walk(cfg, cam, b, image.shape[:2])

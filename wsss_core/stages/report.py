@@ -12,8 +12,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import Config
 from ..store import Run, StageResult, write_json
 from . import STAGES, register
@@ -23,6 +21,8 @@ REPORT_HTML = "report.html"
 
 def machine() -> dict[str, Any]:
     """CPU, GPU, torch version: what the numbers were measured on."""
+    import torch
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -14,22 +14,22 @@ only); the last or the best epoch is kept (`segmentation.checkpoint`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from .. import runtime
 from ..artifacts import PSEUDO_MASKS, model_path, read_kept_ids
 from ..config import Config, ConfigError
-from ..data.transforms import JointTensors, joint_train_transform
 from ..metrics import ConfusionMatrix, segmentation_scores
-from ..models.segmenter import Segmenter, build_segmenter, load_segmenter, save_segmenter, segmentation_loss
-from ..predict import segment
 from ..store import Run, StageResult, read_json, save_torch, write_json
-from ..train import FitConfig, fit
 from . import check_split, dataset, register
 from .boundary import ImagesWithLabels
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.segmenter import Segmenter
 
 
 def check_segmentation(cfg: Config, ds: Any) -> None:
@@ -39,16 +39,10 @@ def check_segmentation(cfg: Config, ds: Any) -> None:
                           "fully supervised bound on (set it to false)")
 
 
-_CROSS_ENTROPY = segmentation_loss()
-
-
-def pixel_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy over pixels, 255 ignored; batch = (x, masks, index)."""
-    return _CROSS_ENTROPY(model(batch[0]).float(), batch[1])
-
-
 def val_miou(model: Segmenter, ds: Any, split: str, device: torch.device) -> dict[str, Any]:
     """Single-scale val scores against the real masks (evaluation only)."""
+    from ..predict import segment
+
     masks = ds.masks(split)
     cm = ConfusionMatrix(ds.num_classes)
     model.eval()
@@ -72,6 +66,10 @@ class _MaskPairs:
 
 def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) -> dict[str, Any]:
     """Train (or, when its model exists, re-evaluate) the segmenter of `stage` on `pairs`."""
+    from ..data.transforms import JointTensors, joint_train_transform
+    from ..models.segmenter import build_segmenter, load_segmenter, pixel_loss, save_segmenter
+    from ..train import FitConfig, fit
+
     s = cfg.segmentation
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
@@ -139,6 +137,8 @@ class _BestKeeper:
 
     def restore(self, model: torch.nn.Module) -> None:
         if self.active and self.path.is_file():
+            import torch
+
             model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
 
     @staticmethod
@@ -187,6 +187,9 @@ def segmentation_full_stage(cfg: Config, run: Run) -> StageResult:
 def segmentation_examples(cfg: Config, run: Run, split: str, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
     """Per image: the image, the weak segmenter's prediction (single scale), the
     bound's when trained, and the real mask (evaluation only), for pictures."""
+    from ..models.segmenter import load_segmenter
+    from ..predict import segment
+
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
     nets = [("weak", load_segmenter(model_path(run, "segmentation"), device))]
@@ -196,7 +199,7 @@ def segmentation_examples(cfg: Config, run: Run, split: str, ids: list[str]) -> 
     images = ds.labelled(split)
     rows = []
     for sid in ids:
-        image = images.image(images.ids.index(sid))
+        image = images.image(images.position(sid))
         row = [(sid, image)] + [(f"{name} segmenter", segment(net, image, (1.0,), False, device))
                                 for name, net in nets]
         if masks is not None:
