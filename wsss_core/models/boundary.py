@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cam import stride4_size
+from ..data.transforms import to_normalized_tensor
 from .backbone import Backbone, WeightsError, _check_fit, read_model_file
 from .factory import build_backbone
 
@@ -138,8 +139,6 @@ def boundary_with_flip(model: BoundaryNet, x: torch.Tensor) -> torch.Tensor:
 
 def boundary_map(model: BoundaryNet, image: np.ndarray, device: torch.device, flip: bool = True) -> np.ndarray:
     """The boundary map (ceil(H/4), ceil(W/4)) in [0, 1] of one image (H, W, 3) at its own size."""
-    from ..data.transforms import to_normalized_tensor
-
     mean, std = model.normalization
     x = to_normalized_tensor(image, mean, std)[None].to(device)
     with torch.inference_mode():
