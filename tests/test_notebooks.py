@@ -73,7 +73,14 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path, capsys):
     # in three parts: the later parts start from finished earlier stages
     root = run_pipeline(config, run_dir, to_stage="classifier", log_output=False)
     run_pipeline(config, run_dir, from_stage="label_filter", to_stage="crf", log_output=False)
+    capsys.readouterr()
     run_pipeline(config, run_dir, from_stage="crf", log_output=False)
+    # 06_segmentation.ipynb runs two stages: each line gives that stage's own seconds
+    out = capsys.readouterr().out
+    for name, folder, what in (("segmentation", "06_segmentation", ""), ("segmentation_full", "06_segmentation_full",
+                                                                        r" \(same notebook\)")):
+        took = round(json.loads((run_dir / folder / "manifest.json").read_text())["seconds"])
+        assert re.search(rf"\) {name} +done in {took} s{what}: val mIoU", out), out
     # (the tool notebook cam_inspector runs on a finished ci run in JupyterLab: test_browser.py)
     for nb in stage_notebooks().values():
         out = root / "notebooks" / nb

@@ -270,8 +270,9 @@ def run_pipeline(
             tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
             if name not in force and run.is_done(name):
                 m = run.manifest(name) or {}
-                done_here = nb.name in executed
-                echo(f"{tag} {'done' if done_here else 'skipped (done)'}{_with(headline(name, m.get('metrics', {})))}")
+                did = f"done in {m.get('seconds') or 0:.0f} s (same notebook)" if nb.name in executed else \
+                    "skipped (done)"
+                echo(f"{tag} {did}{_with(headline(name, m.get('metrics', {})))}")
                 continue
             run.check_upstream(name)
             why = "forced" if name in force else \
@@ -298,7 +299,10 @@ def run_pipeline(
             m = run.manifest(name) or {}
             if m.get("status") != "done":
                 raise StageFailed(f"stage {name}: its notebook {out} finished without running it")
-            echo(f"{tag} done in {time.perf_counter() - t0:.0f} s{_with(headline(name, m.get('metrics', {})))}")
+            # a notebook serving several stages: each line gets its stage's own time
+            shared = any(STAGES[s].notebook == STAGES[name].notebook for s in stages if s != name)
+            took = (m.get("seconds") or 0) if shared else time.perf_counter() - t0
+            echo(f"{tag} done in {took:.0f} s{_with(headline(name, m.get('metrics', {})))}")
         if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish
             raise KeyboardInterrupt
     return run.root
