@@ -5,8 +5,8 @@ training stages use DistributedDataParallel, per-image stages take every N-th
 image (`shard`). Only this module reads the torchrun environment
 (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) or joins the process group.
 
-torch is imported where it is used: stages that never touch it (data, report)
-and `wsss validate` start without its second of import time.
+torch is imported where it is used: the data stage and a rerun that skips
+every stage start without its second of import time.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ pipeline order. Notebooks and the CLI call `run_stage(name, cfg, run)`, which
 4. takes the run folder's lock, records the manifest, and runs the stage.
 
 A stage never runs another stage: `wsss run` runs them in order.
+
+Stage modules import torch and the models inside the functions that use them,
+so importing the registry stays light (0.1 s, not 2.5 s) for the data stage
+and for a rerun that skips every stage.
 """
 
 from __future__ import annotations

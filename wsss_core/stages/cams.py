@@ -1,10 +1,6 @@
 """Stage `cams` (02_cams): multi-scale Grad-CAM / Grad-CAM++ of every kept
 image's classes (cams/<id>.npz), and the CAM mIoU as the background
-threshold moves (evaluation only).
-
-Stage modules import torch and the models inside the functions that use them:
-importing the registry stays light for the stages and commands that need
-neither (data, report, `wsss validate`, a rerun that skips everything)."""
+threshold moves (evaluation only)."""
 
 from __future__ import annotations
 
