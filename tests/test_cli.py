@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from wsss_core import cli, stages
@@ -150,6 +151,12 @@ CASES = {
     "stale upstream (run)": (lambda t: CI_YAML, ["run", "--from", "cams", "--to", "cams", "--set", "classifier.lr=1e-2"],
                              ["refuses to run on stale inputs", "classifier.lr: 0.001 -> 0.01"]),
 }
+
+if not torch.cuda.is_available():  # with a GPU, device: cuda is valid
+    CASES["cuda without a GPU (stage)"] = (lambda t: CI_YAML, ["stage", "crf", "--force", "--set", "device=cuda"],
+                                           ["device: cuda was requested but no CUDA device is available"])
+    CASES["cuda without a GPU (run)"] = (lambda t: CI_YAML, ["run", "--set", "device=cuda"],
+                                         ["device: cuda was requested but no CUDA device is available"])
 
 NEEDS_RUN_DIR = ("run", "stage")
 

@@ -219,3 +219,22 @@ def test_wsss_run_reruns_everything_after_a_label_edit_and_says_why(tmp_path, ca
                      r"\(image_labels_train\.csv changed\)\)$", lines[0]), lines
     assert re.search(r"\(2/2\) classifier +running \(01_classifier is stale because its input changed: "
                      r"00_data was made from other data \(image_labels_train\.csv changed\)\)$", lines[1]), lines
+
+
+@pytest.mark.slow
+def test_a_pseudo_mask_change_reruns_the_segmenter_and_skips_its_bound(ci_full_run, tmp_path, capsys):
+    """06_segmentation.ipynb serves two stages; the bound does not read pseudo
+    masks, so it is skipped inside the notebook and reported as skipped."""
+    import shutil
+
+    _, run = ci_full_run
+    shutil.copytree(run.root, tmp_path / "run")
+    capsys.readouterr()
+    run_pipeline(REPO / "params" / "ci.yaml", tmp_path / "run", from_stage="pseudo_masks",
+                 to_stage="segmentation_full", overrides={"pseudo_masks.exp_times": 3}, log_output=False)
+    out = capsys.readouterr().out
+    seg = round(json.loads((tmp_path / "run" / "06_segmentation" / "manifest.json").read_text())["seconds"])
+    assert re.search(r"\(1/3\) pseudo_masks +running \(05_pseudo_masks was made with other parameters "
+                     r"\(pseudo_masks\.exp_times: 4 -> 3\)\)", out), out
+    assert re.search(rf"\(2/3\) segmentation +done in {seg} s: val mIoU", out), out
+    assert re.search(r"\(3/3\) segmentation_full +skipped \(done\): val mIoU", out), out

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
+from . import runtime
 from .config import Config, ConfigError, load_config
 from .stages import STAGES, check_stage, headline, open_run, pipeline_order
 from .stages.report import REPORT_HTML
@@ -256,12 +257,14 @@ def run_pipeline(
     unknown = [s for s in force if s not in STAGES]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: unknown stage; stages: {', '.join(STAGES)}")
+    runtime.check_device(cfg.device)
     run = open_run(run_dir, cfg)
     executed: set[str] = set()  # a notebook may serve several stages (06: the segmenter and its bound)
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
         # Reasons are taken before anything runs, so a downstream stage names the root cause
         # ("00_data was made from other data") rather than "00_data was rerun since".
         reasons = {name: run.why_not_done(name) for name in stages}
+        done_before = {name for name in stages if name not in force and run.is_done(name)}
         for k, name in enumerate(stages, 1):
             if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
                 raise KeyboardInterrupt
@@ -270,8 +273,8 @@ def run_pipeline(
             tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
             if name not in force and run.is_done(name):
                 m = run.manifest(name) or {}
-                did = f"done in {m.get('seconds') or 0:.0f} s (same notebook)" if nb.name in executed else \
-                    "skipped (done)"
+                did = "skipped (done)" if name in done_before else \
+                    f"done in {m.get('seconds') or 0:.0f} s (same notebook)"
                 echo(f"{tag} {did}{_with(headline(name, m.get('metrics', {})))}")
                 continue
             run.check_upstream(name)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence, TypeVar
 
 import numpy as np
 
+from .config import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,8 +34,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+        raise ConfigError("device: cuda was requested but no CUDA device is available (use auto or cpu)")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_device(name: str) -> None:
+    """Fail before any work when `device: cuda` names a device this machine lacks
+    (auto and cpu always work; torch is imported only for cuda)."""
+    if name == "cuda":
+        resolve_device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -97,8 +97,10 @@ def dataset(cfg: Config):
 
 
 def check_stage(name: str, cfg: Config, ds: Any = None) -> None:
-    """The stage's up-front checks of its parameters against the dataset."""
+    """The stage's up-front checks of its parameters against the dataset, and
+    that a requested CUDA device exists."""
     s = stage(name)
+    runtime.check_device(cfg.device)
     if s.check is not None:
         s.check(cfg, dataset(cfg) if ds is None else ds)
 
