@@ -238,3 +238,10 @@ def test_a_pseudo_mask_change_reruns_the_segmenter_and_skips_its_bound(ci_full_r
                      r"\(pseudo_masks\.exp_times: 4 -> 3\)\)", out), out
     assert re.search(rf"\(2/3\) segmentation +done in {seg} s: val mIoU", out), out
     assert re.search(r"\(3/3\) segmentation_full +skipped \(done\): val mIoU", out), out
+
+    # stopping at the segmenter: its notebook still serves the bound, and the line still gives its own time
+    run_pipeline(REPO / "params" / "ci.yaml", tmp_path / "run", from_stage="pseudo_masks",
+                 to_stage="segmentation", overrides={"pseudo_masks.exp_times": 2}, log_output=False)
+    out = capsys.readouterr().out
+    seg = round(json.loads((tmp_path / "run" / "06_segmentation" / "manifest.json").read_text())["seconds"])
+    assert re.search(rf"\(2/2\) segmentation +done in {seg} s: val mIoU", out), out

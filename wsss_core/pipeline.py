@@ -303,7 +303,7 @@ def run_pipeline(
             if m.get("status") != "done":
                 raise StageFailed(f"stage {name}: its notebook {out} finished without running it")
             # a notebook serving several stages: each line gets its stage's own time
-            shared = any(STAGES[s].notebook == STAGES[name].notebook for s in stages if s != name)
+            shared = any(s.notebook == STAGES[name].notebook for n, s in STAGES.items() if n != name)
             took = (m.get("seconds") or 0) if shared else time.perf_counter() - t0
             echo(f"{tag} done in {took:.0f} s{_with(headline(name, m.get('metrics', {})))}")
         if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish
