@@ -56,3 +56,34 @@ def test_cams_and_crf_with_two_processes_equal_one(ci_run, tmp_path):
         assert m1["status"] == m2["status"] == "done"
         assert m2["metrics"]["computed"] == m1["metrics"]["computed"] == len(kept)
         assert m2["metrics"].get("quality") == m1["metrics"].get("quality")
+
+
+
+def test_leave_distributed_destroys_the_process_group(tmp_path):
+    """A joined group is destroyed (an undestroyed gloo group can abort the
+    interpreter's exit, as on CI once); leaving without a group does nothing;
+    `wsss stage` leaves the group it ran in, whether the stage ran or failed."""
+    import torch.distributed as dist
+
+    from wsss_core import runtime
+    from wsss_core.cli import main
+
+    def join(name: str) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / name}", rank=0, world_size=1)
+        assert dist.is_initialized()
+
+    try:
+        runtime.leave_distributed()  # no group: nothing to do
+        join("a")
+        runtime.leave_distributed(wait=True)
+        assert not dist.is_initialized()
+        args = ["--config", str(CONFIG), "--run-dir", str(tmp_path / "run")]
+        join("b")
+        assert main(["stage", "data", *args]) == 0
+        assert not dist.is_initialized()
+        join("c")
+        assert main(["stage", "cams", *args]) == 2  # refused inside the stage: no classifier yet
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

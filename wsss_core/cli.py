@@ -82,12 +82,18 @@ def _run(args: argparse.Namespace) -> None:
             print(miou_table(read_json(report)))
             print(f"[wsss] report: {root / REPORT_HTML}")
     elif args.command == "stage":
+        from . import runtime
         from .stages import open_run, run_stage, stage
 
         stage(args.name)  # an unknown stage fails before anything is read or written
         cfg = load_config(args.config, overrides)
         run = open_run(args.run_dir, cfg)
-        result = run_stage(args.name, cfg, run, force=args.force)
+        finished = False
+        try:
+            result = run_stage(args.name, cfg, run, force=args.force)
+            finished = True
+        finally:
+            runtime.leave_distributed(wait=finished)  # under torchrun: leave the group before exiting
         if run.is_main:
             print(f"[wsss] {args.name}: {result.metrics}")
     elif args.command == "predict":

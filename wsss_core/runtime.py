@@ -108,6 +108,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_distributed(wait: bool = True) -> None:
+    """Leave the process group, if this process joined one. Call before the
+    process exits: an undestroyed gloo group can abort the interpreter's
+    shutdown ("terminate called without an active exception", SIGABRT).
+    `wait` first waits for every process, so none leaves while another still
+    uses the group; a failing process does not wait (torchrun stops the rest)."""
+    if "torch.distributed" not in sys.modules:  # never imported: never joined
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This process's share of `items`: every world_size-th item from its rank."""
     n = world_size()
