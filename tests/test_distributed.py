@@ -37,8 +37,9 @@ def test_cams_and_crf_with_two_processes_equal_one(ci_run, tmp_path):
         shutil.copytree(finished.root, root)
         shutil.rmtree(root / "02_cams")
         shutil.rmtree(root / "03_crf")
-        for stage in ("cams", "crf"):
-            torchrun("stage", stage, "--config", str(CONFIG), "--run-dir", str(root), nproc=nproc)
+        for stage, folder in (("cams", "02_cams"), ("crf", "03_crf")):
+            out = torchrun("stage", stage, "--config", str(CONFIG), "--run-dir", str(root), nproc=nproc).stdout
+            assert out.count(f"{folder}: running") == out.count(f"{folder}: done in") == 1  # rank 0 speaks
         runs[nproc] = open_run(root, load_config(CONFIG))
     one, two = runs[1], runs[2]
     kept = read_kept_ids(one)

@@ -113,9 +113,10 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageRes
     re-evaluate the kept outputs.
     """
     s = stage(name)
+    say = print if run.is_main else (lambda *a, **k: None)  # one line per stage, not one per torchrun process
     run.check_upstream(name)
     if not force and run.is_done(name):
-        print(f"[wsss] {s.spec.folder}: already done with these parameters, skipped", flush=True)
+        say(f"[wsss] {s.spec.folder}: already done with these parameters, skipped", flush=True)
         return run.result(name)
     check_stage(name, cfg)
     if runtime.world_size() > 1:  # torchrun: join the process group before the barrier below
@@ -128,7 +129,7 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageRes
         run.begin(name, fresh=force)
         runtime.barrier()  # rank 0 has cleared stale outputs before anyone writes
         what = "re-evaluating (only evaluation parameters changed)" if reeval else "running"
-        print(f"[wsss] {s.spec.folder}: {what}", flush=True)
+        say(f"[wsss] {s.spec.folder}: {what}", flush=True)
         try:
             result = s.fn(cfg, run)
         except BaseException as e:
@@ -136,7 +137,7 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageRes
             raise
         result.seconds = time.perf_counter() - t0
         run.finish(name, result, started)
-    print(f"[wsss] {s.spec.folder}: done in {result.seconds:.1f} s -> {run.folder(name)}", flush=True)
+    say(f"[wsss] {s.spec.folder}: done in {result.seconds:.1f} s -> {run.folder(name)}", flush=True)
     return result
 
 
