@@ -1,0 +1,125 @@
+"""One process per folder: a lock file holding pid, host, a token and the command.
+
+The lock appears complete or not at all: it is written to a private file and
+hard-linked into place (`link` fails atomically when the lock exists, so two
+processes cannot both take it). A lock left by a dead process is taken over
+with a message; a live holder makes `FolderLock.hold` raise RunLockedError
+naming its pid. Child processes that carry the holder's token in
+$WSSS_LOCK_TOKEN (the notebooks of `wsss run`) share the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from .files import file_errors
+
+LOCK = ".wsss.lock"
+LOCK_TOKEN_ENV = "WSSS_LOCK_TOKEN"  # a child of the lock holder (a pipeline's notebook) shares its lock
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is working on the same folder."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def process_alive(pid: int, host: str) -> bool:
+    """Whether process `pid` on `host` still runs (another host: assumed alive)."""
+    if host != socket.gethostname():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FolderLock:
+    """The lock file of one folder (`<folder>/.wsss.lock`), re-entrant in this process."""
+
+    def __init__(self, folder: str | Path, name: str = LOCK):
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.token: str | None = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def hold(self, command: str = "") -> Iterator[None]:
+        """Hold the lock while working (shared with children carrying its token)."""
+        if self._depth or self.inherited():
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        with file_errors(self.folder, "creating"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": token, "started": now_iso(),
+                "command": command}
+        mine = self.folder / f"{self.path.name}.{os.getpid()}.{token[:8]}"
+        with file_errors(self.folder, "writing"):
+            mine.write_text(json.dumps(info))
+        try:
+            self._link(mine)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                mine.unlink()
+        self.token, self._depth = token, 1
+        try:
+            yield
+        finally:
+            self._depth = 0
+            self.token = None
+            held = self.read()
+            if held and held.get("token") == token:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+
+    def _link(self, mine: Path) -> None:
+        """Link our lock file into place; take over a lock whose process is gone."""
+        for _ in range(3):
+            with file_errors(self.folder, "writing"):
+                try:
+                    os.link(mine, self.path)
+                    return
+                except FileExistsError:
+                    pass
+            held = self.read()  # complete by construction (linked), or gone
+            if held and process_alive(int(held.get("pid", -1)), str(held.get("host", ""))):
+                raise RunLockedError(
+                    f"{self.folder}: in use by pid {held.get('pid')} on {held.get('host')} since "
+                    f"{held.get('started')} ({held.get('command') or 'wsss'}); wait for it to finish or stop it"
+                )
+            print(f"[wsss] {self.folder}: taking over the lock left by pid {held.get('pid') if held else '?'} "
+                  "(no longer running)", flush=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        raise RunLockedError(f"{self.folder}: could not take the lock {self.path}")
+
+    def inherited(self) -> bool:
+        """This process is a child of the holder (same token in $WSSS_LOCK_TOKEN)."""
+        token = os.environ.get(LOCK_TOKEN_ENV)
+        held = self.read()
+        return bool(token) and bool(held) and held.get("token") == token  # type: ignore[union-attr]
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            return None
