@@ -126,8 +126,9 @@ class CamResult:
     def from_npz(cls, source: str | Path | Mapping[str, Any]) -> "CamResult":
         """Load from an .npz path or a mapping (e.g. `np.load(...)`); maps back to float32."""
         if isinstance(source, (str, Path)):
-            with np.load(source) as z:
-                return cls(z["keys"], z["cam"], z["high_res"])
+            from .store import read_npz
+
+            source = read_npz(source, "CAM file")
         return cls(source["keys"], source["cam"], source["high_res"])
 
 

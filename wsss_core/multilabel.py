@@ -22,7 +22,7 @@ from .data.sampling import sample_weights
 from .data.transforms import LabelledTensors, eval_transform, train_transform
 from .metrics import classification_scores
 from .runtime import loader_workers, seed_everything
-from .store import save_torch
+from .store import FileError, read_torch, save_torch
 from .train import FitConfig, fit, predict
 
 
@@ -175,7 +175,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Tra
     """Rebuild a saved classifier (no ImageNet weights needed: the state dict has all)."""
     from .models import build_classifier
 
-    blob = torch.load(Path(path), map_location="cpu", weights_only=False)
+    blob = read_torch(path, "classifier model")
+    if not isinstance(blob, dict) or not {"state_dict", "classifier", "class_ids"} <= set(blob):
+        raise FileError(f"{path}: not a saved classifier (rerun the classifier stage)")
     c = blob["classifier"]
     cfg = ClassifierConfig(backbone=c["backbone"], output_stride=c["output_stride"], image_size=c["image_size"],
                            weights="random")

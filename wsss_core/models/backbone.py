@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..store import FileError, read_torch
 
 StateDict = dict[str, torch.Tensor]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -153,9 +154,9 @@ def read_model_file(path: str | Path, fmt: str, what: str) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path}: {what} file not found")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or pickled objects we refuse to load
-        raise WeightsError(f"{path}: not a saved {what} ({type(e).__name__})") from None
+        blob = read_torch(path, what)  # tensors and plain values only: nothing in a run folder runs code
+    except FileError as e:
+        raise WeightsError(str(e)) from None
     if not isinstance(blob, dict) or blob.get("format") != fmt:
         raise WeightsError(f"{path}: not a saved {what}")
     return blob

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..store import FileError, read_torch
 from .backbone import StateDict, WeightsError, WeightsNotFoundError
 
 PROBE_TIMEOUT = 3.0  # seconds to wait for the download host before giving up
@@ -41,7 +42,7 @@ class WeightsSource:
         if self.kind == "url":
             try:
                 return torch.hub.load_state_dict_from_url(self.location, map_location="cpu", progress=True,
-                                                          check_hash=True)
+                                                          check_hash=True, weights_only=True)
             except Exception as e:  # network, disk or hash problems: one clear message
                 raise WeightsError(f"downloading {self.location} failed: {e}; pass a local file path instead") from e
         raise WeightsError("random weights have no state dict")
@@ -53,9 +54,9 @@ def read_state_dict(path: str | Path) -> StateDict:
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot be read as a PyTorch state dict: {e}") from e
+        return read_torch(path, "state dict")
+    except FileError as e:
+        raise WeightsError(str(e)) from None
 
 
 def local_weights(weights: str) -> WeightsSource:

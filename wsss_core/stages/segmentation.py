@@ -22,7 +22,7 @@ from .. import runtime
 from ..artifacts import PSEUDO_MASKS, model_path, read_kept_ids
 from ..config import Config, ConfigError
 from ..metrics import ConfusionMatrix, segmentation_scores
-from ..store import Run, StageResult, read_json, save_torch, write_json
+from ..store import Run, StageResult, read_json, read_torch, save_torch, write_json
 from . import check_split, dataset, register
 from .boundary import ImagesWithLabels
 
@@ -137,9 +137,7 @@ class _BestKeeper:
 
     def restore(self, model: torch.nn.Module) -> None:
         if self.active and self.path.is_file():
-            import torch
-
-            model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+            model.load_state_dict(read_torch(self.path, "best-epoch weights"))
 
     @staticmethod
     def chosen(history: list[dict], best: bool) -> int | None:
