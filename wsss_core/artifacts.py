@@ -27,30 +27,43 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .store import Run, save_npz, save_png, write_text
+from .data.ids import path_inside
+from .store import FileError, Run, file_errors, read_npz, save_npz, save_png, write_text
 
 
 # --------------------------------------------------------------------------- label PNGs
-def write_label_png(path: str | Path, labels: np.ndarray, layout: str = "voc") -> Path:
+def write_label_png(path: str | Path, labels: np.ndarray, layout: str = "voc", exclusive: bool = False) -> Path:
     """A uint8 class-id map as a PNG: a palette PNG with the VOC colours
     ("voc"), or plain grayscale ("lid", the LID submission format, which
-    readers like OpenCV decode to the ids themselves)."""
+    readers like OpenCV decode to the ids themselves). `exclusive`: fail
+    rather than replace an existing file."""
     from .data.images import voc_palette
 
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.dtype != np.uint8:
         raise ValueError(f"{path}: label maps are 2-D uint8, got {labels.dtype} {labels.shape}")
-    return save_png(path, labels, palette=voc_palette() if layout == "voc" else None)
+    return save_png(path, labels, palette=voc_palette() if layout == "voc" else None, exclusive=exclusive)
+
+
+def read_png(path: str | Path, what: str, modes: tuple[str, ...] = ("P", "L")) -> np.ndarray:
+    """The pixels of a single-channel PNG of a run (FileError naming it when it
+    is missing, unreadable or of another mode)."""
+    from PIL import Image
+
+    try:
+        with file_errors(path, "reading"), Image.open(path) as im:
+            if im.mode not in modes:
+                raise FileError(f"{path}: expected a {what} PNG of mode {' or '.join(modes)}, got mode {im.mode}")
+            return np.array(im)
+    except FileError:
+        raise
+    except (ValueError, SyntaxError, EOFError) as e:  # PIL's decoding errors that are not OSErrors
+        raise FileError(f"{path}: cannot read this {what} ({e}); rerun the stage that wrote it") from None
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
     """A class-id map (HxW uint8) from a palette or grayscale PNG."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L"):
-            raise ValueError(f"{path}: expected a palette or grayscale label PNG, got mode {im.mode}")
-        return np.array(im)
+    return read_png(path, "label map")
 
 
 # --------------------------------------------------------------------------- per-image files
@@ -66,7 +79,8 @@ class PerImage:
         return run.folder(self.stage) / self.subdir
 
     def path(self, run: Run, image_id: str) -> Path:
-        return self.dir(run) / f"{image_id}{self.suffix}"
+        """`<dir>/<id><suffix>`; an id that would lead outside the folder is refused."""
+        return path_inside(self.dir(run), image_id, self.suffix)
 
     def exists(self, run: Run, image_id: str) -> bool:
         return self.path(run, image_id).is_file()
@@ -121,10 +135,7 @@ class BoundaryMaps(PerImage):
         return save_png(self.path(run, image_id), np.round(self.quantize(value) * 255).astype(np.uint8))
 
     def read(self, run: Run, image_id: str) -> np.ndarray:
-        from PIL import Image
-
-        with Image.open(self.path(run, image_id)) as im:
-            return np.asarray(im, dtype=np.float32) / 255.0
+        return read_png(self.path(run, image_id), "boundary map", ("L",)).astype(np.float32) / 255.0
 
 
 CAMS = CamFiles("cams", "cams", ".npz")
@@ -183,8 +194,7 @@ def write_val_scores(run: Run, scores: np.ndarray, ids: Sequence[str], labels: n
 
 
 def read_val_scores(run: Run) -> dict[str, np.ndarray]:
-    with np.load(run.folder("classifier") / "val_scores.npz") as z:
-        return {k: z[k] for k in z.files}
+    return read_npz(run.folder("classifier") / "val_scores.npz", "classifier val scores")
 
 
 # --------------------------------------------------------------------------- models

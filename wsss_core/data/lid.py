@@ -21,6 +21,7 @@ import numpy as np
 from ..config import LidConfig
 from .base import Dataset, SplitIndex
 from .errors import DataError
+from .ids import check_image_id, path_inside
 from .lists import BACKGROUND, check_classes, existing_root, read_trusted
 
 
@@ -85,8 +86,9 @@ def _read_split(
     labels = np.zeros((len(used), len(classes) - 1), np.float32)
     for i, (_, _, class_ids) in enumerate(used):
         labels[i, np.asarray(class_ids, dtype=np.int64) - 1] = 1.0
-    image_paths = [image_dir / f"{rel}{ext}" for _, rel, _ in used]
-    mask_paths = [mask_dir / f"{sid}.png" for sid in ids] if mask_dir is not None and mask_dir.is_dir() else None
+    image_paths = [path_inside(image_dir, rel, ext) for _, rel, _ in used]
+    mask_paths = [path_inside(mask_dir, sid, ".png") for sid in ids] \
+        if mask_dir is not None and mask_dir.is_dir() else None
     trusted = read_trusted(root / f"trusted_{split}.txt", all_ids, ids)
     return SplitIndex(split, ids, image_paths, mask_paths, "json", labels, trusted)
 
@@ -115,7 +117,7 @@ def _parse_entry(path: Path, n: int, entry: Any) -> tuple[str, list[int]]:
           and isinstance(entry[1], (list, tuple)))
     if not ok:
         raise DataError(f"{path}: entry {n}: must be [relative_path, [class ids]], got {str(entry)[:80]}")
-    rel = entry[0].strip().replace("\\", "/").lstrip("/")
+    rel = check_image_id(entry[0], f"{path}: entry {n}", subfolders=True)
     ids = entry[1]
     if not all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
         raise DataError(f"{path}: entry {n} ({rel!r}): class ids must be integers, got {ids!r}")

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import DataError
+from .ids import check_image_id
 
 BACKGROUND = "background"
 MAX_CLASSES = 255  # pixel value 255 is void
@@ -45,6 +46,10 @@ def read_classes(path: Path) -> tuple[str, ...]:
     for n, name in enumerate(names, 1):
         if not name:
             raise DataError(f"{path}: line {n}: empty class name (the line number is the pixel value + 1)")
+        if any(c.isspace() for c in name):
+            raise DataError(f"{path}: line {n}: class name {name!r} contains whitespace, which the "
+                            f"space-separated labels of image_labels_<split>.csv cannot name "
+                            f"(write it as {'_'.join(name.split())!r})")
     check_classes(names, str(path))
     return tuple(names)
 
@@ -66,14 +71,15 @@ def check_classes(names: Sequence[str], where: str) -> None:
 
 
 def read_id_list(path: Path) -> list[str]:
-    """A split list: first whitespace-separated token of each non-empty line; no duplicates."""
+    """A split list: one image id per non-empty line (spaces around it ignored),
+    each a valid file name (`ids.check_image_id`); no duplicates."""
     ids: list[str] = []
     first_line: dict[str, int] = {}
     for n, line in enumerate(_read_text(path, "split list").splitlines(), 1):
-        parts = line.split()
-        if not parts:
+        sid = line.strip(" \t\r")
+        if not sid:
             continue
-        sid = parts[0]
+        check_image_id(sid, f"{path}: line {n}")
         if sid in first_line:
             raise DataError(f"{path}: line {n}: duplicate id {sid!r} (first on line {first_line[sid]})")
         first_line[sid] = n
@@ -89,12 +95,13 @@ def read_trusted(path: Path, all_ids: Sequence[str], used_ids: Sequence[str]) ->
     known = set(all_ids)
     listed = set()
     for n, line in enumerate(_read_text(path, "trusted id list").splitlines(), 1):
-        parts = line.split()
-        if not parts:
+        sid = line.strip(" \t\r")
+        if not sid:
             continue
-        if parts[0] not in known:
-            raise DataError(f"{path}: line {n}: id {parts[0]!r} is not in the split")
-        listed.add(parts[0])
+        check_image_id(sid, f"{path}: line {n}")
+        if sid not in known:
+            raise DataError(f"{path}: line {n}: id {sid!r} is not in the split")
+        listed.add(sid)
     return frozenset(i for i in used_ids if i in listed)
 
 
@@ -112,7 +119,7 @@ def read_labels_csv(path: Path, classes: Sequence[str], ids: Sequence[str]) -> n
             continue
         if len(row) > 2:
             raise DataError(f"{path}: line {n}: expected 2 fields 'image_id,labels', got {len(row)}")
-        sid = row[0].strip()
+        sid = check_image_id(row[0].strip(" \t"), f"{path}: line {n}")
         if sid in found:
             raise DataError(f"{path}: line {n}: duplicate image id {sid!r} (first on line {found[sid][0]})")
         found[sid] = (n, _class_ids(row[1] if len(row) > 1 else "", index, path, n))

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from .base import Dataset, SplitIndex
 from .errors import DataError
+from .ids import path_inside
 from .lists import existing_root, read_classes, read_id_list, read_labels_csv, read_trusted
 
 VOC_CLASSES = (
@@ -69,9 +70,9 @@ def _read_split(
 ) -> SplitIndex:
     all_ids = read_id_list(root / LIST_DIR / f"{split}.txt")
     ids = all_ids[:limit] if limit else all_ids
-    image_paths = [images.get(i, root / IMAGE_DIR / f"{i}.jpg") for i in ids]
+    image_paths = [images.get(i) or path_inside(root / IMAGE_DIR, i, ".jpg") for i in ids]
     has_masks = any(f"{i}.png" in masks for i in ids)
-    mask_paths = [root / MASK_DIR / f"{i}.png" for i in ids] if has_masks else None
+    mask_paths = [path_inside(root / MASK_DIR, i, ".png") for i in ids] if has_masks else None
     csv_path = root / f"image_labels_{split}.csv"
     if csv_path.is_file():
         labels, source = read_labels_csv(csv_path, classes, ids), "csv"
