@@ -349,3 +349,98 @@ def test_unknown_split(tmp_path):
         ds.labelled("test")
     with pytest.raises(DataError, match="has no masks"):
         open_dataset(voc_cfg(make_voc(tmp_path / "v2", masks=False))).masks("train")
+
+
+# --------------------------------------------------------------------------- EXIF orientation
+ORIENT_W, ORIENT_H = 40, 24
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+# the displayed pixels of stored pixels `a` per EXIF Orientation (EXIF 2.32, tag 0x0112), in numpy
+DISPLAYED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: np.rot90(a, 2),  # upside down
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # stored row 0 is the left column, stored column 0 the top row
+    6: lambda a: np.rot90(a, -1),  # turned clockwise: stored row 0 is the right column
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),  # stored row 0 is the right column, column 0 the bottom row
+    8: lambda a: np.rot90(a, 1),  # turned anticlockwise: stored row 0 is the left column
+}
+
+
+def _quadrant_pattern() -> np.ndarray:
+    """ORIENT_H x ORIENT_W: the top-left quadrant red, the rest blue (no symmetry to hide a wrong turn)."""
+    a = np.empty((ORIENT_H, ORIENT_W, 3), np.uint8)
+    a[...] = BLUE
+    a[: ORIENT_H // 2, : ORIENT_W // 2] = RED
+    return a
+
+
+def _save_oriented(path: Path, a: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a).save(path, exif=exif)
+
+
+def _corner_colours(a: np.ndarray) -> list[tuple[int, ...]]:
+    """The mean colour of a 4x4 patch 2 pixels in from each corner (clear of JPEG ringing at the quadrant edges)."""
+    patches = [a[2:6, 2:6], a[2:6, -6:-2], a[-6:-2, 2:6], a[-6:-2, -6:-2]]
+    return [tuple(int(round(float(v))) for v in p.reshape(-1, 3).mean(0)) for p in patches]
+
+
+@pytest.mark.parametrize("orientation", [6, 3, 8])
+def test_read_image_applies_the_exif_orientation_of_a_jpeg(tmp_path, orientation):
+    from wsss_core.data import check_image_file
+
+    stored = _quadrant_pattern()
+    path = tmp_path / f"o{orientation}.jpg"
+    _save_oriented(path, stored, orientation)
+    with Image.open(path) as im:
+        assert im.size == (ORIENT_W, ORIENT_H) and im.getexif()[0x0112] == orientation  # stored as built
+    expected = DISPLAYED[orientation](stored)
+    img = read_image(path)
+    assert img.dtype == np.uint8 and img.shape == expected.shape
+    for got, want in zip(_corner_colours(img), _corner_colours(expected)):
+        assert max(abs(g - w) for g, w in zip(got, want)) <= 12, (got, want)
+    assert np.abs(img.astype(int) - expected.astype(int)).mean() < 8  # every pixel, up to JPEG loss
+    assert check_image_file(path) == (expected.shape[1], expected.shape[0])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_image_applies_every_exif_orientation_exactly(tmp_path, orientation):
+    from wsss_core.data import check_image_file
+
+    stored = np.random.default_rng(orientation).integers(0, 255, (ORIENT_H, ORIENT_W, 3), dtype=np.uint8)
+    path = tmp_path / f"o{orientation}.png"
+    _save_oriented(path, stored, orientation)  # PNG eXIf chunk: lossless, so the comparison is exact
+    with Image.open(path) as im:
+        assert im.getexif()[0x0112] == orientation
+    expected = DISPLAYED[orientation](stored)
+    np.testing.assert_array_equal(read_image(path), expected)
+    assert check_image_file(path) == (expected.shape[1], expected.shape[0])
+
+
+def test_masks_are_checked_against_the_displayed_size(tmp_path):
+    root = make_voc(tmp_path / "voc")
+    image, mask = root / "JPEGImages" / "a0.jpg", root / "SegmentationClass" / "a0.png"
+    stored = _quadrant_pattern()
+    _save_oriented(image, stored, 6)  # displayed 24 wide x 40 high
+    _save_mask(mask, np.zeros((ORIENT_H, ORIENT_W), np.uint8))  # drawn on the stored pixels
+    with pytest.raises(DataError) as err:
+        open_dataset(voc_cfg(root))
+    assert str(err.value) == (
+        f"{mask}: mask size 40x24 differs from the image size 24x40 of {image} (the image's EXIF orientation 6 "
+        "rotates it for display; draw masks on the image as displayed)"
+    )
+    # a mask of the displayed size passes, and the dataset reads the image as displayed
+    _save_mask(mask, np.zeros((ORIENT_W, ORIENT_H), np.uint8))
+    ds = open_dataset(voc_cfg(root))
+    img, _ = ds.labelled("train")[0]
+    assert img.shape == (ORIENT_W, ORIENT_H, 3)
+    assert _corner_colours(img)[1] == pytest.approx(RED, abs=12)  # the red quadrant is now top-right
+    assert ds.masks("train").mask("a0").shape == img.shape[:2]
+    np.testing.assert_array_equal(ds.masks("train").image("a0"), img)
+    # without an orientation tag a transposed mask gets the plain message, with no EXIF hint
+    _save_oriented(image, stored, 1)
+    with pytest.raises(DataError) as err:
+        open_dataset(voc_cfg(root))
+    assert str(err.value) == f"{mask}: mask size 24x40 differs from the image size 40x24 of {image}"

@@ -125,3 +125,26 @@ def test_predict_refuses_bad_folders_before_any_work(ci_full_run, ci_run, tmp_pa
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png", "d.png", "gray.png"]
     assert "skipped 2 unreadable file(s): broken.jpg" in r.stdout and "notes.txt (not an image file" in r.stdout
+
+
+def test_predict_writes_masks_as_the_image_is_displayed(ci_full_run, tmp_path):
+    """A phone JPEG (stored 40x24, EXIF Orientation 6: shown 24 wide x 40 high) gets a mask of the displayed
+    image: its size, and the same labels as the displayed pixels saved without any orientation tag."""
+    _, run = ci_full_run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    stored[:12, :20] = (255, 0, 0)  # an asymmetric pattern, so a wrong turn shows in the labels too
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(folder / "phone.jpg", exif=exif)
+    with Image.open(folder / "phone.jpg") as im:
+        assert im.size == (40, 24)
+        decoded = np.array(im.convert("RGB"))  # the stored pixels, as decoded
+    Image.fromarray(np.ascontiguousarray(np.rot90(decoded, -1))).save(folder / "shown.png")  # turned clockwise
+    out = tmp_path / "out"
+    predict_folder(run.root, folder, out, tta=False)
+    phone = np.array(Image.open(out / "phone.png"))
+    assert phone.shape == (40, 24)  # height x width as displayed
+    np.testing.assert_array_equal(phone, np.array(Image.open(out / "shown.png")))

@@ -1,7 +1,8 @@
 """Reading images and class-index masks, and checking image files cheaply.
 
 Every error is a DataError naming the file. Images always come back as RGB
-uint8 HxWx3 whatever the file's mode; masks as HxW uint8 class indices.
+uint8 HxWx3 whatever the file's mode, turned as viewers show them (EXIF
+orientation applied); masks as HxW uint8 class indices.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import DataError
 
@@ -20,6 +21,8 @@ PNG_IEND = b"IEND\xaeB`\x82"
 _TAIL_BYTES = 64
 _MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16L", "I;16B")
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 = as stored, 2..8 = mirrored and/or rotated for display
+_SWAPS_AXES = (5, 6, 7, 8)  # transpose, rotate 90, transverse, rotate 270: width and height trade places
 
 
 # --------------------------------------------------------------------------- conversion
@@ -48,17 +51,45 @@ def _high_depth_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(g), 0, 255).astype(np.uint8)
 
 
+# --------------------------------------------------------------------------- orientation
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF Orientation (1..8) of an opened image, from the metadata read
+    with its header (no pixel decoding); 1 when absent, invalid or unreadable.
+
+    `Image.Image.getexif` rather than the PNG plugin's, which decodes the whole
+    file to look for an eXIf chunk after the pixel data (the PNG spec puts it
+    before, and Pillow writes it there). A corrupt EXIF block is ignored, as
+    viewers do."""
+    try:
+        value = Image.Image.getexif(im).get(ORIENTATION_TAG, 1)
+    except Exception:  # any parse error of the metadata block: show the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _file_orientation(path: Path) -> int:
+    """`exif_orientation` of an image file (1 if it cannot be opened): for error messages."""
+    try:
+        with Image.open(path) as im:
+            return exif_orientation(im)
+    except Exception:
+        return 1
+
+
 # --------------------------------------------------------------------------- reading
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file as RGB uint8 HxWx3 (DataError naming the file if it cannot).
 
-    Pixels are returned as stored: EXIF orientation is not applied, as masks
-    are drawn on the stored pixels."""
+    The image is returned as viewers show it: an EXIF Orientation other than 1
+    (phone photos store 320x213 pixels shown as 213x320) is applied, so that
+    masks, which are drawn on the image as displayed, and `wsss predict`
+    outputs line up with what users see. Images without it are not copied."""
     path = Path(path)
     try:
         with Image.open(path) as im:
+            orientation = exif_orientation(im)
             im.load()
-            return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except _READ_ERRORS as e:
@@ -98,15 +129,19 @@ def _mask_array(im: Image.Image, path: Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------- checks
 def check_image_file(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file after checking it is complete.
+    """(width, height) of an image file as displayed, after checking it is complete.
 
-    Reads the header for the size, then only the file tail for JPEG (EOI
-    marker) and PNG (IEND chunk); other formats, and files whose tail looks
-    wrong, are fully decoded (PIL raises on truncated data).
+    Reads the header for the size and the EXIF orientation (width and height
+    swapped for orientations 5..8, as `read_image` returns it), then only the
+    file tail for JPEG (EOI marker) and PNG (IEND chunk); other formats, and
+    files whose tail looks wrong, are fully decoded (PIL raises on truncated
+    data).
     """
     try:
         with Image.open(path) as im:
             size, fmt = im.size, im.format
+            if exif_orientation(im) in _SWAPS_AXES:
+                size = size[::-1]
     except FileNotFoundError:
         raise DataError(f"{path}: missing image file") from None
     except UnidentifiedImageError:
@@ -156,15 +191,16 @@ def _full_decode(path: Path, fmt: str | None) -> None:
 
 def check_mask_file(path: Path, image_size: tuple[int, int], num_classes: int, image_path: Path) -> np.ndarray:
     """Pixel counts per value (length 256) of a mask, after checking that it
-    exists, has the image's size (header only) and only holds class ids
-    below `num_classes` or 255 (void)."""
+    exists, has the image's size (header only; `image_size` as displayed, from
+    `check_image_file`) and only holds class ids below `num_classes` or 255
+    (void)."""
     try:
         with Image.open(path) as im:
             if im.size != tuple(image_size):
                 w, h = im.size
                 raise DataError(
                     f"{path}: mask size {w}x{h} differs from the image size "
-                    f"{image_size[0]}x{image_size[1]} of {image_path}"
+                    f"{image_size[0]}x{image_size[1]} of {image_path}{_rotation_hint(im.size, image_size, image_path)}"
                 )
             im.load()
             a = _mask_array(im, path)
@@ -182,6 +218,18 @@ def check_mask_file(path: Path, image_size: tuple[int, int], num_classes: int, i
             f"(valid: 0..{num_classes - 1}, {VOID} = void)"
         )
     return counts
+
+
+def _rotation_hint(mask_size: tuple[int, int], image_size: tuple[int, int], image_path: Path) -> str:
+    """Why a mask of the image's stored size does not fit: its EXIF orientation turns it for display."""
+    if tuple(mask_size) != tuple(image_size)[::-1]:
+        return ""
+    orientation = _file_orientation(Path(image_path))
+    if orientation not in _SWAPS_AXES:
+        return ""
+    turn = "rotates" if orientation in (6, 8) else "rotates and mirrors"
+    return (f" (the image's EXIF orientation {orientation} {turn} it for display; "
+            "draw masks on the image as displayed)")
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
