@@ -4,23 +4,28 @@ exactly as it was; plus the run lock, data edits, Ctrl-C and file modes."""
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from wsss_core import cli, stages
 from wsss_core.config import load_config
 from wsss_core.store import StaleUpstreamError
 
-from conftest import REPO
+from conftest import REPO, require
 from fixtures import make_voc
 
 CI_YAML = REPO / "params" / "ci.yaml"
@@ -102,8 +107,38 @@ def _voc_truncated_image(tmp: Path) -> Path:
     return cfg
 
 
+def _file(path: Path) -> Path:
+    path.write_text("not a folder\n")
+    return path
+
+
+def _binary_file(path: Path) -> Path:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" + bytes(range(256)))
+    return path
+
+
+def _voc_escaping_id(tmp: Path) -> Path:
+    cfg = voc_config(tmp, "escape")
+    lst = tmp / "escape-data" / "ImageSets/Segmentation/train.txt"
+    lst.write_text(lst.read_text() + "../../../../elsewhere/a\n")
+    return cfg
+
+
+def _voc_id_with_space(tmp: Path) -> Path:
+    cfg = voc_config(tmp, "space")
+    (tmp / "space-data" / "ImageSets/Segmentation/train.txt").write_text("a0\nmy image\n")
+    return cfg
+
+
+def _voc_class_with_space(tmp: Path) -> Path:
+    cfg = voc_config(tmp, "wild")
+    (tmp / "wild-data" / "classes.txt").write_text("background\ncat\nwild flower\n")
+    return cfg
+
+
 # name: (config maker, argv after the command word, expected pieces of the one-line message)
-# {cfg} is the config file, {run} the finished run (or a fresh folder for data cases)
+# {cfg} is the config file, {tmp} the test's folder; --run-dir is the finished run (or a fresh folder for
+# data cases) unless the argv gives one. A piece starting with "=" is the whole message.
 CASES = {
     "misspelt key": (lambda t: edited_ci(t, "a", _set("cams.scalez", [1.0])), ["stage", "cams"],
                      ["{cfg}: cams.scalez: unknown key"]),
@@ -120,11 +155,12 @@ CASES = {
     "bad --set syntax": (lambda t: CI_YAML, ["stage", "cams", "--set", "cams.scales=[1.0,"],
                          ["--set cams.scales=[1.0,: not valid YAML"]),
     "--set without =": (lambda t: CI_YAML, ["stage", "cams", "--set", "cams.scales"], ["--set 'cams.scales': expected KEY=VALUE"]),
-    "--set unknown key": (lambda t: CI_YAML, ["stage", "cams", "--set", "cams.sclaes=[1.0]"], ["cams.sclaes: unknown key"]),
+    "--set unknown key": (lambda t: CI_YAML, ["stage", "cams", "--set", "cams.sclaes=[1.0]"],
+                          ["--set cams.sclaes=[1.0]: unknown key (known keys in cams: bg_thresholds,"]),
     "crossed thresholds": (lambda t: CI_YAML, ["stage", "crf", "--set", "crf.conf_bg_thres=0.5"],
-                           ["crf.conf_bg_thres: must be <= crf.conf_fg_thres"]),
+                           ["--set crf.conf_bg_thres=0.5: must be <= crf.conf_fg_thres"]),
     "missing weights": (lambda t: CI_YAML, ["stage", "classifier", "--set", "classifier.weights=no/such.pt"],
-                        ["classifier.weights: weights file not found"]),
+                        ["--set classifier.weights=no/such.pt: weights file not found"]),
     "missing data root": (lambda t: CI_YAML, ["validate", "--set", "data.format=voc", "--set", "data.root=/no/such/dir"],
                           ["/no/such/dir: dataset folder not found"]),
     "voc without root": (lambda t: CI_YAML, ["validate", "--set", "data.format=voc"], ["data.root: required"]),
@@ -150,6 +186,43 @@ CASES = {
                                ["refuses to run on stale inputs", "classifier.lr: 0.001 -> 0.01"]),
     "stale upstream (run)": (lambda t: CI_YAML, ["run", "--from", "cams", "--to", "cams", "--set", "classifier.lr=1e-2"],
                              ["refuses to run on stale inputs", "classifier.lr: 0.001 -> 0.01"]),
+    # --- validation before deletion: nothing that passes the config layer may crash a stage after it cleared
+    "seed too large for the RNGs": (lambda t: CI_YAML, ["stage", "classifier", "--force", "--set",
+                                                        "seed=99999999999999999999999"],
+                                    ["=--set seed=99999999999999999999999: must be in [0, 4294967295], "
+                                     "got 99999999999999999999999"]),
+    "infinite learning rate": (lambda t: CI_YAML, ["run", "--force", "classifier", "--set", "classifier.lr=.inf"],
+                               ["=--set classifier.lr=.inf: must be a finite number, got inf"]),
+    "not a number": (lambda t: CI_YAML, ["stage", "classifier", "--force", "--set", "classifier.lr=.nan"],
+                     ["=--set classifier.lr=.nan: must be a finite number, got nan"]),
+    "--set names itself, not the file": (lambda t: CI_YAML, ["stage", "classifier", "--set",
+                                                             "classifier.batch_size=0"],
+                                         ["=--set classifier.batch_size=0: must be in [1, 65536], got 0"]),
+    "text UTF-8 cannot write": (lambda t: edited_ci(t, "u", _set("name", "a\udcffb")), ["stage", "classifier", "--force"],
+                                ["={cfg}: name: 'a\\udcffb' is not valid text (UTF-8 cannot encode it)"]),
+    "--set value no YAML reads": (lambda t: CI_YAML, ["stage", "classifier", "--force", "--set", "name=a\udcffb"],
+                                  ["=--set name=a\\udcffb: not valid YAML: unacceptable character #xdcff: special "
+                                   "characters are not allowed in \"<unicode string>\", position 1"]),
+    # --- the parameter file itself
+    "binary --config": (lambda t: _binary_file(t / "model.yaml"), ["stage", "data"],
+                        ["={cfg}: not a text file (a parameter file is UTF-8 YAML)"]),
+    "--config is a folder": (lambda t: t, ["validate"],
+                             ["={cfg}: is a folder, not a parameter file (e.g. params/default.yaml)"]),
+    # --- the run folder
+    "--run-dir is a file": (lambda t: _file(t / "run.txt") and CI_YAML, ["stage", "data", "--run-dir", "{tmp}/run.txt"],
+                            ["={tmp}/run.txt: is a file, not a folder (the run folder)"]),
+    "--run-dir under a file": (lambda t: _file(t / "run.txt") and CI_YAML, ["run", "--run-dir", "{tmp}/run.txt/x"],
+                               ["={tmp}/run.txt: is a file, so {tmp}/run.txt/x cannot be created (the run folder)"]),
+    # --- the dataset's index files
+    "id leaving the dataset": (_voc_escaping_id, ["validate"],
+                               ["train.txt: line 5: image id '../../../../elsewhere/a' contains '/' (ids are file names, "
+                                "without folders, in this layout)"]),
+    "whitespace inside an id": (_voc_id_with_space, ["run"],
+                                ["train.txt: line 2: image id 'my image' contains whitespace"]),
+    "class name with a space": (_voc_class_with_space, ["validate"],
+                                ["classes.txt: line 3: class name 'wild flower' contains whitespace, which the "
+                                 "space-separated labels of image_labels_<split>.csv cannot name (write it as "
+                                 "'wild_flower')"]),
 }
 
 if not torch.cuda.is_available():  # with a GPU, device: cuda is valid
@@ -167,8 +240,10 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, finished, tmp_pat
     config = make_config(tmp_path)
     data_case = config.parent == tmp_path and (tmp_path / f"{config.stem}-data").exists()
     run_dir = tmp_path / "fresh-run" if data_case else finished
-    argv = [args[0], "--config", str(config), *(["--run-dir", str(run_dir)] if args[0] in NEEDS_RUN_DIR else []),
-            *args[1:]]
+    args = [a.format(tmp=tmp_path) for a in args]
+    own_run_dir = "--run-dir" in args
+    argv = [args[0], "--config", str(config),
+            *(["--run-dir", str(run_dir)] if args[0] in NEEDS_RUN_DIR and not own_run_dir else []), *args[1:]]
     before = snapshot(finished)
     capsys.readouterr()
     code = cli.main(argv)
@@ -177,7 +252,11 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, finished, tmp_pat
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsss: error: "), err
     for piece in expected:
-        assert piece.format(cfg=config) in lines[0], lines[0]
+        piece = piece.format(cfg=config, tmp=tmp_path)
+        if piece.startswith("="):
+            assert lines[0] == f"wsss: error: {piece[1:]}"
+        else:
+            assert piece in lines[0], lines[0]
     assert snapshot(finished) == before  # previous results intact, nothing half-written
     assert not (tmp_path / "fresh-run").exists()  # no run folder for a command that failed its checks
     assert "Traceback" not in out + err
@@ -346,3 +425,277 @@ def test_editing_a_label_reruns_data_and_everything_downstream(tmp_path, capsys)
                                         "1 image changed in train (e.g. a2))")
     assert not stages.run_stage("data", cfg, run).skipped
     assert not stages.run_stage("classifier", cfg, run).skipped
+
+
+# --------------------------------------------------------------------------- every number has a range
+def _numeric_fields(cls=None, prefix: str = "") -> list[tuple[str, int | None]]:
+    """(dotted key, tuple length or None) of every int / float field, nested sections included."""
+    import dataclasses
+    import typing
+
+    from wsss_core.config import Config
+
+    cls = cls or Config
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += _numeric_fields(tp, f"{key}.")
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if tp in (int, float) or (typing.get_origin(tp) in (typing.Union, types.UnionType) and args in ([int], [float])):
+            out.append((key, None))
+        elif typing.get_origin(tp) is tuple and args and args[0] in (int, float):
+            out.append((key, 1 if args[-1] is Ellipsis else len(args)))
+    return out
+
+
+NUMERIC = _numeric_fields()
+
+
+def test_every_numeric_field_is_found():
+    keys = [k for k, _ in NUMERIC]
+    assert len(keys) >= 60 and {"seed", "data.synthetic.seed", "classifier.lr", "cams.scales",
+                                "segmentation.atrous_rates", "classifier.augment.scale_range"} <= set(keys)
+
+
+@pytest.mark.parametrize("key, length", NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_every_number_out_of_range_is_refused_before_any_work(key, length, finished, capsys):
+    """inf, -inf, a 30-digit integer and a negative value: one line naming the --set, exit 2,
+    the finished run byte-identical (the probe saw a huge seed and an infinite lr delete a classifier)."""
+    before = snapshot(finished)
+    for value in (".inf", "-.inf", "123456789012345678901234567890", "-1"):
+        text = value if length is None else "[" + ", ".join([value] * length) + "]"
+        capsys.readouterr()
+        code = cli.main(["stage", "classifier", "--force", "--config", str(CI_YAML), "--run-dir", str(finished),
+                         "--set", f"{key}={text}"])
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (key, value, err)
+        assert lines[0].startswith(f"wsss: error: --set {key}={text}: "), lines[0]
+    assert snapshot(finished) == before
+
+
+# --------------------------------------------------------------------------- wsss predict: the user's photos
+def _photos(folder: Path, n: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 255, (20 + k, 30, 3), dtype=np.uint8)).save(folder / f"p{k}.png")
+    return folder
+
+
+def _out_is_a_symlinked_photo(t: Path) -> list[str]:
+    """An input that is a link to the output it would get: --overwrite must not replace it."""
+    out = _photos(t / "out", 1)
+    photos = _photos(t / "photos", 0)
+    (photos / "p0.png").symlink_to(out / "p0.png")
+    return ["--images", str(photos), "--out", str(out), "--overwrite"]
+
+
+# name: (folder maker returning the argv after `predict --run RUN`, the whole one-line message)
+PREDICT_CASES = {
+    "--out is --images, PNG photos": (lambda t: ["--images", str(_photos(t / "photos")), "--out", str(t / "photos")],
+                                      "--out {tmp}/photos: is the image folder {tmp}/photos or inside it; masks would "
+                                      "mix with the photos (and PNG photos would be replaced): choose another folder"),
+    "--out is --images with --overwrite": (lambda t: ["--images", str(_photos(t / "photos")), "--out",
+                                                      str(t / "photos"), "--overwrite"],
+                                           "--out {tmp}/photos: is the image folder {tmp}/photos or inside it; masks "
+                                           "would mix with the photos (and PNG photos would be replaced): choose "
+                                           "another folder"),
+    "--out inside --images": (lambda t: ["--images", str(_photos(t / "photos")), "--out", str(t / "photos" / "m")],
+                              "--out {tmp}/photos/m: is the image folder {tmp}/photos or inside it; masks would mix "
+                              "with the photos (and PNG photos would be replaced): choose another folder"),
+    "--out is a file": (lambda t: ["--images", str(_photos(t / "photos")), "--out", str(_file(t / "out.png"))],
+                        "{tmp}/out.png: is a file, not a folder (the output folder)"),
+    "--overwrite never replaces an input": (_out_is_a_symlinked_photo,
+                                            "{tmp}/out/p0.png: is one of the input images; refusing to replace it "
+                                            "with a mask (choose another --out)"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_CASES))
+def test_predict_never_touches_the_photos(case, ci_full_run, tmp_path, capsys):
+    _, run = ci_full_run
+    make, message = PREDICT_CASES[case]
+    args = make(tmp_path)
+    before, run_before = snapshot(tmp_path), snapshot(run.root)
+    capsys.readouterr()
+    code = cli.main(["predict", "--run", str(run.root), *args])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.strip().splitlines() == [f"wsss: error: {message.format(tmp=tmp_path)}"], err
+    assert snapshot(tmp_path) == before and snapshot(run.root) == run_before
+
+
+def test_two_predicts_into_one_folder_one_refuses_and_no_mask_is_lost(ci_full_run, tmp_path):
+    """Both start at once; one writes every mask, the other refuses in one line (the folder is in use, or its
+    masks exist); the masks equal those of a single run."""
+    _, run = ci_full_run
+    photos = _photos(tmp_path / "photos", 3)
+    cmd = [sys.executable, "-m", "wsss_core.cli", "predict", "--run", str(run.root), "--images", str(photos),
+           "--out", str(tmp_path / "out")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert sorted(r[0] for r in results) == [0, 2], results
+    (_, out_ok, _), (_, _, err_bad) = sorted(results, key=lambda r: r[0])
+    assert "3 masks written" in out_ok
+    line = err_bad.strip().splitlines()
+    assert len(line) == 1 and ("in use by pid" in line[0] or "3 output file(s) exist" in line[0]), err_bad
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    assert cli.main(["predict", "--run", str(run.root), "--images", str(photos), "--out", str(tmp_path / "one")]) == 0
+    for name in ("p0.png", "p1.png", "p2.png"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_an_exclusive_write_never_replaces(tmp_path):
+    from wsss_core.artifacts import write_label_png
+    from wsss_core.store import FileError
+
+    p = write_label_png(tmp_path / "m.png", np.zeros((3, 3), np.uint8))
+    first = p.read_bytes()
+    with pytest.raises(FileError, match=re.escape(f"{p}: already exists")):
+        write_label_png(p, np.ones((3, 3), np.uint8), exclusive=True)
+    assert p.read_bytes() == first and [q.name for q in tmp_path.iterdir()] == ["m.png"]
+
+
+# --------------------------------------------------------------------------- permissions and a full disk
+def as_other_user(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run `cmd` as a user without special rights (root ignores file modes: as `nobody` then)."""
+    if os.geteuid() == 0:
+        require(shutil.which("setpriv") is not None, "setpriv (util-linux) is needed to drop root's rights")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user may enter (pytest's tmp_path is private to its owner), with a readable
+    copy of the generated datasets."""
+    d = Path(tempfile.mkdtemp(prefix="wsss-perm-"))
+    d.chmod(0o755)
+    shutil.copytree(os.environ["WSSS_CACHE"], d / "cache")
+    _tree_mode(d / "cache", 0o755, 0o644)
+    yield d
+    for p in [d, *d.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(0o755)
+    shutil.rmtree(d)
+
+
+def _env_of(shared: Path) -> dict[str, str]:
+    return {**os.environ, "HOME": str(shared), "WSSS_CACHE": str(shared / "cache")}
+
+
+def _tree_mode(root: Path, dirs: int, files: int) -> None:
+    for p in [root, *root.rglob("*")]:
+        p.chmod(dirs if p.is_dir() else files)
+
+
+def test_a_run_folder_nobody_may_write_is_one_line(finished, shared_tmp):
+    run = shared_tmp / "run"
+    shutil.copytree(finished, run)
+    _tree_mode(run, 0o555, 0o444)  # readable, not writable
+    before = snapshot(run)
+    r = as_other_user([sys.executable, "-m", "wsss_core.cli", "stage", "crf", "--force", "--config", str(CI_YAML),
+                       "--run-dir", str(run)], env=_env_of(shared_tmp))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"wsss: error: {run}: not writable (permission "
+                                                                   "denied)"], r.stderr
+    assert snapshot(run) == before
+
+
+def test_predict_into_a_folder_nobody_may_write_or_from_one_nobody_may_read(ci_full_run, shared_tmp):
+    _, full = ci_full_run
+    run = shared_tmp / "run"
+    shutil.copytree(full.root, run, ignore=shutil.ignore_patterns("checkpoint.pt", "notebooks"))
+    _tree_mode(run, 0o755, 0o644)
+    photos = _photos(shared_tmp / "photos")
+    locked = shared_tmp / "locked"
+    locked.mkdir(mode=0o555)
+    env = _env_of(shared_tmp)
+    cmd = [sys.executable, "-m", "wsss_core.cli", "predict", "--run", str(run)]
+    r = as_other_user([*cmd, "--images", str(photos), "--out", str(locked / "masks")], env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"wsss: error: {locked}: not writable (permission denied)"], r.stderr
+    photos.chmod(0o311)  # may enter, not list
+    writable = shared_tmp / "w"
+    writable.mkdir(mode=0o777)
+    writable.chmod(0o777)
+    r = as_other_user([*cmd, "--images", str(photos), "--out", str(writable / "masks")], env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"wsss: error: {photos}: not readable (permission denied)"], r.stderr
+    assert not (writable / "masks").exists() and not (locked / "masks").exists()
+
+
+def in_small_disk(script: str, mount: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run a shell script in a private mount namespace where `mount` is a 160 MB tmpfs (a disk that can fill)."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True)
+    require(probe.returncode == 0, f"unshare -rm (a private mount namespace) is not available: {probe.stderr}")
+    mount.mkdir(exist_ok=True)
+    full = f"set -e\nmount -t tmpfs -o size=160m tmpfs {mount}\n{script}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", full], capture_output=True, text=True, timeout=600, env=env)
+
+
+FILL = 'dd if=/dev/zero of={m}/filler bs=4096 2>/dev/null || true\ntruncate -s -{margin} {m}/filler\n'
+
+
+def _wsss(args: str) -> str:
+    return f"{sys.executable} -m wsss_core.cli {args}"
+
+
+def test_a_full_disk_mid_stage_is_one_line_keeps_the_rest_and_resumes(finished, tmp_path):
+    """The CRF stage fills the disk after a few images: one line naming the file and how to resume, exit 2;
+    earlier stages intact; freeing space and rerunning computes only the missing images, and the result
+    equals the uninterrupted run's."""
+    m, out = tmp_path / "disk", tmp_path / "out"
+    out.mkdir()
+    args = f"stage crf --config {CI_YAML} --run-dir {m}/run"
+    script = (f"cp -a {finished} {m}/run\nrm -r {m}/run/03_crf\n" + FILL.format(m=m, margin=16384) +
+              f"set +e\n{_wsss(args)} > {out}/1.out 2> {out}/1.err; echo $? > {out}/1.rc\n"
+              f"cp -a {m}/run {out}/after-failure\nrm {m}/filler\n"
+              f"{_wsss(args)} > {out}/2.out 2> {out}/2.err; echo $? > {out}/2.rc\ncp -a {m}/run {out}/resumed\n")
+    r = in_small_disk(script, m, {**os.environ})
+    assert r.returncode == 0, r.stderr
+    line = (out / "1.err").read_text().strip().splitlines()
+    assert (out / "1.rc").read_text().strip() == "2" and len(line) == 1, line
+    assert re.fullmatch(rf"wsss: error: disk full while writing {re.escape(str(m))}/run/03_crf/ir_labels/\S+\.png; "
+                        "free space and rerun the same command to resume", line[0]), line
+    failed = out / "after-failure"
+    for stage in ("00_data", "01_classifier", "01_label_filter", "02_cams"):
+        assert snapshot(failed / stage) == snapshot(finished / stage)
+    partial = sorted(p.name for p in (failed / "03_crf" / "ir_labels").iterdir())
+    everything = sorted(p.name for p in (finished / "03_crf" / "ir_labels").iterdir())
+    assert 0 < len(partial) < len(everything) and set(partial) < set(everything)  # no temp files either
+    assert (out / "2.rc").read_text().strip() == "0", (out / "2.err").read_text()
+    assert f"'computed': {len(everything) - len(partial)}," in (out / "2.out").read_text()
+    resumed = out / "resumed" / "03_crf" / "ir_labels"
+    for name in everything:
+        assert (resumed / name).read_bytes() == (finished / "03_crf" / "ir_labels" / name).read_bytes()
+
+
+def test_a_full_disk_in_wsss_run_and_wsss_predict_is_one_line(ci_full_run, finished, tmp_path):
+    _, full = ci_full_run
+    m, out = tmp_path / "disk", tmp_path / "out"
+    out.mkdir()
+    photos = _photos(tmp_path / "photos", 3)
+    run_args = f"run --from crf --to crf --config {CI_YAML} --run-dir {m}/run"
+    predict_args = f"predict --run {full.root} --images {photos} --out {m}/masks"
+    script = (f"cp -a {finished} {m}/run\nrm -r {m}/run/03_crf\n" + FILL.format(m=m, margin=16384) +
+              f"set +e\n{_wsss(run_args)} > {out}/run.out 2> {out}/run.err; echo $? > {out}/run.rc\n"
+              f"cp -a {m}/run {out}/run-after\n"
+              f"{_wsss(predict_args)} > {out}/predict.out 2> {out}/predict.err; echo $? > {out}/predict.rc\n"
+              f"ls -a {m}/masks > {out}/masks.ls 2>&1\n")
+    r = in_small_disk(script, m, {**os.environ})
+    assert r.returncode == 0, r.stderr
+    assert (out / "run.rc").read_text().strip() == "2"
+    assert (out / "run.err").read_text().strip().splitlines() == [
+        f"wsss: error: disk full while writing {m}/run/notebooks/03_crf.ipynb; free space and rerun the same "
+        "command to resume"]
+    for stage in ("00_data", "01_classifier", "01_label_filter", "02_cams"):
+        assert snapshot(out / "run-after" / stage) == snapshot(finished / stage)
+    assert (out / "predict.rc").read_text().strip() == "2"
+    line = (out / "predict.err").read_text().strip().splitlines()
+    assert len(line) == 1 and re.fullmatch(
+        rf"wsss: error: disk full while writing {re.escape(str(m))}/masks/p\d\.png after \d of 3 masks; free space "
+        r"and rerun with --overwrite \(the masks written are complete\)", line[0]), line
+    assert ".wsss-predict.lock" not in (out / "masks.ls").read_text()  # the lock is released

@@ -107,11 +107,21 @@ def test_overrides_go_through_the_same_validation():
         config_from_dict({}, {"cams.scales.x": 1})
 
 
-def test_override_on_file_names_file(tmp_path):
-    p = write(tmp_path, "name: x\n")
+def test_an_error_names_where_the_value_came_from(tmp_path):
+    """A bad value from --set names the --set; one from the file names the file."""
+    p = write(tmp_path, "classifier:\n  batch_size: 0\n")
     with pytest.raises(ConfigError) as e:
-        load_config(p, {"classifier.lr": 0})
-    assert str(p) in str(e.value) and "classifier.lr" in str(e.value)
+        load_config(p)
+    assert str(e.value) == f"{p}: classifier.batch_size: must be in [1, 65536], got 0"
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "name: x\n"), {"classifier.batch_size": 0})
+    assert str(e.value) == "--set classifier.batch_size=0: must be in [1, 65536], got 0"
+    with pytest.raises(ConfigError) as e:  # an item of a list names the item
+        load_config(write(tmp_path, "name: x\n"), {"cams.scales": [1.0, -0.5]})
+    assert str(e.value) == "--set cams.scales=[1.0, -0.5]: item 1: must be > 0 and <= 8.0, got -0.5"
+    with pytest.raises(ConfigError) as e:  # a cross-check names the key it blames
+        load_config(write(tmp_path, "name: x\n"), {"crf.conf_bg_thres": 0.5})
+    assert str(e.value).startswith("--set crf.conf_bg_thres=0.5: must be <= crf.conf_fg_thres")
 
 
 def test_configs_are_frozen():

@@ -118,14 +118,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .data import DataError
     from .pipeline import StageFailed
-    from .store import RunLockedError, StaleUpstreamError
+    from .store import FileError, RunLockedError, StaleUpstreamError, describe_os_error
 
     try:
         _run(args)
-    except (ConfigError, DataError, StaleUpstreamError, RunLockedError, StageFailed) as e:
+    except (ConfigError, DataError, FileError, StaleUpstreamError, RunLockedError, StageFailed) as e:
         if args.debug:
             raise
-        print(f"wsss: error: {e}", file=sys.stderr)
+        print(f"wsss: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file-system failure no check foresaw: still one line naming the path
+        if args.debug:
+            raise
+        print(f"wsss: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:
@@ -135,6 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stderr()  # the kernel client's half-closed tasks complain at exit: not for the user
         return 130
     return 0
+
+
+def _one_line(text: str) -> str:
+    """Error messages are one printable line, whatever a path or a value holds
+    (line breaks folded, characters no terminal can encode escaped)."""
+    text = " ".join(text.split()) if "\n" in text or "\r" in text else text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _silence_stderr() -> None:

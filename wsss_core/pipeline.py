@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 from . import runtime
 from .config import Config, ConfigError, load_config
-from .stages import STAGES, check_stage, headline, open_run, pipeline_order
+from .stages import STAGES, check_stage, dataset, headline, open_run, pipeline_order
 from .stages.report import REPORT_HTML
-from .store import LOCK_TOKEN_ENV, Run, StaleUpstreamError, write_text
+from .store import LOCK_TOKEN_ENV, FileError, Run, StaleUpstreamError, describe_os_error, file_errors, write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -162,9 +162,10 @@ def execute_notebook(
     notebook = Path(notebook).resolve()
     output = Path(output).resolve()
     check_notebook_parameters(notebook, list(parameters))
-    output.parent.mkdir(parents=True, exist_ok=True)
     sink = ProgressFilter(stdout or sys.stdout) if log_output else None
     log = output.with_suffix(".kernel.log")
+    with file_errors(output.parent, "creating"):
+        output.parent.mkdir(parents=True, exist_ok=True)
     # the kernel's own stderr (ipykernel warnings) goes to a log file beside the executed notebook
     with _env(WSSS_BATCH="1"), _stderr_to(log):  # env inherited by the kernel: sparse progress lines
         try:
@@ -172,6 +173,8 @@ def execute_notebook(
                 str(notebook), str(output), parameters=dict(parameters), cwd=str(notebook.parent),
                 progress_bar=False, kernel_name="python3", stdout_file=sink,
             )
+        except OSError as e:  # papermill saving the executed notebook (a full disk, a read-only folder)
+            raise FileError(describe_os_error(e, e.filename or output, "writing")) from None
         finally:
             if sink is not None:
                 sink.flush()
@@ -215,7 +218,7 @@ def _ctrl_c_reaches_kernels() -> Iterator[threading.Event]:
 def _stderr_to(path: Path) -> Iterator[None]:
     """Point file descriptor 2 at `path` (child processes inherit it), then back."""
     sys.stderr.flush()
-    with open(path, "w") as fh:
+    with file_errors(path, "writing"), open(path, "w") as fh:
         saved = os.dup(2)
         os.dup2(fh.fileno(), 2)
         try:
@@ -259,6 +262,10 @@ def run_pipeline(
         raise ConfigError(f"--force {unknown[0]}: unknown stage; stages: {', '.join(STAGES)}")
     runtime.check_device(cfg.device)
     run = open_run(run_dir, cfg)
+    run.check_folder()
+    ds = dataset(cfg)  # the index files (ids, labels), checked before any stage starts
+    for name in stages:
+        check_stage(name, cfg, ds)
     executed: set[str] = set()  # a notebook may serve several stages (06: the segmenter and its bound)
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
         # Reasons are taken before anything runs, so a downstream stage names the root cause
@@ -281,8 +288,7 @@ def run_pipeline(
             why = "forced" if name in force else \
                 (reasons[name] or run.why_not_done(name) or "evaluation parameters changed")
             if name in force:
-                check_stage(name, cfg)  # a bad value must not cost the previous results
-                run.begin(name, fresh=True)
+                run.begin(name, fresh=True)  # checked above: a bad value does not cost the previous results
             echo(f"{tag} running ({why})")
             t0 = time.perf_counter()
             params: dict[str, Any] = {"config": str(config), "run_dir": str(run.root)}

@@ -10,6 +10,8 @@ averaged; the argmax is the class id (0 = background).
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +23,7 @@ from .cam import scaled_size
 from .data.transforms import to_normalized_tensor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PREDICT_LOCK = ".wsss-predict.lock"
 
 
 @torch.inference_mode()
@@ -52,6 +55,19 @@ def segment(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float] =
 
 
 # --------------------------------------------------------------------------- new images
+def check_output_folder(images: Path, out: Path) -> None:
+    """`out` may not be the image folder or inside it (masks would mix with the
+    photos, and could replace them), and must be a folder this process can write."""
+    from .data import DataError
+    from .store import check_writable_folder
+
+    src, dst = os.path.realpath(images), os.path.realpath(out)
+    if dst == src or dst.startswith(src.rstrip(os.sep) + os.sep):
+        raise DataError(f"--out {out}: is the image folder {images} or inside it; masks would mix with the "
+                        "photos (and PNG photos would be replaced): choose another folder")
+    check_writable_folder(out, "the output folder")
+
+
 def list_files(folder: Path) -> list[Path]:
     """The (non-hidden) files directly in `folder`, sorted."""
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -73,14 +89,17 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     from .artifacts import model_path, write_label_png
     from .config import ConfigError, load_config
     from .data import DataError, read_image
+    from .data.ids import path_inside
     from .data.images import check_image_file
     from .models.segmenter import load_segmenter
     from .runtime import progress, resolve_device
     from .stages import open_run
+    from .store import FileError, FolderLock, file_errors
 
     run_dir, images, out = Path(run_dir), Path(images), Path(out)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    check_output_folder(images, out)
     cfg = load_config(run_dir / "config.yaml")
     run = open_run(run_dir, cfg)
     m = run.manifest("segmentation")
@@ -89,7 +108,8 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
                           f"({run.why_not_done('segmentation') or 'no model'}); run it first")
     if not images.is_dir():
         raise DataError(f"{images}: image folder not found")
-    files = list_files(images)
+    with file_errors(images, "reading"):
+        files = list_files(images)
     if not files:
         raise DataError(f"{images}: the folder has no files")
     bad: dict[Path, str] = {}
@@ -111,7 +131,12 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise DataError(f"{images}: several images share the name {dupes[0]!r} (one output {dupes[0]}.png each)")
-    targets = [out / f"{p.stem}.png" for p in good]
+    targets = [path_inside(out, p.stem, ".png") for p in good]
+    inputs = {os.path.realpath(p) for p in files}
+    clash = [t for t in targets if os.path.realpath(t) in inputs]
+    if clash:  # never, not even with --overwrite
+        raise DataError(f"{clash[0]}: is one of the input images; refusing to replace it with a mask "
+                        "(choose another --out)")
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         raise DataError(f"{out}: {len(existing)} output file(s) exist, e.g. {existing[0].name} "
@@ -120,10 +145,18 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     dev = resolve_device(device or cfg.device)
     model = load_segmenter(model_path(run, "segmentation"), dev)
     scales, flip = (cfg.predict.tta_scales, cfg.predict.tta_flip) if tta else ((1.0,), False)
-    out.mkdir(parents=True, exist_ok=True)
-    for p, t in progress(list(zip(good, targets)), desc="segmenting", disable=False):
-        labels = segment(model, read_image(p), scales, flip, dev)
-        write_label_png(t, labels, layout)
+    # One `wsss predict` per output folder; each mask is created only if absent (unless --overwrite),
+    # so a clash with another writer is reported, never a silently lost mask.
+    with FolderLock(out, PREDICT_LOCK).hold("wsss predict"):
+        for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
+            labels = segment(model, read_image(p), scales, flip, dev)
+            try:
+                write_label_png(t, labels, layout, exclusive=not overwrite)
+            except FileError as e:
+                if isinstance(e.__cause__, OSError) and e.__cause__.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise FileError(f"disk full while writing {t} after {done} of {len(good)} masks; free space "
+                                    "and rerun with --overwrite (the masks written are complete)") from None
+                raise
     if bad:
         print(f"[wsss] skipped {len(bad)} unreadable file(s): {listing}")
     return targets

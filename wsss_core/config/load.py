@@ -8,9 +8,11 @@ the same validation. Numbers in scientific notation (`1e-4`) are numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -56,14 +58,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{key}: must not be null")
-        errors = []
         for a in args:
             if a is type(None):
                 continue
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
         raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -85,7 +84,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
@@ -101,7 +106,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
             f"{where}{unknown[0]}: unknown key (known keys in "
-            f"{prefix or 'the top level'}: {', '.join(sorted(fields))})"
+            f"{prefix or 'the top level'}: {', '.join(sorted(fields))})", f"{where}{unknown[0]}"
         )
     values = {}
     for name, f in fields.items():
@@ -112,14 +117,17 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
                     f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 # keys the YAML leaves out keep this section's own defaults
                 value = {**_plain(f.default_factory()), **value}  # type: ignore[misc]
-            v = _coerce(value, hints[name], key)
+            try:
+                v = _coerce(value, hints[name], key)
+            except ConfigError as e:
+                raise ConfigError(str(e), e.key or key) from None
         else:
             v = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         check = f.metadata.get("check")
         if check is not None:
             msg = check(v)
             if msg:
-                raise ConfigError(f"{key}: {msg}")
+                raise ConfigError(f"{key}: {msg}", key)
         values[name] = v
     return cls(**values)
 
@@ -182,7 +190,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
             names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
             if part not in names:
                 path = ".".join(parts[: i + 1])
-                raise ConfigError(f"{path}: unknown key (override {dotted!r})")
+                known = f" (known keys in {'.'.join(parts[:i])}: {', '.join(sorted(names))})" if i and names else ""
+                raise ConfigError(f"{path}: unknown key{known}", dotted)
             if i == len(parts) - 1:
                 node[part] = list(value) if isinstance(value, tuple) else value
             else:
@@ -191,7 +200,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
                 if nxt is None:
                     nxt = node[part] = {}
                 elif not isinstance(nxt, dict):
-                    raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section")
+                    raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section", dotted)
                 node = nxt
     return out
 
@@ -228,17 +237,41 @@ def _cross_checks(cfg: Config) -> None:
     for s in _WEIGHTED:
         w = getattr(cfg, s).weights
         if w not in ("imagenet", "random") and not Path(w).is_file():
-            raise ConfigError(f"{s}.weights: weights file not found: {w} (or use 'imagenet' / 'random')")
+            raise ConfigError(f"{s}.weights: weights file not found: {w} (or use 'imagenet' / 'random')",
+                              f"{s}.weights")
     if cfg.boundary.weights == "random":
         raise ConfigError("boundary.weights: the boundary backbone is frozen, so it needs trained weights "
-                          "('imagenet' or a state-dict file), not 'random'")
+                          "('imagenet' or a state-dict file), not 'random'", "boundary.weights")
     if cfg.data.format in ("voc", "lid") and not cfg.data.root:
-        raise ConfigError(f"data.root: required when data.format is {cfg.data.format!r}")
+        raise ConfigError(f"data.root: required when data.format is {cfg.data.format!r}", "data.root")
     if cfg.crf.conf_bg_thres > cfg.crf.conf_fg_thres:
         raise ConfigError(
             "crf.conf_bg_thres: must be <= crf.conf_fg_thres "
-            f"({cfg.crf.conf_bg_thres} > {cfg.crf.conf_fg_thres})"
+            f"({cfg.crf.conf_bg_thres} > {cfg.crf.conf_fg_thres})", "crf.conf_bg_thres"
         )
+
+
+def _check_round_trip(cfg: Config) -> None:
+    """Every value must come back unchanged from the run's config.yaml and
+    manifests (JSON): a string that UTF-8 cannot encode (from a command line
+    in another encoding) would otherwise fail a stage after it started."""
+    plain = config_to_dict(cfg)
+    for key, value in _leaves(plain):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{key}: {value!r} is not valid text (UTF-8 cannot encode it)", key) from None
+    if json.loads(json.dumps(plain, allow_nan=False)) != plain or parse_yaml(dump_config(cfg), "config") != plain:
+        raise ConfigError("the parameters do not survive a round trip through JSON and YAML")
+
+
+def _leaves(v: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(v, dict):
+        return [leaf for k, x in v.items() for leaf in _leaves(x, f"{prefix}.{k}" if prefix else k)]
+    if isinstance(v, list):
+        return [leaf for i, x in enumerate(v) for leaf in _leaves(x, f"{prefix}[{i}]")]
+    return [(prefix, v)]
 
 
 def config_from_dict(
@@ -253,6 +286,7 @@ def config_from_dict(
     cfg = _build(Config, raw, "")
     cfg = _resolve_paths(cfg, Path(base_dir).resolve())
     _cross_checks(cfg)
+    _check_round_trip(cfg)
     return cfg
 
 
@@ -262,10 +296,19 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     Errors name the file and the dotted key: `params/x.yaml: cams.scales: must not be empty`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a parameter file (e.g. params/default.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found")
     try:
-        raw = parse_yaml(path.read_text(), str(path))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a parameter file is UTF-8 YAML)") from None
+    except OSError as e:
+        reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        raise ConfigError(f"{path}: cannot read the parameter file ({reason})") from None
+    try:
+        raw = parse_yaml(text, str(path))
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -276,7 +319,31 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     try:
         return config_from_dict(raw, overrides, base_dir=path.parent)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{_source(e, overrides) or path}: {_without_key(e, overrides)}", e.key) from None
+
+
+def _override_of(key: str | None, overrides: Mapping[str, Any] | None) -> str | None:
+    """The `--set` key whose value `key` lies in (None: the value came from the file)."""
+    for dotted in overrides or {}:
+        if key is not None and (key == dotted or key.startswith((f"{dotted}.", f"{dotted}["))):
+            return dotted
+    return None
+
+
+def _source(e: ConfigError, overrides: Mapping[str, Any] | None) -> str | None:
+    """`--set KEY=VALUE` when the faulty value came from an override."""
+    dotted = _override_of(e.key, overrides)
+    if dotted is None:
+        return None
+    value = yaml.safe_dump(_plain((overrides or {})[dotted]), default_flow_style=True, width=10**6)
+    return f"--set {dotted}={value.strip().removesuffix('...').strip()}"
+
+
+def _without_key(e: ConfigError, overrides: Mapping[str, Any] | None) -> str:
+    """The message without its leading `key: ` when `--set key=...` already names it."""
+    msg = str(e)
+    dotted = _override_of(e.key, overrides)
+    return msg[len(dotted) + 2:] if dotted and msg.startswith(f"{dotted}: ") else msg
 
 
 # --------------------------------------------------------------------------- output

@@ -16,21 +16,20 @@ from typing import Any, Callable, Literal
 
 
 class ConfigError(ValueError):
-    """A parameter file or override is invalid; the message names file and key."""
+    """A parameter file or override is invalid; the message names file and key.
+
+    `key`: the dotted key at fault, when there is one (the loader then names
+    the `--set` that set it rather than the YAML file)."""
+
+    def __init__(self, message: str = "", key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 KINDS = ("output", "eval", "runtime")
 
 # --------------------------------------------------------------------------- checks
 Check = Callable[[Any], "str | None"]
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v!r}"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v!r}"
 
 
 def _unit(v: Any) -> str | None:
@@ -71,6 +70,25 @@ def _range(lo: float, hi: float) -> Check:
     return lambda v: None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v!r}"
 
 
+def _positive_upto(hi: float) -> Check:
+    return lambda v: None if 0 < v <= hi else f"must be > 0 and <= {hi}, got {v!r}"
+
+
+# Every number has a range: a value that passes the config layer can never crash a stage after it
+# cleared the previous results (an overflowing seed, an epoch count no run reaches, an infinite rate).
+_SEED: Check = _range(0, 2**32 - 1)  # numpy's and torch's generators take any seed in this range
+_COUNT: Check = _range(1, 10**9)
+_EPOCHS: Check = _range(1, 100_000)
+_BATCH: Check = _range(1, 65_536)
+_LR: Check = _positive_upto(10.0)
+_LR_MULT: Check = _positive_upto(100.0)
+_WEIGHT_DECAY: Check = _range(0.0, 1.0)
+_WORKERS: Check = _range(0, 256)
+_SCALE: Check = _positive_upto(8.0)
+_PIXELS: Check = _positive_upto(1000.0)
+_WEIGHT: Check = _range(0.0, 1000.0)
+
+
 def _ordered_pair(v: Any) -> str | None:
     if len(v) != 2:
         return f"must have exactly 2 values, got {len(v)}"
@@ -101,9 +119,9 @@ _OUTPUT_STRIDE: Check = lambda v: None if v in (8, 16) else f"must be 8 or 16, g
 class SyntheticConfig:
     """The embedded demo dataset, generated deterministically from `seed`."""
 
-    seed: int = _p(0)
-    n_train: int = _p(240, _positive)
-    n_val: int = _p(60, _positive)
+    seed: int = _p(0, _SEED)
+    n_train: int = _p(240, _COUNT)
+    n_val: int = _p(60, _COUNT)
     image_size: int = _p(128, _range(32, 1024))
     max_objects: int = _p(3, _range(1, 6))
     person_label_drop: float = _p(0.4, _unit, "share of images with a person whose label is dropped")
@@ -130,7 +148,7 @@ class DataConfig:
     root: str | None = _p(None, doc="dataset folder; relative paths are relative to the YAML file")
     train_split: str = _p("train")
     val_split: str = _p("val")
-    limit: int | None = _p(None, _optional(_positive), "use only the first N images of each split")
+    limit: int | None = _p(None, _optional(_COUNT), "use only the first N images of each split")
     synthetic: SyntheticConfig = _section(SyntheticConfig)
     lid: LidConfig = _section(LidConfig)
 
@@ -138,7 +156,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     flip: bool = _p(True)
-    scale_range: tuple[float, float] = _p((0.7, 1.3), _all(_each(_positive), _ordered_pair))
+    scale_range: tuple[float, float] = _p((0.7, 1.3), _all(_each(_SCALE), _ordered_pair))
     color_jitter: float = _p(0.3, _unit)
 
 
@@ -148,21 +166,21 @@ class ClassifierConfig:
     weights: str = _p("imagenet", doc="imagenet | random | path to a state-dict file")
     output_stride: int = _p(16, _OUTPUT_STRIDE)
     image_size: int = _p(320, _range(32, 2048))
-    epochs: int = _p(6, _positive)
-    batch_size: int = _p(16, _positive)
-    lr: float = _p(1e-3, _positive, "head learning rate; the backbone gets lr * backbone_lr_mult")
-    backbone_lr_mult: float = _p(0.1, _positive)
-    weight_decay: float = _p(1e-5, _non_negative)
+    epochs: int = _p(6, _EPOCHS)
+    batch_size: int = _p(16, _BATCH)
+    lr: float = _p(1e-3, _LR, "head learning rate; the backbone gets lr * backbone_lr_mult")
+    backbone_lr_mult: float = _p(0.1, _LR_MULT)
+    weight_decay: float = _p(1e-5, _WEIGHT_DECAY)
     optimizer: Literal["adam", "sgd"] = _p("adam")
     schedule: Literal["step", "poly", "constant"] = _p("step")
-    step_size: int = _p(3, _positive)
+    step_size: int = _p(3, _EPOCHS)
     gamma: float = _p(0.2, _unit)
     loss: Literal["bce", "soft_margin"] = _p("bce")
     balance: Literal["none", "class_aware", "repeat_factor"] = _p("none")
     repeat_threshold: float = _p(0.3, _unit, "repeat-factor sampling threshold t")
     exclude_classes: tuple[str, ...] = _p(())
     augment: AugmentConfig = _section(AugmentConfig)
-    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA",
+    num_workers: int | None = _p(None, _optional(_WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
                                    kind="runtime")
     amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
     eval_threshold: float = _p(0.5, _unit, "score threshold of the F1 evaluation", kind="eval")
@@ -176,16 +194,16 @@ class LabelFilterConfig:
     class_name: str = _p("person")
     threshold: float = _p(0.8, _unit, "keep an unlabelled image only if P(class absent) >= threshold")
     trusted_list: str | None = _p(None, doc="file of ids with trusted labels; default: the dataset's own")
-    epochs: int = _p(4, _positive)
-    lr: float = _p(1e-3, _positive)
-    backbone_lr_mult: float = _p(0.1, _positive, "1.0 fine-tunes the whole backbone (far-from-ImageNet data)")
+    epochs: int = _p(4, _EPOCHS)
+    lr: float = _p(1e-3, _LR)
+    backbone_lr_mult: float = _p(0.1, _LR_MULT, "1.0 fine-tunes the whole backbone (far-from-ImageNet data)")
 
 
 @dataclass(frozen=True)
 class CamsConfig:
     method: Literal["gradcam", "gradcam++"] = _p("gradcam")
     layer: str | None = _p(None, doc="backbone layer for the CAMs; None: the last feature map")
-    scales: tuple[float, ...] = _p((1.0, 0.5, 0.75, 2.0), _all(_non_empty, _each(_positive)))
+    scales: tuple[float, ...] = _p((1.0, 0.5, 0.75, 2.0), _all(_non_empty, _each(_SCALE)))
     flip: bool = _p(True)
     normalize: Literal["per_class", "global"] = _p("per_class")
     classes: Literal["labels", "predicted"] = _p("labels")
@@ -200,15 +218,15 @@ class CamsConfig:
 @dataclass(frozen=True)
 class CrfConfig:
     gt_prob: float = _p(0.7, _range(0.0, 1.0))
-    gauss_sxy: float = _p(3.0, _positive)
-    gauss_compat: float = _p(3.0, _non_negative)
-    bilateral_sxy: float = _p(50.0, _positive)
-    bilateral_srgb: float = _p(5.0, _positive)
-    bilateral_compat: float = _p(10.0, _non_negative)
-    iterations: int = _p(10, _positive)
+    gauss_sxy: float = _p(3.0, _PIXELS)
+    gauss_compat: float = _p(3.0, _WEIGHT)
+    bilateral_sxy: float = _p(50.0, _PIXELS)
+    bilateral_srgb: float = _p(5.0, _PIXELS)
+    bilateral_compat: float = _p(10.0, _WEIGHT)
+    iterations: int = _p(10, _range(1, 1000))
     conf_fg_thres: float = _p(0.30, _unit)
     conf_bg_thres: float = _p(0.05, _unit)
-    workers: int = _p(2, _non_negative, "worker processes; 0 = in-process", kind="runtime")
+    workers: int = _p(2, _WORKERS, "worker processes; 0 = in-process", kind="runtime")
 
 
 @dataclass(frozen=True)
@@ -221,14 +239,14 @@ class BoundaryConfig:
     output_stride: int = _p(16, _OUTPUT_STRIDE)
     crop_size: int = _p(256, _range(32, 2048), "training crop in pixels (IRNet: 512)")
     radius: int = _p(10, _range(2, 32), "pairs within this radius (stride-4 cells) are affinity labels")
-    epochs: int = _p(3, _positive)
-    batch_size: int = _p(8, _positive)
-    lr: float = _p(0.1, _positive)
-    weight_decay: float = _p(1e-4, _non_negative)
+    epochs: int = _p(3, _EPOCHS)
+    batch_size: int = _p(8, _BATCH)
+    lr: float = _p(0.1, _LR)
+    weight_decay: float = _p(1e-4, _WEIGHT_DECAY)
     optimizer: Literal["adam", "sgd"] = _p("sgd")
     schedule: Literal["step", "poly", "constant"] = _p("poly")
     augment: AugmentConfig = _section(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.0)
-    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA",
+    num_workers: int | None = _p(None, _optional(_WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
                                  kind="runtime")
     amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
     eval_thresholds: tuple[float, ...] = _p((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), _all(_non_empty, _each(_unit)),
@@ -240,7 +258,7 @@ class PseudoMasksConfig:
     """IRNet's random walk from the CAMs over the boundary map (step 2c inference)."""
 
     radius: int = _p(5, _range(2, 16), "transition neighbourhood in stride-4 cells (IRNet: 5)")
-    beta: float = _p(10.0, _positive, "affinities are raised to beta (IRNet: 10)")
+    beta: float = _p(10.0, _positive_upto(1000.0), "affinities are raised to beta (IRNet: 10)")
     exp_times: int = _p(8, _range(0, 12), "the transition is applied 2^exp_times times (IRNet: 8)")
     sem_seg_bg_thres: float = _p(0.25, _unit, "background score after the walk (IRNet: 0.25)")
     flip: bool = _p(True, doc="boundary map averaged with that of the flipped image")
@@ -253,20 +271,20 @@ class SegmentationConfig:
     backbone: Literal["efficientnet_lite0", "resnet50"] = _p("efficientnet_lite0")
     weights: str = _p("imagenet", doc="imagenet | random | path to a state-dict file (encoder)")
     output_stride: int = _p(16, _OUTPUT_STRIDE)
-    atrous_rates: tuple[int, int, int] = _p((6, 12, 18), _each(_positive), "ASPP rates (12/24/36 at stride 8)")
+    atrous_rates: tuple[int, int, int] = _p((6, 12, 18), _each(_range(1, 100)), "ASPP rates (12/24/36 at stride 8)")
     crop_size: int = _p(256, _range(32, 2048))
-    epochs: int = _p(20, _positive)
-    batch_size: int = _p(8, _positive)
-    lr: float = _p(0.01, _positive, "head learning rate; the encoder gets lr * backbone_lr_mult")
-    backbone_lr_mult: float = _p(0.1, _positive)
-    weight_decay: float = _p(1e-4, _non_negative)
+    epochs: int = _p(20, _EPOCHS)
+    batch_size: int = _p(8, _BATCH)
+    lr: float = _p(0.01, _LR, "head learning rate; the encoder gets lr * backbone_lr_mult")
+    backbone_lr_mult: float = _p(0.1, _LR_MULT)
+    weight_decay: float = _p(1e-4, _WEIGHT_DECAY)
     optimizer: Literal["adam", "sgd"] = _p("sgd")
     schedule: Literal["step", "poly", "constant"] = _p("poly")
     augment: AugmentConfig = _section(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.2)
     checkpoint: Literal["last", "best"] = _p(
         "last", doc="best: the epoch with the best val mIoU (a choice made on the val masks: report test numbers)")
     upper_bound: bool = _p(False, doc="also train on the real masks of the same images (stage segmentation_full)")
-    num_workers: int | None = _p(None, _optional(_non_negative), "loader workers; None: 0 on CPU, 4 on CUDA",
+    num_workers: int | None = _p(None, _optional(_WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
                                  kind="runtime")
     amp: bool = _p(True, doc="mixed precision (used on CUDA only)")
 
@@ -276,7 +294,7 @@ class PredictConfig:
     """Step 3 inference: test-time augmentation, class-index PNGs, evaluation."""
 
     splits: tuple[str, ...] = _p(("val",), _non_empty, "splits to segment (scored where they have masks)")
-    tta_scales: tuple[float, ...] = _p((1.0,), _all(_non_empty, _each(_positive)),
+    tta_scales: tuple[float, ...] = _p((1.0,), _all(_non_empty, _each(_SCALE)),
                                        "logits averaged over these scales (reference: 0.5, 1, 2)")
     tta_flip: bool = _p(True, doc="and over horizontal flips")
     layout: Literal["voc", "lid"] = _p("voc", doc="lid: the LID submission layout (one PNG per listed image)")
@@ -285,7 +303,7 @@ class PredictConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = _p("demo", kind="runtime")
-    seed: int = _p(0)
+    seed: int = _p(0, _SEED)
     device: Literal["auto", "cpu", "cuda"] = _p("auto", kind="runtime")
     data: DataConfig = _section(DataConfig)
     classifier: ClassifierConfig = _section(ClassifierConfig)

@@ -114,11 +114,13 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageRes
     """
     s = stage(name)
     say = print if run.is_main else (lambda *a, **k: None)  # one line per stage, not one per torchrun process
+    run.check_folder(write=False)
     run.check_upstream(name)
     if not force and run.is_done(name):
         say(f"[wsss] {s.spec.folder}: already done with these parameters, skipped", flush=True)
         return run.result(name)
     check_stage(name, cfg)
+    run.check_folder()
     if runtime.world_size() > 1:  # torchrun: join the process group before the barrier below
         runtime.init_distributed(runtime.resolve_device(cfg.device))
     with run.lock(f"wsss stage {name}"):
