@@ -13,7 +13,6 @@ single-scale map after the peer's own resize + min-max normalisation.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -21,16 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from wsss_core.cam import class_activation_maps, raw_cams, scaled_size
+from wsss_core.multilabel import load_classifier
+from wsss_core.config import ClassifierConfig, DataConfig
+from wsss_core.data import open_dataset
+from wsss_core.data.transforms import to_normalized_tensor
+from wsss_core.models import build_classifier
 
-from wsss_core.cam import class_activation_maps, raw_cams, scaled_size  # noqa: E402
-from wsss_core.multilabel import load_classifier  # noqa: E402
-from wsss_core.config import ClassifierConfig, DataConfig  # noqa: E402
-from wsss_core.data import open_dataset  # noqa: E402
-from wsss_core.data.transforms import to_normalized_tensor  # noqa: E402
-from wsss_core.models import build_classifier  # noqa: E402
-
+REPO = Path(__file__).resolve().parent.parent  # for the default --data folder (../shared next to the repository)
 SCALES = (1.0, 0.5, 0.75, 2.0)
 
 

@@ -28,15 +28,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 RADIUS, BETA, EXP_TIMES, CLASSES = 5, 10.0, 8, 21
 

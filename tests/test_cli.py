@@ -130,6 +130,25 @@ def _voc_id_with_space(tmp: Path) -> Path:
     return cfg
 
 
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _laughs() -> str:
+    """Nine levels of YAML aliases: a few hundred bytes that expand to ~10^9 values."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    return "\n".join(lines) + "\n"
+
+
+def _voc_no_labels(tmp: Path) -> Path:
+    cfg = voc_config(tmp, "nolabels")
+    csv = tmp / "nolabels-data" / "image_labels_train.csv"
+    csv.write_text("image_id,labels\n" + "".join(f"a{k},\n" for k in range(4)))
+    return cfg
+
+
 def _voc_class_with_space(tmp: Path) -> Path:
     cfg = voc_config(tmp, "wild")
     (tmp / "wild-data" / "classes.txt").write_text("background\ncat\nwild flower\n")
@@ -223,6 +242,26 @@ CASES = {
                                 ["classes.txt: line 3: class name 'wild flower' contains whitespace, which the "
                                  "space-separated labels of image_labels_<split>.csv cannot name (write it as "
                                  "'wild_flower')"]),
+    # --- found by a fresh-eyes probe
+    "YAML aliases (billion laughs)": (lambda t: edited_ci(t, "laughs", text=_laughs()), ["validate"],
+                                      ["={cfg}: line 1: anchors and aliases (&name, *name) are not supported in "
+                                       "parameter files; write the values out"]),
+    "YAML nested too deeply": (lambda t: edited_ci(t, "deep", text="x: " + "[" * 100_000 + "]" * 100_000),
+                               ["validate"],
+                               ["={cfg}: not valid YAML: nested too deeply"]),
+    "--set of a whole section": (lambda t: CI_YAML, ["stage", "cams", "--set", "cams={scales: [2.0]}"],
+                                 ["=--set cams={scales: [2.0]}: is a section; set its keys one by one "
+                                  "(e.g. cams.<key>=...), so the file's other values stay"]),
+    "empty --run-dir": (lambda t: CI_YAML, ["run", "--run-dir", ""], ["=--run-dir: empty path"]),
+    "--run-dir a folder that is not a run": (lambda t: _file(_folder(t / "mine") / "notes.txt") and CI_YAML,
+                                             ["stage", "data", "--run-dir", "{tmp}/mine"],
+                                             ["={tmp}/mine: is not a run folder and not empty (no config.yaml or "
+                                              "stage folders of wsss); choose an empty or new folder"]),
+    "--run-dir inside the dataset": (lambda t: voc_config(t, "inside"), ["stage", "data", "--run-dir",
+                                                                         "{tmp}/inside-data/run"],
+                                     ["={tmp}/inside-data/run: is inside the dataset folder {tmp}/inside-data; a run "
+                                      "must not write into its data (choose another --run-dir)"]),
+    "no image has a label": (_voc_no_labels, ["run"], ["no image of split 'train' has an image-level label"]),
 }
 
 if not torch.cuda.is_available():  # with a GPU, device: cuda is valid
@@ -240,7 +279,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, finished, tmp_pat
     config = make_config(tmp_path)
     data_case = config.parent == tmp_path and (tmp_path / f"{config.stem}-data").exists()
     run_dir = tmp_path / "fresh-run" if data_case else finished
-    args = [a.format(tmp=tmp_path) for a in args]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     own_run_dir = "--run-dir" in args
     argv = [args[0], "--config", str(config),
             *(["--run-dir", str(run_dir)] if args[0] in NEEDS_RUN_DIR and not own_run_dir else []), *args[1:]]
@@ -252,7 +291,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, finished, tmp_pat
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsss: error: "), err
     for piece in expected:
-        piece = piece.format(cfg=config, tmp=tmp_path)
+        piece = piece.replace("{cfg}", str(config)).replace("{tmp}", str(tmp_path))
         if piece.startswith("="):
             assert lines[0] == f"wsss: error: {piece[1:]}"
         else:

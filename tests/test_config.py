@@ -134,7 +134,7 @@ def test_relative_root_resolves_against_the_yaml_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     p = tmp_path / "sub" / "x.yaml"
     p.write_text("data:\n  format: voc\n  root: ../data\n")
-    assert load_config(p).data.root == str((tmp_path / "data").resolve())
+    assert load_config(p).data.root == (tmp_path / "data").resolve()
 
 
 def test_dump_round_trips(tmp_path):
@@ -172,4 +172,4 @@ def test_unknown_backbone_and_missing_weights_fail_at_load(tmp_path):
     assert str(tmp_path / "weights" / "missing.pt") in str(e.value)
     (tmp_path / "w.pt").write_bytes(b"x")
     p = write(tmp_path, "classifier:\n  weights: w.pt\n")
-    assert load_config(p).classifier.weights == str(tmp_path / "w.pt")
+    assert load_config(p).classifier.weights == tmp_path / "w.pt"

@@ -10,7 +10,8 @@ from PIL import Image
 
 from wsss_core import cli, stages
 from wsss_core.models.segmenter import build_segmenter
-from wsss_core.predict import predict_folder, segment, tta_logits
+from wsss_core.predict import segment, tta_logits
+from wsss_core.stages.predict import predict_folder
 from wsss_core.models.segmenter import pixel_loss
 
 
@@ -35,6 +36,33 @@ def test_tta_averages_what_it_should(net):
     one = tta_logits(net, image, (1.0,), flip=False)
     flipped = tta_logits(net, np.ascontiguousarray(image[:, ::-1]), (1.0,), flip=False).flip(-1)
     assert torch.allclose(tta_logits(net, image, (1.0,), flip=True), (one + flipped) / 2, atol=1e-5)
+
+
+def test_tta_logits_at_scales_other_than_one_by_hand(net):
+    """The TTA recipe computed here with torch alone, at scales 0.5 and 1.5 of an odd-sized image: each scaled
+    image and its mirror through the net, the mirror's logits flipped back, all four resized to the input size
+    (bilinear, half-pixel centres) and averaged."""
+    h, w = 37, 29
+    image = np.random.default_rng(7).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in net.normalization)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+    sizes = {0.5: (18, 14), 1.5: (56, 44)}  # round(37 s) x round(29 s), Python's round: halves go to even
+    maps = []
+    with torch.no_grad():
+        for s, size in sizes.items():
+            xs = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            plain = net(xs)
+            mirrored = net(xs.flip(-1)).flip(-1)
+            assert plain.shape[-2:] == mirrored.shape[-2:] == size
+            assert (plain - mirrored).abs().max() > 1e-2  # the flip matters: forgetting to undo it would show
+            for logits in (plain, mirrored):
+                maps.append(torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
+                                                            align_corners=False)[0])
+    expected = sum(maps) / 4
+    got = tta_logits(net, image, scales=(0.5, 1.5), flip=True)
+    assert got.shape == (5, h, w)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), float((got - expected).abs().max())
+    assert expected.abs().max() > 0.1  # a wrong divisor would not hide in near-zero logits
 
 
 @pytest.mark.parametrize("h, w", [(1, 5), (7, 3), (33, 47), (65, 17)])
@@ -124,7 +152,7 @@ def test_predict_refuses_bad_folders_before_any_work(ci_full_run, ci_run, tmp_pa
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png", "d.png", "gray.png"]
-    assert "skipped 2 unreadable file(s): broken.jpg" in r.stdout and "notes.txt (not an image file" in r.stdout
+    assert "skipped 2 unreadable file(s): broken.jpg" in r.stdout and "notes.txt (format .txt not supported" in r.stdout
 
 
 def test_predict_writes_masks_as_the_image_is_displayed(ci_full_run, tmp_path):

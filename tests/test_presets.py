@@ -45,7 +45,7 @@ def test_preset_runs_the_data_stage_on_its_layout(preset, tmp_path, monkeypatch,
     monkeypatch.setenv(PRESETS[preset], str(root))
     config = REPO / "params" / f"{preset}.yaml"
     cfg = load_config(config)
-    assert cfg.data.root == str(root)
+    assert cfg.data.root == root
     assert cli.main(["validate", "--config", str(config)]) == 0  # every stage's checks pass on the fixture
     run = stages.open_run(tmp_path / "run", cfg)
     m = stages.run_stage("data", cfg, run).metrics

@@ -18,7 +18,6 @@ from wsss_core.metrics import ConfusionMatrix
 from wsss_core.affinity import AffinityTargets
 from wsss_core.models.boundary import boundary_map, load_boundary
 from wsss_core.models.segmenter import load_segmenter
-from wsss_core.random_walk import pseudo_mask
 from wsss_core.train import param_checksum
 
 from conftest import REPO
@@ -51,6 +50,32 @@ def test_affinity_targets_of_a_label_crop():
     assert int(bg.sum()) == 1 and int(fg.sum()) == 1 and int(neg.sum()) == 4
 
 
+def upsample_x4(a: np.ndarray) -> np.ndarray:
+    """(K, h, w) -> (K, 4h, 4w) bilinear, half-pixel centres (align_corners=False): output pixel o samples the
+    input at (o + 0.5) / 4 - 0.5, clamped to >= 0, between its two neighbours (the last one repeated)."""
+    def taps(n):
+        src = np.maximum((np.arange(4 * n) + 0.5) / 4 - 0.5, 0.0)
+        i0 = np.floor(src).astype(np.int64)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    r0, r1, fr = taps(a.shape[1])
+    c0, c1, fc = taps(a.shape[2])
+    rows = a[:, r0] * (1 - fr)[:, None] + a[:, r1] * fr[:, None]
+    return rows[:, :, c0] * (1 - fc) + rows[:, :, c1] * fc
+
+
+def reference_pseudo_mask(rw: np.ndarray, keys, image_size, bg_threshold: float) -> np.ndarray:
+    """IRNet's rule, written here from its description: rw upsampled x4, cut to the image, divided by its max,
+    a background score bg_threshold before the K class scores, argmax (ties to background), index c -> keys[c-1]."""
+    height, width = image_size
+    scores = upsample_x4(np.asarray(rw, np.float64))[:, :height, :width]
+    if scores.max() > 0:
+        scores = scores / scores.max()
+    best = np.argmax(np.concatenate([np.full((1, height, width), bg_threshold), scores]), axis=0)
+    class_ids = np.asarray(keys, np.int64)
+    return np.where(best == 0, 0, class_ids[np.maximum(best - 1, 0)]).astype(np.uint8)
+
+
 def test_pseudo_masks_equal_the_dense_random_walk(ci_full_run):
     cfg, run = ci_full_run
     kept = read_kept_ids(run)
@@ -63,7 +88,7 @@ def test_pseudo_masks_equal_the_dense_random_walk(ci_full_run):
             continue
         b = BOUNDARY_MAPS.read(run, sid)
         rw = dense_random_walk(cam.cam.astype(np.float64), b.astype(np.float64), p.radius, p.beta, p.exp_times)
-        expected = pseudo_mask(rw, cam.keys, cam.image_size, p.sem_seg_bg_thres)
+        expected = reference_pseudo_mask(rw, cam.keys, cam.image_size, p.sem_seg_bg_thres)
         stored = PSEUDO_MASKS.read(run, sid)
         assert stored.shape == cam.image_size
         assert set(np.unique(stored)) <= {0, *cam.keys.tolist()}
@@ -115,10 +140,17 @@ def test_segmenters_and_predictions(ci_full_run):
 def test_report_collects_every_stage(ci_full_run):
     cfg, run = ci_full_run
     report = json.loads((run.folder("report") / "report.json").read_text())
-    assert list(report["miou"]) == ["CAM (train)", "confident labels (train, 255 void)", "pseudo masks (train)",
-                                    "segmenter (val)", "fully supervised (val)"]
-    assert list(report["lift"]) == ["CAM (train)", "pseudo masks (train)", "segmenter (val)", "fully supervised (val)"]
+    assert list(report["miou"]) == ["CAM (train)", "confident labels (train)", "pseudo masks (train)",
+                                    "segmenter (train)", "fully supervised (train)", "segmenter (val)",
+                                    "fully supervised (val)"]
+    # each split's lift on its own: the segmenter beside the pseudo masks it was trained on (the same images)
+    assert {split: list(lift) for split, lift in report["lift"].items()} == {
+        "train": ["CAM", "pseudo masks", "segmenter", "fully supervised"], "val": ["segmenter", "fully supervised"]}
     assert report["miou"]["pseudo masks (train)"] == run.manifest("pseudo_masks")["metrics"]["miou"]
+    masks, cm = stages.dataset(cfg).masks("train"), ConfusionMatrix(len(report["classes"]))
+    for sid in read_kept_ids(run):  # the segmenter's train score, recomputed from its prediction files
+        cm.update(predictions("train").read(run, sid), masks.mask(sid))
+    assert report["miou"]["segmenter (train)"] == pytest.approx(cm.miou(), abs=1e-12)
     assert report["weak_over_full"] == run.manifest("predict")["metrics"]["weak_over_full"]
     assert set(report["timings"]) >= {"data", "classifier", "boundary", "segmentation", "predict"}
     assert report["machine"]["torch"] == torch.__version__

@@ -10,7 +10,6 @@ import torchvision
 from torch import nn
 
 from wsss_core.models import (
-    IGNORE_INDEX,
     WeightsError,
     build_backbone,
     build_segmenter,
@@ -118,14 +117,24 @@ def test_save_load_round_trip_and_param_groups(tmp_path):
 
 
 def test_cross_entropy_ignores_255():
+    void = 255  # the VOC void value, as in the masks on disk (not the module's constant)
+    torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, 4)
     masks = torch.randint(0, 3, (2, 5, 4))
-    masks[0, :2] = IGNORE_INDEX
+    masks[0, :2] = void
+    masks[1, 4, 3] = void
     loss = segmentation_loss()
     changed = logits.clone()
-    changed.permute(0, 2, 3, 1)[masks == IGNORE_INDEX] = 100.0
+    changed.permute(0, 2, 3, 1)[masks == void] = 100.0
     assert torch.equal(loss(changed, masks), loss(logits, masks))
     assert not torch.equal(loss(logits, masks), nn.functional.cross_entropy(logits, masks.clamp(max=2)))
+    # by hand: the mean of -log softmax at the true class over the pixels that are not void
+    log_p = logits.permute(0, 2, 3, 1).reshape(-1, 3).log_softmax(-1)
+    target = masks.reshape(-1)
+    kept = target != void
+    assert int(kept.sum()) == 2 * 5 * 4 - 2 * 4 - 1
+    expected = -log_p[kept].gather(1, target[kept, None]).mean()
+    assert float(loss(logits, masks)) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_load_names_a_missing_or_foreign_model_file(tmp_path):

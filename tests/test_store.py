@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from wsss_core import stages
+from wsss_core.stages import registry
 from wsss_core.config import config_from_dict
 from wsss_core.store import (
     StaleUpstreamError,
@@ -64,13 +65,13 @@ def toy(tmp_path, monkeypatch):
     mod_dir.mkdir()
     (mod_dir / "toy_stages.py").write_text(TOY)
     monkeypatch.syspath_prepend(str(mod_dir))
-    monkeypatch.setattr(stages, "STAGES", dict(stages.STAGES))
     import importlib
 
     import toy_stages
 
-    importlib.reload(toy_stages).register()
-    return mod_dir
+    with registry.scratch():  # the real registry comes back after the test
+        importlib.reload(toy_stages).register()
+        yield mod_dir
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path):

@@ -292,3 +292,79 @@ def test_a_run_never_writes_outside_its_folders_even_for_an_id_that_got_through(
         with pytest.raises(DataError, match="leads outside"):
             artifact.write(run, "../../../escaped", np.zeros((2, 2), np.uint8))
     assert not any(tmp_path.rglob("escaped*"))
+
+
+# --------------------------------------------------------------------------- hostile run folders
+def _json_list_manifest(root: Path) -> None:
+    (root / "06_segmentation" / "manifest.json").write_text("[1, 2, 3]")
+
+
+def _manifest_with_wrong_types(root: Path) -> None:
+    m = root / "06_segmentation" / "manifest.json"
+    manifest = json.loads(m.read_text())
+    manifest["upstream"] = ["data"]
+    m.write_text(json.dumps(manifest))
+
+
+def _deep_manifest(root: Path) -> None:
+    (root / "06_segmentation" / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+
+
+def _model_with_impossible_metadata(root: Path) -> None:
+    p = root / "06_segmentation" / "model.pt"
+    blob = torch.load(p, weights_only=True)
+    blob["segmenter"]["output_stride"] = 3
+    torch.save(blob, p)
+
+
+RUN_FOLDER_CASES = {
+    "manifest is a JSON list": (_json_list_manifest, "06_segmentation/manifest.json: not a manifest written by "
+                                "wsss (a JSON list, not an object); rerun the stage (wsss run --force segmentation)"),
+    "manifest field of the wrong type": (_manifest_with_wrong_types, "06_segmentation/manifest.json: not a manifest "
+                                         "written by wsss ('upstream' is a list, not a dict)"),
+    "manifest nested too deeply": (_deep_manifest, "06_segmentation/manifest.json: not valid JSON (nested too "
+                                   "deeply); rerun the stage that wrote it"),
+    "model metadata no model has": (_model_with_impossible_metadata, "06_segmentation/model.pt: cannot rebuild this "
+                                    "segmenter from it (ValueError: output_stride must be 8 or 16, got 3)"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_FOLDER_CASES))
+def test_a_damaged_run_folder_is_one_line(case, full, tmp_path, capsys):
+    damage, message = RUN_FOLDER_CASES[case]
+    damage(full)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photos / "a.png")
+    capsys.readouterr()
+    assert cli.main(["predict", "--run", str(full), "--images", str(photos), "--out", str(tmp_path / "masks")]) == 2
+    line = one_error_line(capsys)
+    assert f"{full}/{message}" in line, line
+    assert not (tmp_path / "masks").exists()
+
+
+def test_a_stage_folder_linked_outside_the_run_is_never_written_or_cleared(full, tmp_path, capsys):
+    """The probe's case: 07_predict a symbolic link to a folder of the user's; --force predict deleted it."""
+    victim = tmp_path / "victim"
+    shutil.move(str(full / "07_predict"), victim)
+    (victim / "precious.txt").write_text("mine")
+    (full / "07_predict").symlink_to(victim)
+    before = sorted(p.relative_to(victim) for p in victim.rglob("*"))
+    capsys.readouterr()
+    assert cli.main(["stage", "predict", "--force", "--config", str(CI_YAML), "--run-dir", str(full)]) == 2
+    assert one_error_line(capsys) == (f"wsss: error: {full / '07_predict'}: leads outside the run folder {full} "
+                                      "(a symbolic link?); remove the link and rerun")
+    assert sorted(p.relative_to(victim) for p in victim.rglob("*")) == before
+    assert (victim / "precious.txt").read_text() == "mine"
+
+
+def test_a_lid_list_nested_too_deeply_is_one_line(tmp_path):
+    from wsss_core.config import DataConfig
+
+    root = make_lid(tmp_path / "lid")
+    (root / "train.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError) as e:
+        open_dataset(DataConfig(format="lid", root=str(root)), validate=False)
+    assert str(e.value) == f"{root / 'train.json'}: cannot read image list (nested too deeply)"

@@ -13,6 +13,8 @@ format is written and read in exactly one place:
 | boundary maps | 05_pseudo_masks/boundary/<id>.png | BOUNDARY_MAPS (uint8 = round(255 b)) |
 | pseudo masks | 05_pseudo_masks/masks/<id>.png | PSEUDO_MASKS (class ids, palette PNG) |
 | predictions | 07_predict/<split>/<id>.png | predictions(split) |
+| scores kept per image | <stage>/scores/<key>.npz | write_scores / read_scores / scores_of (ImageScores) |
+| a stage's typed result | <stage>/result.json | write_result / read_result (the stage's dataclass) |
 | models | <stage>/model.pt | model_path(run, stage) |
 
 Ground-truth masks are not artifacts: only evaluation code reads them
@@ -21,14 +23,19 @@ Ground-truth masks are not artifacts: only evaluation code reads them
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
 from .data.ids import path_inside
-from .store import FileError, Run, file_errors, read_npz, save_npz, save_png, write_text
+from .store import (
+    FileError, Run, StaleUpstreamError, file_errors, read_json, read_npz, save_npz, save_png, write_json, write_text,
+)
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- label PNGs
@@ -76,7 +83,7 @@ class PerImage:
     suffix: str
 
     def dir(self, run: Run) -> Path:
-        return run.folder(self.stage) / self.subdir
+        return run.inside(run.folder(self.stage) / self.subdir)
 
     def path(self, run: Run, image_id: str) -> Path:
         """`<dir>/<id><suffix>`; an id that would lead outside the folder is refused."""
@@ -197,11 +204,54 @@ def read_val_scores(run: Run) -> dict[str, np.ndarray]:
     return read_npz(run.folder("classifier") / "val_scores.npz", "classifier val scores")
 
 
+# --------------------------------------------------------------------------- scores and results
+def write_scores(run: Run, stage: str, key: str, scores: Any) -> Path:
+    """<stage>/scores/<key>.npz: an evaluation kept per image (`metrics.ImageScores`)."""
+    return save_npz(run.path(stage) / "scores" / f"{key}.npz", **scores.arrays())
+
+
+def read_scores(run: Run, stage: str, key: str) -> Any:
+    from .metrics import ImageScores
+
+    path = run.folder(stage) / "scores" / f"{key}.npz"
+    if not path.is_file():
+        raise MissingResultError(f"{path}: no such scores; rerun the {stage} stage (wsss run --force {stage})")
+    return ImageScores.from_arrays(read_npz(path, "scores file"))
+
+
+def scores_of(run: Run, stage: str) -> dict[str, Any]:
+    """Every evaluation a stage kept ({key: ImageScores}, by key)."""
+    folder = run.folder(stage) / "scores"
+    keys = sorted(p.stem for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
+    return {k: read_scores(run, stage, k) for k in keys}
+
+
+class MissingResultError(StaleUpstreamError):
+    """A stage's typed result (or a value in it) is missing: the message names the stage to rerun."""
+
+
+def write_result(run: Run, stage: str, result: Any) -> Path:
+    """<stage>/result.json: the stage's typed result (a dataclass of plain values)."""
+    return write_json(run.path(stage) / "result.json", dataclasses.asdict(result))
+
+
+def read_result(run: Run, stage: str, cls: type[T]) -> T:
+    """A stage's typed result as `cls`; every field must be there (no silent defaults)."""
+    path = run.folder(stage) / "result.json"
+    rerun = f"rerun the {stage} stage (wsss run --force {stage})"
+    if not path.is_file():
+        raise MissingResultError(f"{path}: {stage} has no result yet; {rerun}")
+    data = read_json(path)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise MissingResultError(f"{path}: no {', '.join(missing)} (written by an older wsss?); {rerun}")
+    return cls(**{n: data[n] for n in names})
+
+
 # --------------------------------------------------------------------------- models
 def read_history(run: Run, stage: str) -> list[dict[str, Any]] | None:
     """The fit loop's history.json of a training stage (None before it trained)."""
-    from .store import read_json
-
     p = run.folder(stage) / "history.json"
     return read_json(p) if p.is_file() else None
 

@@ -10,7 +10,9 @@ Errors are one line on stderr and exit code 2 (`file: key: what is wrong`, or
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from .config import ConfigError, load_config, parse_override_value
@@ -66,21 +68,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    for flag in ("config", "run_dir", "run", "images", "out"):
+        if getattr(args, flag, None) == "":  # an unset $VARIABLE: never "the current folder"
+            raise ConfigError(f"--{flag.replace('_', '-')}: empty path")
     overrides = _overrides(getattr(args, "set", []))
     if args.command == "run":
         from .pipeline import run_pipeline
 
         root = run_pipeline(args.config, args.run_dir, args.from_stage, args.to_stage, overrides,
                             force=args.force)
+        from .stages import open_run, summary_lines
+
         print(f"[wsss] finished. Outputs: {root}")
         print(f"[wsss] executed notebooks: {root / 'notebooks'}")
-        report = root / "08_report" / "report.json"
-        if report.is_file():
-            from .stages.report import REPORT_HTML, miou_table
-            from .store import read_json
-
-            print(miou_table(read_json(report)))
-            print(f"[wsss] report: {root / REPORT_HTML}")
+        for line in summary_lines(open_run(root, load_config(args.config, overrides))):
+            print(line)
     elif args.command == "stage":
         from . import runtime
         from .stages import open_run, run_stage, stage
@@ -97,7 +99,7 @@ def _run(args: argparse.Namespace) -> None:
         if run.is_main:
             print(f"[wsss] {args.name}: {result.metrics}")
     elif args.command == "predict":
-        from .predict import predict_folder
+        from .stages.predict import predict_folder
 
         written = predict_folder(args.run, args.images, args.out, tta=args.tta, skip_bad=args.skip_bad,
                                  overwrite=args.overwrite, layout=args.layout)
@@ -116,6 +118,16 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     from .data import DataError
     from .pipeline import StageFailed
     from .store import FileError, RunLockedError, StaleUpstreamError, describe_os_error
@@ -132,14 +144,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"wsss: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        print("wsss: interrupted. Finished stages and the finished files of the interrupted stage are kept; "
-              "run the same command again to resume.", file=sys.stderr, flush=True)
+        resume = ("the masks written so far are complete; rerun with --overwrite to redo them all"
+                  if args.command == "predict" else "finished stages and the finished files of the interrupted "
+                  "stage are kept; run the same command again to resume")
+        print(f"wsss: {'terminated' if isinstance(e, Terminated) else 'interrupted'}. {resume[0].upper()}"
+              f"{resume[1:]}.", file=sys.stderr, flush=True)
         _silence_stderr()  # the kernel client's half-closed tasks complain at exit: not for the user
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system stopping the job): handled like Ctrl-C."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def _one_line(text: str) -> str:

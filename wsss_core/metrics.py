@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "ConfusionMatrix",
     "segmentation_scores",
+    "ImageScores",
     "average_precision",
     "mean_average_precision",
     "f1_scores",
@@ -220,6 +221,88 @@ def segmentation_scores(cm: ConfusionMatrix, classes: Sequence[str]) -> dict[str
         "class_accuracy": {n: _json_float(v) for n, v in zip(names, acc)},
         "pixels": cm.total,
     }
+
+
+class ImageScores:
+    """One evaluation kept per image: for each image and class, the true
+    positives and the ground-truth and predicted pixel counts, plus the
+    summed confusion matrix. Enough to recompute the dataset's IoU on any
+    resample of its images (paired bootstrap intervals, `compare`), and to
+    rank images by their own mIoU.
+
+    `what` names the masks scored ("pseudo masks"), `split` the images,
+    `note` how ("threshold 0.25", "unconfident pixels left out")."""
+
+    def __init__(self, what: str, split: str, classes: Sequence[str], note: str = "") -> None:
+        self.what, self.split, self.note = what, split, note
+        self.classes = [str(c) for c in classes]
+        self.ids: list[str] = []
+        k = len(self.classes)
+        self._rows: list[np.ndarray] = []
+        self.confusion = ConfusionMatrix(k)
+        self.tp = self.gt = self.pred = np.zeros((0, k), np.int64)
+
+    def add(self, image_id: str, pred: Any, gt: Any) -> "ImageScores":
+        """Score one image's prediction against its ground truth (void 255 skipped)."""
+        one = ConfusionMatrix(len(self.classes)).update(pred, gt)
+        self.confusion.merge(one)
+        self.ids.append(str(image_id))
+        self._rows.append(np.stack([one.true_positives(), one.gt_counts(), one.pred_counts()]))
+        self.tp = self.gt = self.pred = None  # type: ignore[assignment]  (stacked on demand)
+        return self
+
+    def _stack(self) -> None:
+        if self.tp is None:
+            rows = np.stack(self._rows) if self._rows else np.zeros((0, 3, len(self.classes)), np.int64)
+            self.tp, self.gt, self.pred = rows[:, 0], rows[:, 1], rows[:, 2]
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tp, gt, pred), each (images, classes) int64."""
+        self._stack()
+        return self.tp, self.gt, self.pred
+
+    def iou(self, images: Any = None) -> np.ndarray:
+        """Per-class IoU over the images at `images` (indices, repeats allowed; default all)."""
+        tp, gt, pred = (a if images is None else a[images] for a in self.counts())
+        t = tp.sum(0)
+        return _divide(t, gt.sum(0) + pred.sum(0) - t)
+
+    def miou(self, images: Any = None) -> float:
+        """Mean IoU over classes present in ground truth or prediction of those images."""
+        return _nanmean(self.iou(images))
+
+    def per_image_miou(self) -> dict[str, float]:
+        """Each image's own mIoU (NaN-free: images without any class are left out)."""
+        tp, gt, pred = self.counts()
+        per = _divide(tp, gt + pred - tp)
+        out = {}
+        for i, sid in enumerate(self.ids):
+            ok = ~np.isnan(per[i])
+            if ok.any():
+                out[sid] = float(per[i][ok].mean())
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able scores (as `segmentation_scores`) with what, split, note and the image count."""
+        return {"what": self.what, "split": self.split, "note": self.note, "images": len(self.ids),
+                **segmentation_scores(self.confusion, self.classes)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (no objects) for an .npz file; `from_arrays` reads them back."""
+        tp, gt, pred = self.counts()
+        return {"what": np.array(self.what), "split": np.array(self.split), "note": np.array(self.note),
+                "classes": np.array(self.classes), "ids": np.array(self.ids, dtype=str), "tp": tp, "gt": gt,
+                "pred": pred, "confusion": self.confusion.matrix, "missed": self.confusion.missed}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "ImageScores":
+        out = cls(str(a["what"]), str(a["split"]), [str(c) for c in a["classes"]], str(a["note"]))
+        out.ids = [str(i) for i in a["ids"]]
+        out.tp, out.gt, out.pred = (np.asarray(a[k], np.int64) for k in ("tp", "gt", "pred"))
+        out._rows = list(np.stack([out.tp, out.gt, out.pred], axis=1))
+        out.confusion.matrix[...] = a["confusion"]
+        out.confusion.missed[...] = a["missed"]
+        return out
 
 
 # --------------------------------------------------------------------------- classification

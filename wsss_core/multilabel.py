@@ -174,14 +174,16 @@ def save_classifier(path: Path, model: nn.Module, cfg: ClassifierConfig, class_i
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> TrainedClassifier:
     """Rebuild a saved classifier (no ImageNet weights needed: the state dict has all)."""
     from .models import build_classifier
+    from .models.backbone import rebuilding
 
     blob = read_torch(path, "classifier model")
     if not isinstance(blob, dict) or not {"state_dict", "classifier", "class_ids"} <= set(blob):
         raise FileError(f"{path}: not a saved classifier (rerun the classifier stage)")
-    c = blob["classifier"]
-    cfg = ClassifierConfig(backbone=c["backbone"], output_stride=c["output_stride"], image_size=c["image_size"],
-                           weights="random")
-    model = build_classifier(cfg, len(blob["class_ids"]))
-    model.load_state_dict(blob["state_dict"])
+    with rebuilding(path, "classifier"):
+        c = blob["classifier"]
+        cfg = ClassifierConfig(backbone=c["backbone"], output_stride=c["output_stride"], image_size=c["image_size"],
+                               weights="random")
+        model = build_classifier(cfg, len(blob["class_ids"]))
+        model.load_state_dict(blob["state_dict"])
     model.to(device).eval()
     return TrainedClassifier(model, list(blob["class_ids"]), blob)

@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 from . import runtime
 from .config import Config, ConfigError, load_config
 from .stages import STAGES, check_stage, dataset, headline, open_run, pipeline_order
-from .stages.report import REPORT_HTML
 from .store import LOCK_TOKEN_ENV, FileError, Run, StaleUpstreamError, describe_os_error, file_errors, write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -37,6 +36,11 @@ TOOL_NOTEBOOKS: tuple[str, ...] = ("cam_inspector.ipynb",)
 
 class StageFailed(RuntimeError):
     """A stage's notebook raised; the message is one line naming notebook and cell."""
+
+
+def notebook_path(notebook: str) -> Path:
+    """A stage's notebook: a file of notebooks/, or an absolute path (a stage from outside the package)."""
+    return NOTEBOOK_DIR / notebook
 
 
 def stage_notebooks() -> dict[str, str]:
@@ -275,7 +279,7 @@ def run_pipeline(
         for k, name in enumerate(stages, 1):
             if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
                 raise KeyboardInterrupt
-            nb = NOTEBOOK_DIR / STAGES[name].notebook  # type: ignore[operator]
+            nb = notebook_path(STAGES[name].notebook)  # type: ignore[arg-type]
             out = run.root / "notebooks" / nb.name
             tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
             if name not in force and run.is_done(name):
@@ -303,11 +307,11 @@ def run_pipeline(
                     raise StaleUpstreamError(e.evalue) from None
                 raise StageFailed(_failure_line(name, out, e)) from None
             executed.add(nb.name)
-            if name == "report":
-                export_report(out, run.root / REPORT_HTML)
             m = run.manifest(name) or {}
             if m.get("status") != "done":
                 raise StageFailed(f"stage {name}: its notebook {out} finished without running it")
+            if STAGES[name].after_notebook is not None:
+                STAGES[name].after_notebook(out, run)
             # a notebook serving several stages: each line gets its stage's own time
             shared = any(s.notebook == STAGES[name].notebook for n, s in STAGES.items() if n != name)
             took = (m.get("seconds") or 0) if shared else time.perf_counter() - t0
@@ -315,17 +319,6 @@ def run_pipeline(
         if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish
             raise KeyboardInterrupt
     return run.root
-
-
-def export_report(notebook: Path, html: Path) -> Path:
-    """The executed report notebook as a standalone HTML page, code hidden."""
-    import nbconvert
-    import nbformat
-
-    exporter = nbconvert.HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
-    write_text(html, body)
-    return html
 
 
 def _with(text: str) -> str:

@@ -131,21 +131,55 @@ def shard(items: Sequence[T]) -> list[T]:
 
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", disable: bool | None = None):
-    """A text progress bar on stdout: live in JupyterLab and a terminal, a few
-    readable lines (not a widget) in batch runs. Shown on rank 0 only."""
+    """A progress bar, shown on rank 0 only.
+
+    - batch run (WSSS_BATCH set: `wsss run` executing a notebook with papermill,
+      where every refresh stays in the executed notebook as a line): text on
+      stdout, a refresh only when both a quarter of the total and 60 s have
+      passed since the last one, so a loop leaves its first line, at most 3
+      more and the final one (only the first and the final under a minute);
+    - interactive Jupyter kernel: one updating widget (tqdm.notebook) when
+      ipywidgets is installed, else the terminal's text bar;
+    - terminal: a text bar on stdout refreshed every 0.5 s.
+    """
     from tqdm import tqdm
 
+    if disable is None:
+        disable = not is_main()
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except (TypeError, AttributeError):  # as tqdm itself: no length, no total
+            total = None
     batch = bool(os.environ.get("WSSS_BATCH"))  # set by the pipeline runner for papermill
-    return tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        file=sys.stdout,
-        ncols=100,
-        ascii=True,
-        mininterval=10.0 if batch else 0.5,
-        disable=(not is_main()) if disable is None else disable,
-    )
+    if not batch and _in_jupyter_kernel():
+        try:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm as notebook_tqdm
+
+            return notebook_tqdm(iterable, total=total, desc=desc, disable=disable)
+        except ImportError:
+            pass
+    text = dict(total=total, desc=desc, file=sys.stdout, ncols=100, ascii=True, disable=disable)
+    if batch:
+        # tqdm refreshes when n - last >= miniters AND dt >= mininterval: the rarer of the two rules.
+        # total // 4 + 1 leaves at most 3 refreshes before the end; maxinterval inf stops tqdm's
+        # monitor thread from lowering miniters to 1 on a slow loop.
+        quarter = total // 4 + 1 if total else None
+        return tqdm(iterable, mininterval=60.0, miniters=quarter, maxinterval=float("inf"), **text)
+    return tqdm(iterable, mininterval=0.5, **text)
+
+
+def _in_jupyter_kernel() -> bool:
+    """True inside a running IPython kernel (JupyterLab, VS Code, papermill), not in plain IPython."""
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

@@ -216,6 +216,16 @@ def cam_gallery(rows: Sequence[Mapping[str, Any]], n_cols_max: int = 6, size: fl
     return fig
 
 
+_SECOND_HALF_TITLES = {"image": "image", "cam": "CAM (stride 4, max)", "confident_labels": "confident labels",
+                       "boundary": "boundary", "walk": "random walk (max)", "pseudo_mask": "pseudo mask",
+                       "ground_truth": "ground truth"}
+
+
+def second_half_panels(maps: Mapping[str, np.ndarray], without: Sequence[str] = ()) -> list[tuple[str, np.ndarray]]:
+    """(title, map) panels of `stages.pseudo_masks.second_half_maps`, in the method's order."""
+    return [(title, maps[k]) for k, title in _SECOND_HALF_TITLES.items() if k in maps and k not in without]
+
+
 def label_panels(panels: Sequence[tuple[str, np.ndarray]], size: float = 2.6) -> Any:
     """One row of pictures: RGB images shown as they are, label maps coloured."""
     import matplotlib.pyplot as plt
@@ -348,6 +358,7 @@ def plot_lift(miou: Mapping[str, float], ax: Any = None, title: str = "mIoU from
 
     if ax is None:
         _, ax = plt.subplots(figsize=(1.5 * len(miou) + 2, 3.4))
+    miou = {k: v for k, v in miou.items() if v is not None}
     names, values = list(miou), [100 * v for v in miou.values()]
     bars = ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
     for b, v in zip(bars, values):
@@ -355,3 +366,58 @@ def plot_lift(miou: Mapping[str, float], ax: Any = None, title: str = "mIoU from
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set(ylabel="mIoU (%)", ylim=(0, 100), title=title)
     return ax
+
+
+def show_config(summary: Mapping[str, Any]) -> Any:
+    """The parameters that differ from the defaults as a table, the whole
+    configuration folded below it (`stages.report.config_summary`)."""
+    import html
+
+    from IPython.display import HTML, display
+
+    rows = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td><code>{html.escape(str(v))}</code></td></tr>"
+                   for k, v in summary["changed"].items())
+    table = (f"<table><tr><th>parameter</th><th>value</th></tr>{rows}</table>" if rows
+             else "<p>Every parameter has its default value.</p>")
+    return display(HTML(f"<p>Parameters that differ from the defaults:</p>{table}<details><summary>the whole "
+                        f"configuration</summary><pre>{html.escape(summary['all'])}</pre></details>"))
+
+
+_SELF_CONTAINED = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def _is_log_line(line: str) -> bool:
+    """A stage's own log line or a progress bar: the terminal's business, not a report's."""
+    import re
+
+    return line.startswith("[wsss]") or "\r" in line or bool(re.search(r"\d+%\||\|\s*\d+/\d+|\d+/\d+ \[", line))
+
+
+def notebook_html(notebook: Any) -> str:
+    """An executed notebook as one self-contained HTML page for reading offline:
+    code hidden, pictures embedded, no script loaded from the network, and the
+    stages' own log lines (`[wsss] ...`, progress bars) left out."""
+    import copy
+
+    import jinja2
+    import nbconvert
+    import nbformat
+
+    nb = copy.deepcopy(nbformat.read(notebook, as_version=4) if not hasattr(notebook, "cells") else notebook)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            if out.get("output_type") == "stream":
+                text = out["text"] if isinstance(out["text"], str) else "".join(out["text"])
+                out["text"] = "".join(line for line in text.splitlines(keepends=True) if not _is_log_line(line))
+        cell["outputs"] = [o for o in cell.get("outputs", []) if o.get("output_type") != "stream" or o["text"]]
+    exporter = nbconvert.HTMLExporter(
+        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True,
+        extra_loaders=[jinja2.DictLoader({"wsss_offline.html.j2": _SELF_CONTAINED})],
+        template_file="wsss_offline.html.j2")
+    body, _ = exporter.from_notebook_node(nb)
+    return body

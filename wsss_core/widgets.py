@@ -116,15 +116,24 @@ class CamInspector:
 
     def run_settings(self) -> dict[str, Any]:
         """The CAM settings the inspector opens on: the run's own method, scales
-        and flip, and the background threshold its cams stage found best (the
-        middle of the swept thresholds when the stage is not done)."""
+        and flip, and the background threshold its cams stage found best on the
+        masks; `threshold_from` says where the threshold came from (the middle
+        of the swept thresholds when the cams stage has not run or its split
+        has no masks)."""
+        from .artifacts import read_result
+        from .stages.cams import CamsResult
+
         cams = self.cfg.cams
-        threshold = cams.bg_thresholds[len(cams.bg_thresholds) // 2]
+        settings = {"method": cams.method, "scales": tuple(cams.scales), "flip": cams.flip,
+                    "bg_threshold": cams.bg_thresholds[len(cams.bg_thresholds) // 2],
+                    "threshold_from": "the middle of cams.bg_thresholds (the cams stage has not run)"}
         if self.run.is_done("cams"):
-            best = ((self.run.manifest("cams") or {}).get("metrics") or {}).get("best_threshold")
-            if best is not None:
-                threshold = float(best)
-        return {"method": cams.method, "scales": tuple(cams.scales), "flip": cams.flip, "bg_threshold": threshold}
+            best = read_result(self.run, "cams", CamsResult).best_threshold
+            if best is None:
+                settings["threshold_from"] = "the middle of cams.bg_thresholds (no masks to choose one on)"
+            else:
+                settings.update(bg_threshold=float(best), threshold_from="the best on the masks (cams stage)")
+        return settings
 
     def scale_choices(self) -> list[tuple[str, tuple[float, ...]]]:
         """(label, scales) options of the scales dropdown; the run's scales are
@@ -155,17 +164,16 @@ class CamInspector:
         """The method's second half for one image, from the run's stored outputs:
         CAM, confident labels, boundary map, random-walk scores, pseudo mask
         (and ground truth). None when the pseudo_masks stage has not made it."""
-        from .artifacts import IR_LABELS, PSEUDO_MASKS
+        from .artifacts import PSEUDO_MASKS
 
         if self.run.why_not_done("pseudo_masks") or not PSEUDO_MASKS.exists(self.run, image_id):
             return None
         key = ("second half", image_id)
         if key not in self._cache:
-            from .stages.pseudo_masks import pseudo_mask_breakdown
+            from .stages.pseudo_masks import second_half_maps
+            from .viz import second_half_panels
 
-            panels = pseudo_mask_breakdown(self.cfg, self.run, image_id)
-            panels.insert(2, ("confident labels", IR_LABELS.read(self.run, image_id)))
-            self._cache[key] = panels[1:]
+            self._cache[key] = second_half_panels(second_half_maps(self.cfg, self.run, image_id), without=("image",))
         return self._cache[key]
 
     def widget(self) -> Any:

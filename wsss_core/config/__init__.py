@@ -1,32 +1,24 @@
-"""Typed experiment parameters: sections (`sections`) and loading (`load`).
+"""Typed experiment parameters.
 
-    load_config(path, overrides) -> Config   (errors: `file: dotted.key: what`)
-    section_hash(cfg, sections, kind)        (what a stage's fingerprint hashes)
+- `fields`: what a parameter is (`param`, checks, kinds, `ConfigError`);
+- `sections`: the built-in sections, and `config_class()`, the run's Config
+  composed from the sections the stages declare;
+- `load`: YAML -> validated, frozen Config (`load_config`, errors `file: key: what`);
+- `parsing`: YAML text -> data (safe, `1e-4` a number, duplicate keys refused);
+- `values`: a config as plain data, and the hashes stage fingerprints use.
 """
 
-from .load import (
-    apply_overrides,
-    cache_root,
-    config_from_dict,
-    config_to_dict,
-    dump_config,
-    field_kind,
-    load_config,
-    parse_override_value,
-    parse_yaml,
-    section_hash,
-    section_values,
-    values_of_kind,
-)
+from .fields import KINDS, ConfigError, param, subsection
+from .load import apply_overrides, config_from_dict, load_config
+from .parsing import parse_override_value, parse_yaml
 from .sections import (
-    KINDS,
+    SECTIONS,
     AugmentConfig,
     BoundaryConfig,
+    CamsConfig,
     ClassifierConfig,
     Config,
-    ConfigError,
     CrfConfig,
-    CamsConfig,
     DataConfig,
     LabelFilterConfig,
     LidConfig,
@@ -34,12 +26,25 @@ from .sections import (
     PseudoMasksConfig,
     SegmentationConfig,
     SyntheticConfig,
+    Weights,
+    add_section,
+    config_class,
+)
+from .values import (
+    cache_root,
+    config_to_dict,
+    dump_config,
+    field_kind,
+    plain,
+    section_hash,
+    section_values,
+    values_of_kind,
 )
 
 __all__ = [
-    "KINDS", "AugmentConfig", "BoundaryConfig", "CamsConfig", "ClassifierConfig", "PredictConfig",
-    "PseudoMasksConfig", "SegmentationConfig", "Config", "ConfigError", "CrfConfig",
-    "DataConfig", "LabelFilterConfig", "LidConfig", "SyntheticConfig", "apply_overrides", "cache_root",
-    "config_from_dict", "config_to_dict", "dump_config", "field_kind", "load_config", "parse_override_value",
-    "parse_yaml", "section_hash", "section_values", "values_of_kind",
+    "KINDS", "SECTIONS", "AugmentConfig", "BoundaryConfig", "CamsConfig", "ClassifierConfig", "Config", "ConfigError",
+    "CrfConfig", "DataConfig", "LabelFilterConfig", "LidConfig", "PredictConfig", "PseudoMasksConfig",
+    "SegmentationConfig", "SyntheticConfig", "Weights", "add_section", "apply_overrides", "cache_root",
+    "config_class", "config_from_dict", "config_to_dict", "dump_config", "field_kind", "load_config", "param",
+    "parse_override_value", "parse_yaml", "plain", "section_hash", "section_values", "subsection", "values_of_kind",
 ]

@@ -1,20 +1,20 @@
 """Loading experiment parameters: YAML -> validated, frozen `Config`.
 
-One YAML file per experiment, one section per stage. Unknown keys, duplicate
-keys, wrong types and impossible values fail at load time with the file and
-the dotted key path, and so do dotted overrides (`--set`), which go through
-the same validation. Numbers in scientific notation (`1e-4`) are numbers.
+One YAML file per experiment, one section per stage (the sections the stages
+declared, `sections.config_class`). Unknown keys, duplicate keys, wrong
+types and impossible values fail at load time with the file and the dotted
+key path, and so do dotted overrides (`--set`), which go through the same
+validation and are named as such. Numbers in scientific notation (`1e-4`) are
+numbers. Fields typed `Path` are resolved against the YAML file's folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import re
 import types
 import typing
 from pathlib import Path
@@ -22,10 +22,13 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .sections import Config, ConfigError
+from .fields import ConfigError
+from .parsing import parse_yaml
+from .sections import Config, config_class
+from .values import dump_config, plain
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- types
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -34,11 +37,22 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         args = typing.get_args(tp)
-        inner = _type_name(args[0]) if args else "value"
-        return f"list of {inner}"
+        return f"list of {_type_name(args[0]) if args else 'value'}"
     if tp is type(None):
         return "null"
-    return getattr(tp, "__name__", str(tp))
+    return "path" if tp is Path else getattr(tp, "__name__", str(tp))
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return number
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -59,10 +73,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return None
             raise ConfigError(f"{key}: must not be null")
         for a in args:
-            if a is type(None):
-                continue
-            with contextlib.suppress(ConfigError):
-                return _coerce(value, a, key)
+            if a is not type(None):
+                with contextlib.suppress(ConfigError):
+                    return _coerce(value, a, key)
         raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -73,29 +86,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key}: must have exactly {len(args)} values, got {len(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
-        return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except OverflowError:
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return _number(value, key)
+    if tp in (bool, int, str) and (type(value) is tp or (tp is int and isinstance(value, int)
+                                                       and not isinstance(value, bool))):
         return value
-    raise TypeError(f"unsupported parameter type {tp!r} at {key}")  # programming error
+    if tp is Path and isinstance(value, str) and value:
+        return Path(os.path.expandvars(os.path.expanduser(value)))
+    wanted = {bool: "true or false", int: "an integer", str: "a string", Path: "a path"}.get(tp)
+    if wanted is None:
+        raise TypeError(f"unsupported parameter type {tp!r} at {key}")  # programming error
+    raise ConfigError(f"{key}: must be {wanted}, got {value!r}")
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
@@ -104,10 +105,8 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     unknown = [k for k in raw if k not in fields]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"{where}{unknown[0]}: unknown key (known keys in "
-            f"{prefix or 'the top level'}: {', '.join(sorted(fields))})", f"{where}{unknown[0]}"
-        )
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known keys in {prefix or 'the top level'}: "
+                          f"{', '.join(sorted(fields))})", f"{where}{unknown[0]}")
     values = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -116,7 +115,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
             if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping) and \
                     f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 # keys the YAML leaves out keep this section's own defaults
-                value = {**_plain(f.default_factory()), **value}  # type: ignore[misc]
+                value = {**plain(f.default_factory()), **value}  # type: ignore[misc]
             try:
                 v = _coerce(value, hints[name], key)
             except ConfigError as e:
@@ -124,145 +123,82 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         else:
             v = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         check = f.metadata.get("check")
-        if check is not None:
-            msg = check(v)
-            if msg:
-                raise ConfigError(f"{key}: {msg}", key)
+        msg = check(v) if check is not None else None
+        if msg:
+            raise ConfigError(f"{key}: {msg}", key)
         values[name] = v
-    return cls(**values)
+    built = cls(**values)
+    problem = built.problem() if hasattr(built, "problem") else None  # rules across a section's fields
+    if problem:
+        field_name, msg = problem
+        key = f"{prefix}.{field_name}" if prefix else field_name
+        raise ConfigError(f"{key}: {msg}", key)
+    return built
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a number (YAML 1.2, what users mean; YAML
-    1.1 wants `1.0e-4`)."""
-
-
-def _check_duplicate_keys(node: yaml.Node, prefix: str = "") -> None:
-    """Refuse a key given twice in one mapping (PyYAML silently keeps the last)."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(f"{key}: duplicate key (lines {seen[key]} and {line})")
-            seen[key] = line
-            _check_duplicate_keys(value_node, key)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, f"{prefix}[{i}]")
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def parse_yaml(text: str, what: str) -> Any:
-    """YAML text -> Python data with `_Loader`; ConfigError naming `what` on bad syntax."""
-    try:
-        node = yaml.compose(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-        if node is not None:
-            _check_duplicate_keys(node)
-        return yaml.load(text, Loader=_Loader)  # noqa: S506
-    except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
-        raise ConfigError(f"{what}: not valid YAML: {detail}") from None
-
-
-def parse_override_value(text: str, key: str = "value") -> Any:
-    """Parse a command-line override value (`1e-3`, `[1.0, 0.5]`, `true`) as YAML."""
-    return parse_yaml(text, f"--set {key}={text}")
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`cams.scales`) in a copy of the raw mapping."""
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """Set dotted keys (`cams.scales`) in a copy of the raw mapping, checking each key exists."""
     out = json.loads(json.dumps(raw)) if raw else {}
     for dotted, value in overrides.items():
         parts = dotted.split(".")
         if not all(parts):
-            raise ConfigError(f"override {dotted!r}: empty key component")
-        cls: Any = Config
-        node = out
+            raise ConfigError(f"override {dotted!r}: empty key component", dotted)
+        node, section = out, cls or config_class()
         for i, part in enumerate(parts):
-            names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+            names = {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
             if part not in names:
-                path = ".".join(parts[: i + 1])
                 known = f" (known keys in {'.'.join(parts[:i])}: {', '.join(sorted(names))})" if i and names else ""
-                raise ConfigError(f"{path}: unknown key{known}", dotted)
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key{known}", dotted)
             if i == len(parts) - 1:
-                node[part] = list(value) if isinstance(value, tuple) else value
+                if dataclasses.is_dataclass(typing.get_type_hints(section)[part]):
+                    raise ConfigError(f"{dotted}: is a section; set its keys one by one (e.g. {dotted}.<key>=...), "
+                                      "so the file's other values stay", dotted)
+                node[part] = plain(value)
             else:
-                cls = typing.get_type_hints(cls)[part]
-                nxt = node.get(part)
-                if nxt is None:
-                    nxt = node[part] = {}
-                elif not isinstance(nxt, dict):
+                section = typing.get_type_hints(section)[part]
+                nxt = node.setdefault(part, {})
+                if not isinstance(nxt, dict):
                     raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section", dotted)
                 node = nxt
     return out
 
 
-_WEIGHTED = ("classifier", "boundary", "segmentation")  # sections with a `weights` field
+# --------------------------------------------------------------------------- building
+def _resolve_paths(obj: Any, base: Path) -> Any:
+    """Every `Path` value made absolute against `base` (notebooks run in notebooks/,
+    so a relative path must not depend on the working folder)."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            changes[f.name] = _resolve_paths(v, base)
+        elif isinstance(v, Path) and not v.is_absolute():
+            changes[f.name] = (base / v).resolve()
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
-def _absolute(value: str | None, base: Path) -> str | None:
-    """A user path made absolute: ~ and $VARS expanded, relative to `base`."""
-    if value is None:
-        return None
-    p = Path(os.path.expandvars(os.path.expanduser(value)))
-    return str(p if p.is_absolute() else (base / p).resolve())
-
-
-def _resolve_paths(cfg: Config, base: Path) -> Config:
-    """Make every path absolute, relative to the YAML file's folder (notebooks
-    run in notebooks/, so a relative path must not depend on the working folder)."""
-    data = cfg.data
-    syn = data.synthetic
-    sections = {s: getattr(cfg, s) for s in _WEIGHTED}
-    weights = {s: dataclasses.replace(v, weights=v.weights if v.weights in ("imagenet", "random")
-                                      else _absolute(v.weights, base)) for s, v in sections.items()}
-    return dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(data, root=_absolute(data.root, base),
-                                 synthetic=dataclasses.replace(syn, cache_dir=_absolute(syn.cache_dir, base))),
-        label_filter=dataclasses.replace(cfg.label_filter, trusted_list=_absolute(cfg.label_filter.trusted_list, base)),
-        **weights,
-    )
-
-
-def _cross_checks(cfg: Config) -> None:
-    for s in _WEIGHTED:
-        w = getattr(cfg, s).weights
-        if w not in ("imagenet", "random") and not Path(w).is_file():
-            raise ConfigError(f"{s}.weights: weights file not found: {w} (or use 'imagenet' / 'random')",
-                              f"{s}.weights")
-    if cfg.boundary.weights == "random":
-        raise ConfigError("boundary.weights: the boundary backbone is frozen, so it needs trained weights "
-                          "('imagenet' or a state-dict file), not 'random'", "boundary.weights")
-    if cfg.data.format in ("voc", "lid") and not cfg.data.root:
-        raise ConfigError(f"data.root: required when data.format is {cfg.data.format!r}", "data.root")
-    if cfg.crf.conf_bg_thres > cfg.crf.conf_fg_thres:
-        raise ConfigError(
-            "crf.conf_bg_thres: must be <= crf.conf_fg_thres "
-            f"({cfg.crf.conf_bg_thres} > {cfg.crf.conf_fg_thres})", "crf.conf_bg_thres"
-        )
+def _check_weight_files(obj: Any, prefix: str = "") -> None:
+    """A weights spec that is a path must name an existing file (found at load time, not mid-run)."""
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            _check_weight_files(v, f"{key}.")
+        elif f.name == "weights" and isinstance(v, Path) and not v.is_file():
+            raise ConfigError(f"{key}: weights file not found: {v} (or use 'imagenet' / 'random')", key)
 
 
 def _check_round_trip(cfg: Config) -> None:
     """Every value must come back unchanged from the run's config.yaml and
-    manifests (JSON): a string that UTF-8 cannot encode (from a command line
-    in another encoding) would otherwise fail a stage after it started."""
-    plain = config_to_dict(cfg)
-    for key, value in _leaves(plain):
+    manifests (JSON): a string that UTF-8 cannot encode would otherwise fail a
+    stage after it started."""
+    data = plain(cfg)
+    for key, value in _leaves(data):
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise ConfigError(f"{key}: {value!r} is not valid text (UTF-8 cannot encode it)", key) from None
-    if json.loads(json.dumps(plain, allow_nan=False)) != plain or parse_yaml(dump_config(cfg), "config") != plain:
+    if json.loads(json.dumps(data, allow_nan=False)) != data or parse_yaml(dump_config(cfg), "config") != data:
         raise ConfigError("the parameters do not survive a round trip through JSON and YAML")
 
 
@@ -274,18 +210,15 @@ def _leaves(v: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, v)]
 
 
-def config_from_dict(
-    raw: Mapping[str, Any] | None,
-    overrides: Mapping[str, Any] | None = None,
-    base_dir: str | Path = ".",
-) -> Config:
+def config_from_dict(raw: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None,
+                     base_dir: str | Path = ".") -> Config:
     """Build and validate a Config from a raw mapping (plus dotted overrides)."""
+    cls = config_class()
     raw = dict(raw or {})
     if overrides:
-        raw = apply_overrides(raw, overrides)
-    cfg = _build(Config, raw, "")
-    cfg = _resolve_paths(cfg, Path(base_dir).resolve())
-    _cross_checks(cfg)
+        raw = apply_overrides(raw, overrides, cls)
+    cfg = _resolve_paths(_build(cls, raw, ""), Path(base_dir).resolve())
+    _check_weight_files(cfg)
     _check_round_trip(cfg)
     return cfg
 
@@ -293,7 +226,8 @@ def config_from_dict(
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Load an experiment YAML into a validated, frozen Config.
 
-    Errors name the file and the dotted key: `params/x.yaml: cams.scales: must not be empty`.
+    Errors name the file (or the `--set`) and the dotted key:
+    `params/x.yaml: cams.scales: must not be empty`, `--set cams.scales=[]: must not be empty`.
     """
     path = Path(path)
     if path.is_dir():
@@ -305,13 +239,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (a parameter file is UTF-8 YAML)") from None
     except OSError as e:
-        reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
-        raise ConfigError(f"{path}: cannot read the parameter file ({reason})") from None
+        raise ConfigError(f"{path}: cannot read the parameter file ({e.strerror or e})") from None
     try:
         raw = parse_yaml(text, str(path))
     except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
     if raw is None:
         raise ConfigError(f"{path}: the parameter file is empty (start from params/default.yaml)")
     if not isinstance(raw, Mapping):
@@ -319,105 +251,10 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     try:
         return config_from_dict(raw, overrides, base_dir=path.parent)
     except ConfigError as e:
-        raise ConfigError(f"{_source(e, overrides) or path}: {_without_key(e, overrides)}", e.key) from None
-
-
-def _override_of(key: str | None, overrides: Mapping[str, Any] | None) -> str | None:
-    """The `--set` key whose value `key` lies in (None: the value came from the file)."""
-    for dotted in overrides or {}:
-        if key is not None and (key == dotted or key.startswith((f"{dotted}.", f"{dotted}["))):
-            return dotted
-    return None
-
-
-def _source(e: ConfigError, overrides: Mapping[str, Any] | None) -> str | None:
-    """`--set KEY=VALUE` when the faulty value came from an override."""
-    dotted = _override_of(e.key, overrides)
-    if dotted is None:
-        return None
-    value = yaml.safe_dump(_plain((overrides or {})[dotted]), default_flow_style=True, width=10**6)
-    return f"--set {dotted}={value.strip().removesuffix('...').strip()}"
-
-
-def _without_key(e: ConfigError, overrides: Mapping[str, Any] | None) -> str:
-    """The message without its leading `key: ` when `--set key=...` already names it."""
-    msg = str(e)
-    dotted = _override_of(e.key, overrides)
-    return msg[len(dotted) + 2:] if dotted and msg.startswith(f"{dotted}: ") else msg
-
-
-# --------------------------------------------------------------------------- output
-def _plain(v: Any) -> Any:
-    if dataclasses.is_dataclass(v):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    return v
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config (or one section) as plain YAML/JSON-able data."""
-    return _plain(cfg)
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-def field_kind(cls: type, name: str) -> str:
-    """"output" | "eval" | "runtime" of a field (see `sections`)."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return f.metadata.get("kind", "output")
-
-
-def values_of_kind(v: Any, kind: str) -> Any:
-    """Plain values of the fields of one kind, recursively (sub-sections kept
-    when they hold any such field)."""
-    if not dataclasses.is_dataclass(v):
-        return _plain(v)
-    out = {}
-    for f in dataclasses.fields(v):
-        value = getattr(v, f.name)
-        if dataclasses.is_dataclass(value):
-            sub = values_of_kind(value, kind)
-            if sub:
-                out[f.name] = sub
-        elif f.metadata.get("kind", "output") == kind:
-            out[f.name] = _plain(value)
-    return out
-
-
-def section_values(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output",
-                   ignore: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """{section: values of its `kind` fields} for top-level sections or fields,
-    without the dotted fields in `ignore` (fields of a section a stage does not use)."""
-    out = {}
-    for s in sections:
-        value = getattr(cfg, s)
-        if dataclasses.is_dataclass(value):
-            out[s] = values_of_kind(value, kind)
-        elif field_kind(Config, s) == kind:
-            out[s] = _plain(value)
-    for dotted in ignore:
-        *parents, last = dotted.split(".")
-        node: Any = out
-        for p in parents:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return out
-
-
-def section_hash(cfg: Config, sections: tuple[str, ...] | list[str], kind: str = "output",
-                 ignore: tuple[str, ...] | list[str] = ()) -> str:
-    """Stable hash of the `kind` fields of the named sections (what a stage depends on)."""
-    blob = json.dumps(section_values(cfg, sections, kind, ignore), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def cache_root(cfg: Config) -> Path:
-    """Folder for generated data (synthetic datasets)."""
-    if cfg.data.synthetic.cache_dir:
-        return Path(cfg.data.synthetic.cache_dir)
-    env = os.environ.get("WSSS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "wsss"
+        dotted = next((k for k in overrides or {} if e.key is not None and
+                       (e.key == k or e.key.startswith((f"{k}.", f"{k}[")))), None)
+        if dotted is None:
+            raise ConfigError(f"{path}: {e}", e.key) from None
+        shown = yaml.safe_dump(plain((overrides or {})[dotted]), default_flow_style=True, width=10**6)
+        msg = str(e)[len(dotted) + 2:] if str(e).startswith(f"{dotted}: ") else str(e)
+        raise ConfigError(f"--set {dotted}={shown.strip().removesuffix('...').strip()}: {msg}", e.key) from None

@@ -52,6 +52,8 @@ def _load_json(path: Path, what: str) -> Any:
         raise DataError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read {what} ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: cannot read {what} (nested too deeply)") from None
 
 
 def _read_classes(path: Path) -> tuple[str, ...]:

@@ -22,6 +22,8 @@ def existing_root(root: str | Path | None) -> Path:
     if root is None:
         raise DataError("data.root: no dataset folder given")
     path = Path(os.path.abspath(os.path.expanduser(str(root))))
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: is a file, not a dataset folder (data.root)")
     if not path.is_dir():
         raise DataError(f"{path}: dataset folder not found (data.root)")
     return path

@@ -31,7 +31,7 @@ from PIL import Image
 
 from .images import voc_palette
 
-from ..config import Config, DataConfig, SyntheticConfig, cache_root
+from ..config import SyntheticConfig, cache_root
 from .errors import DataError
 from .voc import IMAGE_DIR, LIST_DIR, MASK_DIR
 
@@ -58,7 +58,7 @@ def synthetic_hash(cfg: SyntheticConfig) -> str:
 
 def synthetic_dir(cfg: SyntheticConfig) -> Path:
     """Where the dataset of these parameters lives: <cache>/synthetic/<hash>."""
-    return cache_root(Config(data=DataConfig(synthetic=cfg))) / "synthetic" / synthetic_hash(cfg)
+    return cache_root(cfg.cache_dir) / "synthetic" / synthetic_hash(cfg)
 
 
 def ensure_synthetic(cfg: SyntheticConfig) -> Path:

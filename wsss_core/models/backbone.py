@@ -9,9 +9,10 @@ stage's output; `forward` returns the last one, the feature map used for CAMs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -146,6 +147,21 @@ def _unwrap(state: Mapping, source: str) -> StateDict:
 def _listing(keys: list[str], limit: int = 8) -> str:
     more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+@contextlib.contextmanager
+def rebuilding(path: str | Path, what: str) -> Iterator[None]:
+    """Rebuilding a model from a saved file: metadata that does not describe a
+    model wsss can build (a hand-edited or foreign file) is one WeightsError
+    naming the file, not a traceback."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: cannot rebuild this {what} from it ({type(e).__name__}: {detail}); "
+                           "rerun the stage that wrote it") from None
 
 
 def read_model_file(path: str | Path, fmt: str, what: str) -> dict:

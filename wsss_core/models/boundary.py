@@ -34,7 +34,7 @@ from torch import nn
 
 from ..cam import stride4_size
 from ..data.transforms import to_normalized_tensor
-from .backbone import Backbone, WeightsError, _check_fit, read_model_file
+from .backbone import Backbone, WeightsError, _check_fit, read_model_file, rebuilding
 from .factory import build_backbone
 
 BRANCH_CHANNELS = 32
@@ -175,7 +175,7 @@ def save_boundary(path: str | Path, model: BoundaryNet, backbone_name: str, outp
         "branch": {k: v.detach().cpu() for k, v in model.branch.state_dict().items()},
         "backbone": backbone_name,
         "output_stride": output_stride,
-        "backbone_weights": backbone_weights,
+        "backbone_weights": str(backbone_weights),  # a path is stored as text: the file loads with weights_only
         "normalization": [list(v) for v in model.normalization],
         "backbone_fingerprint": backbone_fingerprint(model.backbone),
     })
@@ -186,13 +186,14 @@ def load_boundary(path: str | Path, device: torch.device | str = "cpu") -> Bound
     default), the branch loaded strictly; in eval mode on `device`. Raises
     WeightsError if the file does not fit or the rebuilt backbone differs."""
     blob = read_model_file(path, FORMAT, "boundary model")
-    backbone = build_backbone(blob["backbone"], blob["backbone_weights"], blob["output_stride"])
-    if backbone_fingerprint(backbone) != blob["backbone_fingerprint"]:
-        raise WeightsError(
-            f"{path}: the backbone rebuilt from {blob['backbone_weights']!r} differs from the one the "
-            f"boundary branch was trained on"
-        )
-    model = BoundaryNet(backbone)
-    _check_fit(blob["branch"], model.branch.state_dict(), (), f"{path}: does not fit the boundary branch")
-    model.branch.load_state_dict(blob["branch"], strict=True)
+    with rebuilding(path, "boundary model"):
+        backbone = build_backbone(blob["backbone"], blob["backbone_weights"], blob["output_stride"])
+        if backbone_fingerprint(backbone) != blob["backbone_fingerprint"]:
+            raise WeightsError(
+                f"{path}: the backbone rebuilt from {blob['backbone_weights']!r} differs from the one the "
+                f"boundary branch was trained on"
+            )
+        model = BoundaryNet(backbone)
+        _check_fit(blob["branch"], model.branch.state_dict(), (), f"{path}: does not fit the boundary branch")
+        model.branch.load_state_dict(blob["branch"], strict=True)
     return model.to(device).eval()

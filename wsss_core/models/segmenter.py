@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, StateDict, WeightsError, _check_fit, _unwrap, read_model_file
+from .backbone import (
+    IMAGENET_MEAN, IMAGENET_STD, StateDict, WeightsError, _check_fit, _unwrap, read_model_file, rebuilding,
+)
 from .efficientnet import MEAN_STD, TIMM_NAME, to_timm_names
 from .factory import OUTPUT_STRIDES, resolve_weights
 
@@ -208,11 +210,13 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Segm
     """Rebuild a saved segmenter (random init, then its state dict loaded strictly), in
     eval mode on `device`; `model.extra` holds the saved metadata."""
     blob = read_model_file(path, FORMAT, "segmenter")
-    s = blob["segmenter"]
-    model = build_segmenter(s["backbone"], s["num_classes"], s["output_stride"], s["atrous_rates"], weights="random")
-    state: StateDict = blob["state_dict"]
-    _check_fit(state, model.state_dict(), (), f"{path}: does not fit the segmenter")
-    nn.Module.load_state_dict(model, state, strict=True)
-    model.weights_source = str(path)
-    model.extra = dict(blob.get("extra") or {})
+    with rebuilding(path, "segmenter"):
+        s = blob["segmenter"]
+        model = build_segmenter(s["backbone"], s["num_classes"], s["output_stride"], s["atrous_rates"],
+                                weights="random")
+        state: StateDict = blob["state_dict"]
+        _check_fit(state, model.state_dict(), (), f"{path}: does not fit the segmenter")
+        nn.Module.load_state_dict(model, state, strict=True)
+        model.weights_source = str(path)
+        model.extra = dict(blob.get("extra") or {})
     return model.to(device).eval()

@@ -1,9 +1,11 @@
 """The pipeline's stages: one registry, one way to run a stage.
 
 Each stage is a function `stage(cfg, run) -> StageResult` in its own module
-here, registered with its folder, the config sections it uses, its upstream
-stages, its notebook and its headline metric. The registration order is the
-pipeline order. Notebooks and the CLI call `run_stage(name, cfg, run)`, which
+here, registered (`registry.register`) with its folder, the config sections
+it uses and the one it declares, its upstream stages, its notebook and its
+headline metric; the modules are found on import (`registry.discover`), and
+the folder numbers give the pipeline order. Notebooks and the CLI call
+`run_stage(name, cfg, run)`, which
 
 1. refuses when an upstream stage is missing, interrupted or stale (naming why),
 2. skips a stage that is done with the same inputs and parameters,
@@ -21,79 +23,22 @@ and for a rerun that skips every stage.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import runtime
-from ..config import Config, ConfigError
-from ..store import Run, StageResult, StageSpec, UnknownStageError, now_iso
+from ..config import Config
+from ..store import Run, StageResult, now_iso
+from .inputs import check_split, dataset, stage_ids, stage_images
+from .registry import EVERY, STAGES, Stage, discover, pipeline_order, register, specs, stage
 
-StageFn = Callable[[Config, Run], StageResult]
-CheckFn = Callable[[Config, Any], None]  # (cfg, dataset) -> None or ConfigError/DataError
-HeadlineFn = Callable[[dict], str]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A registered stage: what the run store needs (`spec`) and what runs and shows it."""
-
-    spec: StageSpec
-    fn: StageFn
-    notebook: str | None = None  # notebooks/<file>; None: no notebook (run by the CLI only)
-    check: CheckFn | None = None
-    headline: HeadlineFn | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-STAGES: dict[str, Stage] = {}
-
-
-def register(name: str, folder: str, sections: tuple[str, ...], upstream: tuple[str, ...] = (), *,
-             notebook: str | None = None, check: CheckFn | None = None, headline: HeadlineFn | None = None,
-             content: Callable[[Config], dict] | None = None,
-             explain_content: Callable[[dict, dict], list[str]] | None = None, ignore: tuple[str, ...] = (),
-             reads_metrics: tuple[str, ...] = ()) -> Callable[[StageFn], StageFn]:
-    """Decorator adding a stage function to the registry (in pipeline order).
-
-    `ignore`: dotted fields of `sections` that do not change this stage's
-    outputs; `reads_metrics`: upstream stages whose evaluation results this
-    stage's evaluation uses (their evaluation parameters re-evaluate it too)."""
-
-    def deco(fn: StageFn) -> StageFn:
-        spec = StageSpec(name, folder, tuple(sections), tuple(upstream), content, explain_content, tuple(ignore),
-                         tuple(reads_metrics))
-        STAGES[name] = Stage(spec, fn, notebook, check, headline)
-        return fn
-
-    return deco
-
-
-def stage(name: str) -> Stage:
-    try:
-        return STAGES[name]
-    except KeyError:
-        raise UnknownStageError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
-
-
-def pipeline_order() -> list[str]:
-    """Stage names in the order the pipeline runs them."""
-    return list(STAGES)
+__all__ = ["EVERY", "STAGES", "Stage", "check_split", "check_stage", "dataset", "discover", "headline", "open_run",
+           "pipeline_order", "register", "run_stage", "stage", "stage_ids", "stage_images", "summary_lines"]
 
 
 def open_run(run_dir: str | Path, cfg: Config) -> Run:
     """The run directory for `cfg` (nothing is written until a stage starts)."""
-    return Run(run_dir, cfg, {n: s.spec for n, s in STAGES.items()})
-
-
-def dataset(cfg: Config):
-    """The dataset without re-validating every file (the data stage did)."""
-    from ..data import open_dataset
-
-    return open_dataset(cfg.data, validate=False)
+    return Run(run_dir, cfg, specs())
 
 
 def check_stage(name: str, cfg: Config, ds: Any = None) -> None:
@@ -152,26 +97,13 @@ def headline(name: str, metrics: dict) -> str:
         return ""
 
 
-def stage_ids(cfg: Config, run: Run, split: str) -> list[str]:
-    """The ids a stage works on: for the train split, those the label filter kept."""
-    from ..artifacts import read_kept_ids
-
-    if split == cfg.data.train_split:
-        return read_kept_ids(run)
-    return dataset(cfg).ids(split)
-
-
-def stage_images(cfg: Config, run: Run, split: str) -> tuple[Any, list[str]]:
-    """(the split's LabelledImages, the ids the stage works on)."""
-    return dataset(cfg).labelled(split), stage_ids(cfg, run, split)
+def summary_lines(run: Run) -> list[str]:
+    """What the finished stages that have a summary (the report) say at the end of `wsss run`."""
+    lines: list[str] = []
+    for name, s in STAGES.items():
+        if s.summary is not None and run.is_done(name):
+            lines += s.summary(run)
+    return lines
 
 
-def check_split(cfg: Config, ds: Any, key: str, split: str) -> None:
-    """A stage's split must be one the run opens (train_split or val_split)."""
-    if split not in ds.splits:
-        raise ConfigError(f"{key}: {split!r} is not a split of this run (data.train_split / data.val_split: "
-                          f"{', '.join(ds.splits)})")
-
-
-# registration order = pipeline order
-from . import data, classifier, label_filter, cams, crf, boundary, pseudo_masks, segmentation, predict, report  # noqa: E402,F401,I001
+discover()  # every stage module of this package, and those named in $WSSS_STAGES

@@ -11,10 +11,11 @@ import numpy as np
 
 from .. import runtime
 from ..artifacts import IR_LABELS, model_path, read_kept_ids
-from ..config import Config, ConfigError
+from ..config import BoundaryConfig, Config, ConfigError
 from ..evaluate import boundary_scores
 from ..store import Run, StageResult, read_json
-from . import dataset, register
+from .inputs import dataset
+from .registry import register
 
 
 def check_boundary(cfg: Config, ds: Any) -> None:
@@ -45,7 +46,7 @@ def _headline(m: dict) -> str:
 
 
 @register("boundary", "04_boundary", sections=("seed", "boundary"), upstream=("data", "label_filter", "crf"),
-          notebook="04_boundary.ipynb", check=check_boundary, headline=_headline)
+          config=BoundaryConfig, notebook="04_boundary.ipynb", check=check_boundary, headline=_headline)
 def boundary_stage(cfg: Config, run: Run) -> StageResult:
     """Train the boundary branch on affinity labels of the confident labels."""
     from ..affinity import AffinityTargets, affinity_training_loss

@@ -4,15 +4,18 @@ threshold moves (evaluation only)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .. import runtime
-from ..artifacts import CAMS, model_path
-from ..config import Config, ConfigError
-from ..evaluate import cam_threshold_sweep
+from ..artifacts import CAMS, model_path, write_result, write_scores
+from ..config import CamsConfig, Config, ConfigError
+from ..evaluate import cam_threshold_sweep, labels_from_cams
+from ..metrics import ImageScores
 from ..store import Run, StageResult
-from . import check_split, dataset, register, stage_images
+from .inputs import check_split, dataset, stage_images
 from .per_image import for_each_image
+from .registry import register
 
 
 def check_cams(cfg: Config, ds: Any) -> None:
@@ -27,13 +30,23 @@ def check_cams(cfg: Config, ds: Any) -> None:
                               f"choose one of: {', '.join(names)}")
 
 
+@dataclass
+class CamsResult:
+    """What the cams stage found on the masks of its split (evaluation only)."""
+
+    split: str
+    best_threshold: float | None  # background threshold with the best CAM mIoU; None: the split has no masks
+    thresholds: list[float]  # the sweep (cams.bg_thresholds)
+    miou: list[float | None]  # CAM mIoU at each threshold
+
+
 def _headline(m: dict) -> str:
     return f"CAM mIoU {100 * m['miou_best']:.1f} at threshold {m['best_threshold']}" if "miou_best" in m else \
         f"{m['images']} images"
 
 
 @register("cams", "02_cams", sections=("cams",), upstream=("data", "classifier", "label_filter"),
-          notebook="02_cams.ipynb", check=check_cams, headline=_headline)
+          config=CamsConfig, notebook="02_cams.ipynb", check=check_cams, headline=_headline)
 def cams_stage(cfg: Config, run: Run) -> StageResult:
     """Multi-scale Grad-CAM / Grad-CAM++ for every image of the split, then a
     background-threshold sweep against the masks."""
@@ -66,11 +79,19 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
 
     def evaluate() -> dict[str, Any]:
         if not ds.has_masks(c.split):
+            write_result(run, "cams", CamsResult(c.split, None, list(c.bg_thresholds), [None] * len(c.bg_thresholds)))
             return {}
         masks = ds.masks(c.split)
         items = ((r.high_res, r.keys, masks.mask(sid)) for sid in ids for r in [CAMS.read(run, sid)])
         quality = cam_threshold_sweep(items, c.bg_thresholds, ds.classes)
-        return {"quality": quality, "miou_best": quality["best"]["miou"], "best_threshold": quality["best_threshold"]}
+        best = quality["best_threshold"]
+        scores = ImageScores("CAM", c.split, ds.classes, f"background threshold {best}, chosen on these masks")
+        for sid in ids:
+            cam = CAMS.read(run, sid)
+            scores.add(sid, labels_from_cams(cam.high_res, cam.keys, best), masks.mask(sid))
+        write_scores(run, "cams", "cam", scores)
+        write_result(run, "cams", CamsResult(c.split, best, quality["thresholds"], quality["miou"]))
+        return {"quality": quality, "miou_best": quality["best"]["miou"], "best_threshold": best}
 
     metrics = for_each_image(run, CAMS, ids, compute, f"CAMs ({c.method})", device, evaluate)
     return StageResult(metrics=metrics, paths={"cams": str(CAMS.dir(run))})

@@ -6,15 +6,17 @@ an evaluation parameter only re-evaluates it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import runtime
-from ..artifacts import model_path, read_val_scores, write_val_scores
-from ..config import Config
+from ..artifacts import model_path, read_result, read_val_scores, write_result, write_val_scores
+from ..config import ClassifierConfig, Config
 from ..store import Run, StageResult, read_json, write_json
-from . import dataset, register
+from .inputs import dataset
+from .registry import register
 
 
 def check_classifier(cfg: Config, ds: Any) -> None:
@@ -23,13 +25,23 @@ def check_classifier(cfg: Config, ds: Any) -> None:
     check_classifier_params(cfg.classifier, ds.classes)
 
 
+@dataclass
+class ClassifierResult:
+    """The trained classifier: its classes (head order) and its val scores (None without val labels)."""
+
+    classes: list[str]
+    epochs: int
+    val_map: float | None
+    val_ap: dict[str, float | None] | None  # class -> average precision on data.val_split
+
+
 def _headline(m: dict) -> str:
     return f"val mAP {m['val_map']:.3f}, {m['epochs']} epochs" if m.get("val_map") is not None else \
         f"{m['epochs']} epochs"
 
 
 @register("classifier", "01_classifier", sections=("seed", "classifier"), upstream=("data",),
-          notebook="01_classifier.ipynb", check=check_classifier, headline=_headline)
+          config=ClassifierConfig, notebook="01_classifier.ipynb", check=check_classifier, headline=_headline)
 def classifier_stage(cfg: Config, run: Run) -> StageResult:
     """Train the multi-label classifier; save model.pt, history and val metrics."""
     from ..multilabel import evaluate_multilabel, load_classifier, save_classifier, train_multilabel, trained_class_ids
@@ -69,6 +81,7 @@ def classifier_stage(cfg: Config, run: Run) -> StageResult:
         if "val_scores" in scores:
             write_val_scores(run, scores.pop("val_scores"), val.ids, np.asarray(val.labels)[:, columns])
         metrics.update({f"val_{k}": v for k, v in scores.items()})
+        write_result(run, "classifier", ClassifierResult(names, len(history), scores.get("map"), scores.get("ap")))
     return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(folder / "history.json")})
 
 
@@ -76,7 +89,7 @@ def val_predictions(cfg: Config, run: Run, n: int) -> tuple[list[tuple[np.ndarra
     """The first n val images with their labels, the classifier's scores for
     them and the class names (head order), for pictures."""
     z = read_val_scores(run)
-    names = (run.manifest("classifier") or {}).get("metrics", {}).get("classes", [])
+    names = read_result(run, "classifier", ClassifierResult).classes
     images = dataset(cfg).labelled(cfg.data.val_split)
     pairs = [(images.image(images.position(str(i))), z["labels"][k]) for k, i in enumerate(z["ids"][:n])]
     return pairs, z["scores"][:n], names

@@ -9,13 +9,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..artifacts import CAMS, IR_LABELS
-from ..config import Config
+from ..artifacts import CAMS, IR_LABELS, write_scores
+from ..config import Config, CrfConfig
 from ..crf import confident_label_parts, confident_label_scores, confident_labels, confident_labels_many
+from ..metrics import ImageScores
 from ..store import Run, StageResult
 from ..viz import heat_overlay
-from . import dataset, register, stage_images
+from .inputs import dataset, stage_images
 from .per_image import for_each_image
+from .registry import register
 
 
 def _headline(m: dict) -> str:
@@ -24,8 +26,8 @@ def _headline(m: dict) -> str:
         f"{m['images']} images"
 
 
-@register("crf", "03_crf", sections=("crf",), upstream=("data", "cams"), notebook="03_crf.ipynb",
-          headline=_headline)
+@register("crf", "03_crf", sections=("crf",), upstream=("data", "cams"), config=CrfConfig,
+          notebook="03_crf.ipynb", headline=_headline)
 def crf_stage(cfg: Config, run: Run) -> StageResult:
     """Dense-CRF confident labels per image (0 bg, k class, 255 unconfident) for IRNet."""
     ds = dataset(cfg)
@@ -44,8 +46,18 @@ def crf_stage(cfg: Config, run: Run) -> StageResult:
         if not ds.has_masks(split):
             return {}
         masks = ds.masks(split)
+        scores = ImageScores("confident labels", split, ds.classes, "unconfident pixels (255) left out")
+        for sid in ids:
+            labels, gt = IR_LABELS.read(run, sid), masks.mask(sid)
+            scores.add(sid, labels, np.where(labels == 255, 255, gt).astype(np.uint8))
+        write_scores(run, "crf", "confident_labels", scores)
+        c = cfg.crf  # the sweep always holds the configured pair, so the chart shows where the run stands
+        pairs = sorted({(f, c.conf_bg_thres) for f in (*c.sweep_fg_thresholds, c.conf_fg_thres)} |
+                       {(c.conf_fg_thres, b) for b in (*c.sweep_bg_thresholds, c.conf_bg_thres)})
+        sweep = crf_threshold_sweep(cfg, run, ids[: c.sweep_images], pairs) if c.sweep_images else []
         return {"quality": confident_label_scores((IR_LABELS.read(run, sid) for sid in ids),
-                                                  (masks.mask(sid) for sid in ids), ds.num_classes)}
+                                                  (masks.mask(sid) for sid in ids), ds.num_classes),
+                "sweep": sweep, "sweep_images": min(c.sweep_images, len(ids))}
 
     metrics = for_each_image(run, IR_LABELS, ids, compute, "dense CRF", None, evaluate)
     return StageResult(metrics=metrics, paths={"ir_labels": str(IR_LABELS.dir(run))})

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, DataConfig
 from ..data import DataError, open_dataset, validate_dataset
 from ..data.content import content_changes, dataset_content
 from ..store import Run, StageResult, write_json
-from . import register
+from .registry import register
 
 
 def check_data(cfg: Config, ds: Any) -> None:
@@ -22,6 +22,9 @@ def check_data(cfg: Config, ds: Any) -> None:
         if not ds.ids(split):
             raise DataError(f"{ds.root}: split {split!r} has no images (data.train_split / data.val_split)")
     train, val = cfg.data.train_split, cfg.data.val_split
+    if train in ds.splits and ds.label_source(train) != "masks" and not ds.labelled(train).labels.any():
+        raise DataError(f"{ds.root}: no image of split {train!r} has an image-level label; the classifier has "
+                        "nothing to learn (check the labels file)")
     if train != val and train in ds.splits and val in ds.splits:
         shared = sorted(set(ds.ids(train)) & set(ds.ids(val)))
         if shared:
@@ -38,8 +41,8 @@ def _headline(m: dict) -> str:
         f", {m['num_classes']} classes"
 
 
-@register("data", "00_data", sections=("data",), notebook="00_data.ipynb", check=check_data,
-          headline=_headline, content=_content, explain_content=content_changes)
+@register("data", "00_data", sections=("data",), config=DataConfig, notebook="00_data.ipynb",
+          check=check_data, headline=_headline, content=_content, explain_content=content_changes)
 def data_stage(cfg: Config, run: Run) -> StageResult:
     """Generate (synthetic) or open the dataset, validate it, record its statistics."""
     t0 = time.perf_counter()

@@ -4,13 +4,15 @@ scores.csv."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .. import runtime
-from ..artifacts import write_filter_scores, write_kept_ids
-from ..config import Config
+from ..artifacts import write_filter_scores, write_kept_ids, write_result
+from ..config import Config, LabelFilterConfig
 from ..store import Run, StageResult
-from . import dataset, register
+from .inputs import dataset
+from .registry import register
 
 
 def check_label_filter(cfg: Config, ds: Any) -> None:
@@ -19,6 +21,19 @@ def check_label_filter(cfg: Config, ds: Any) -> None:
 
     check_classifier_params(cfg.classifier, ds.classes)
     check_label_filter_params(cfg, ds)
+
+
+@dataclass
+class LabelFilterResult:
+    """Which train images later stages use, and why the others were dropped."""
+
+    enabled: bool
+    images: int
+    kept: int
+    dropped_by_filter: int
+    dropped_excluded_class: int
+    unlabelled_recall: float | None  # share of unlabelled instances the filter dropped (masks; None: unknown)
+    clean_drop_rate: float | None  # share of images without the class that it dropped anyway
 
 
 def _headline(m: dict) -> str:
@@ -31,7 +46,7 @@ _UNUSED_CLASSIFIER_FIELDS = ("classifier.epochs", "classifier.lr", "classifier.b
 
 
 @register("label_filter", "01_label_filter", sections=("seed", "classifier", "label_filter"), upstream=("data",),
-          notebook="01_label_filter.ipynb", check=check_label_filter, headline=_headline,
+          config=LabelFilterConfig, notebook="01_label_filter.ipynb", check=check_label_filter, headline=_headline,
           ignore=_UNUSED_CLASSIFIER_FIELDS)
 def label_filter_stage(cfg: Config, run: Run) -> StageResult:
     """Decide which train images later stages may use (NoPeopleAllowed filter).
@@ -47,4 +62,7 @@ def label_filter_stage(cfg: Config, run: Run) -> StageResult:
     if run.is_main:
         write_filter_scores(run, table)
         write_kept_ids(run, [i for i, k in zip(table["ids"], table["kept"]) if k])
+        write_result(run, "label_filter", LabelFilterResult(
+            metrics["enabled"], metrics["images"], metrics["kept"], metrics.get("dropped_by_filter", 0),
+            metrics["dropped_excluded_class"], metrics.get("unlabelled_recall"), metrics.get("clean_drop_rate")))
     return StageResult(metrics=metrics, paths={"kept": str(folder / "kept.txt"), "scores": str(folder / "scores.csv")})

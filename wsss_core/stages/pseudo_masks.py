@@ -12,13 +12,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .. import runtime
-from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, model_path
-from ..config import Config
-from ..evaluate import labels_from_cams
-from ..metrics import ConfusionMatrix, segmentation_scores
+from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, model_path, read_scores, write_scores
+from ..config import Config, PseudoMasksConfig
+from ..metrics import ConfusionMatrix, ImageScores, segmentation_scores
 from ..store import Run, StageResult
-from . import dataset, register, stage_images
+from .inputs import dataset, stage_images
 from .per_image import for_each_image
+from .registry import register
 
 
 def walk(cfg: Config, cam: Any, boundary: np.ndarray, image_size: tuple[int, int], beta: float | None = None,
@@ -38,7 +38,7 @@ def _headline(m: dict) -> str:
 
 
 @register("pseudo_masks", "05_pseudo_masks", sections=("pseudo_masks",), upstream=("data", "cams", "boundary"),
-          notebook="05_pseudo_masks.ipynb", headline=_headline, reads_metrics=("cams",))
+          config=PseudoMasksConfig, notebook="05_pseudo_masks.ipynb", headline=_headline, reads_metrics=("cams",))
 def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     """Random-walk pseudo masks for every kept train image."""
     from ..models.boundary import boundary_map, load_boundary
@@ -63,31 +63,23 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     def evaluate() -> dict[str, Any]:
         if not ds.has_masks(split):
             return {}
-        return pseudo_mask_scores(cfg, run, ids)
+        masks = ds.masks(split)
+        scores = ImageScores("pseudo masks", split, ds.classes)
+        for sid in ids:
+            scores.add(sid, PSEUDO_MASKS.read(run, sid), masks.mask(sid))
+        write_scores(run, "pseudo_masks", "pseudo_masks", scores)
+        p = cfg.pseudo_masks  # the sweep always holds the configured values, so the chart shows where the run stands
+        n = min(p.sweep_images, len(ids))
+        sweep = pseudo_mask_sweep(cfg, run, ids[:n], sorted({*p.sweep_bg_thresholds, p.sem_seg_bg_thres}),
+                                  sorted({*p.sweep_betas, p.beta})) if n else []
+        # the masks the walk started from, on the same images (their stages' own evaluations)
+        return {"miou": scores.miou(), "cam_miou": read_scores(run, "cams", "cam").miou(),
+                "ir_labels_miou": read_scores(run, "crf", "confident_labels").miou(),
+                "quality": segmentation_scores(scores.confusion, ds.classes), "sweep": sweep, "sweep_images": n}
 
     metrics = for_each_image(run, PSEUDO_MASKS, ids, compute, "random walk", device, evaluate)
     return StageResult(metrics=metrics, paths={"masks": str(PSEUDO_MASKS.dir(run)),
                                                "boundary": str(BOUNDARY_MAPS.dir(run))})
-
-
-def pseudo_mask_scores(cfg: Config, run: Run, ids: Sequence[str]) -> dict[str, Any]:
-    """Per-class IoU of the CAMs (at the cams stage's best threshold), the
-    confident labels (255 = void) and the pseudo masks on the same images."""
-    ds = dataset(cfg)
-    masks = ds.masks(cfg.cams.split)
-    cams_m = (run.manifest("cams") or {}).get("metrics", {})
-    cam_threshold = cams_m.get("best_threshold", cfg.pseudo_masks.sem_seg_bg_thres)
-    cms = {k: ConfusionMatrix(ds.num_classes) for k in ("cam", "ir_labels", "pseudo_masks")}
-    for sid in ids:
-        gt = masks.mask(sid)
-        cam = CAMS.read(run, sid)
-        cms["cam"].update(labels_from_cams(cam.high_res, cam.keys, cam_threshold), gt)
-        conf = IR_LABELS.read(run, sid)
-        cms["ir_labels"].update(conf, np.where(conf == 255, 255, gt).astype(np.uint8))
-        cms["pseudo_masks"].update(PSEUDO_MASKS.read(run, sid), gt)
-    scores = {k: segmentation_scores(cm, ds.classes) for k, cm in cms.items()}
-    return {"miou": scores["pseudo_masks"]["miou"], "cam_miou": scores["cam"]["miou"],
-            "ir_labels_miou": scores["ir_labels"]["miou"], "cam_threshold": cam_threshold, "quality": scores}
 
 
 def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: Sequence[float],
@@ -113,8 +105,11 @@ def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: 
     return out
 
 
-def pseudo_mask_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[str, np.ndarray]]:
-    """Image, CAM, boundary, random-walk scores, pseudo mask and ground truth of one image."""
+def second_half_maps(cfg: Config, run: Run, image_id: str) -> dict[str, np.ndarray]:
+    """The second half's maps of one image, from the stored outputs: image, CAM
+    (stride 4, max over classes), confident labels, boundary map, random-walk
+    scores (max over classes, scaled to 1), pseudo mask, and the ground truth
+    where the split has masks (evaluation only). Drawn by `viz.second_half_panels`."""
     ds = dataset(cfg)
     images = ds.labelled(cfg.cams.split)
     image = images.image(images.position(image_id))
@@ -122,10 +117,12 @@ def pseudo_mask_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[st
     b = BOUNDARY_MAPS.read(run, image_id)
     rw, mask = walk(cfg, cam, b, image.shape[:2])
     zeros = np.zeros(b.shape, np.float32)
-    heat = cam.cam.max(0) if len(cam.keys) else zeros
-    scores = rw.max(0) / max(float(rw.max()), 1e-12) if len(cam.keys) else zeros
-    panels = [("image", image), ("CAM (stride 4, max)", heat.astype(np.float32)), ("boundary", b),
-              ("random walk (max)", scores.astype(np.float32)), ("pseudo mask", mask)]
+    maps = {"image": image,
+            "cam": (cam.cam.max(0) if len(cam.keys) else zeros).astype(np.float32),
+            "confident_labels": IR_LABELS.read(run, image_id),
+            "boundary": b,
+            "walk": (rw.max(0) / max(float(rw.max()), 1e-12) if len(cam.keys) else zeros).astype(np.float32),
+            "pseudo_mask": mask}
     if ds.has_masks(cfg.cams.split):
-        panels.append(("ground truth", ds.masks(cfg.cams.split).mask(image_id)))
-    return panels
+        maps["ground_truth"] = ds.masks(cfg.cams.split).mask(image_id)
+    return maps

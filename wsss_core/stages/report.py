@@ -1,20 +1,24 @@
 """Stage `report` (08_report): every stage's result in one place (report.json),
 drawn by notebook 08_report, which `wsss run` exports to <run>/report.html
-with the code hidden: per-class IoU of CAMs, confident labels, pseudo masks,
-final predictions and the fully supervised bound side by side, the lift from
-stage to stage, weak / full, the classifier's AP, the label filter's effect,
-timings, the config, the date and the machine."""
+(self-contained, code hidden): the per-class IoU of every evaluation the
+stages kept (CAMs, confident labels, pseudo masks, the segmenter and the fully
+supervised bound, on each split) side by side, the lift from stage to stage
+split by split, weak / full, the classifier's AP, the label filter's effect,
+timings, the parameters that differ from the defaults, the date and the
+machine. Its upstream is every stage before it (`registry.EVERY`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import platform
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..store import Run, StageResult, write_json
-from . import STAGES, register
+from ..store import Run, StageResult, read_json, write_json, write_text
+from .inputs import dataset
+from .registry import EVERY, register
 
 REPORT_HTML = "report.html"
 
@@ -43,71 +47,70 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _named(iou: Any, classes: list[str]) -> dict[str, float | None]:
-    """Per-class IoU as {class: value}, whether stored as a dict or a list."""
-    if isinstance(iou, dict):
-        return dict(iou)
-    return {c: (None if v is None or v != v else float(v)) for c, v in zip(classes, iou)}
-
-
 def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
-    """The facts of a finished run, read from its manifests (no recomputation)."""
-    m = {name: (run.manifest(name) or {}) for name in STAGES if name != "report"}
-    metrics = {name: x.get("metrics", {}) for name, x in m.items()}
-    from . import dataset
+    """The facts of a finished run, from its stages' kept evaluations and typed
+    results (no recomputation): every evaluation any stage kept appears, in
+    pipeline order, so a new stage that scores masks shows up by itself."""
+    from ..artifacts import MissingResultError, read_result, scores_of
+    from .classifier import ClassifierResult
+    from .label_filter import LabelFilterResult
+    from .predict import PredictResult
 
-    classes = list(dataset(cfg).classes)
-    train, val_split = cfg.data.train_split, cfg.data.val_split
-    per_class: dict[str, dict[str, float | None]] = {}
-    miou: dict[str, float] = {}
-    cams = metrics.get("cams", {})
-    if "quality" in cams:  # its threshold was chosen on these masks: an oracle, as IRNet reports CAMs
-        per_class[f"CAM ({train}, threshold {cams['best_threshold']})"] = _named(cams["quality"]["best"]["iou"],
-                                                                                 classes)
-        miou[f"CAM ({train})"] = cams["miou_best"]
-    crf = metrics.get("crf", {}).get("quality")
-    if crf:
-        per_class[f"confident labels ({train}, 255 void)"] = _named(crf["iou"], classes)
-        miou[f"confident labels ({train}, 255 void)"] = crf["miou"]
-    pm = metrics.get("pseudo_masks", {})
-    if "quality" in pm:
-        per_class[f"pseudo masks ({train})"] = _named(pm["quality"]["pseudo_masks"]["iou"], classes)
-        miou[f"pseudo masks ({train})"] = pm["miou"]
-    pred = metrics.get("predict", {})
-    val = pred.get("splits", {}).get(val_split, {})
-    if "quality" in val.get("weak", {}):
-        per_class[f"segmenter ({val_split})"] = _named(val["weak"]["quality"]["iou"], classes)
-        miou[f"segmenter ({val_split})"] = val["weak"]["quality"]["miou"]
-    if "quality" in val.get("full", {}):
-        per_class[f"fully supervised ({val_split})"] = _named(val["full"]["quality"]["iou"], classes)
-        miou[f"fully supervised ({val_split})"] = val["full"]["quality"]["miou"]
-    timings = {name: x.get("seconds") for name, x in m.items() if x.get("status") == "done"}
+    upstream = run.spec("report").upstream
+    rows = []
+    for stage in upstream:
+        for key, scores in scores_of(run, stage).items():
+            rows.append({"stage": stage, "key": key, "label": f"{scores.what} ({scores.split})", **scores.summary()})
+
+    def result(stage: str, cls: type) -> Any:
+        try:
+            return dataclasses.asdict(read_result(run, stage, cls)) if stage in upstream else None
+        except MissingResultError:
+            return None
+
+    predict = result("predict", PredictResult) or {}
+    timings = {name: (run.manifest(name) or {}).get("seconds") for name in upstream
+               if (run.manifest(name) or {}).get("status") == "done"}
     return {
         "name": cfg.name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "classes": classes,
-        "miou": miou,
-        # the lift from stage to stage: masks of the same kind (confident labels leave pixels out)
-        "lift": {k: v for k, v in miou.items() if not k.startswith("confident")},
-        "per_class_iou": per_class,
-        "weak_over_full": pred.get("weak_over_full"),
-        "val_miou": pred.get("val_miou"),
-        "full_val_miou": pred.get("full_val_miou"),
-        "classifier": {k: metrics.get("classifier", {}).get(k) for k in ("val_map", "val_ap", "epochs")},
-        "label_filter": metrics.get("label_filter", {}),
+        "classes": list(dataset(cfg).classes),
+        "scores": rows,  # one per kept evaluation: label, what, split, note, images, miou, iou per class, ...
+        "miou": {r["label"]: r["miou"] for r in rows},
+        # the lift from stage to stage, split by split (masks of one kind: confident labels leave pixels out)
+        "lift": {split: {r["what"]: r["miou"] for r in rows if r["split"] == split and r["key"] != "confident_labels"}
+                 for split in dict.fromkeys(r["split"] for r in rows)},
+        "per_class_iou": {r["label"]: r["iou"] for r in rows},
+        "weak_over_full": predict.get("weak_over_full"),
+        "classifier": result("classifier", ClassifierResult),
+        "label_filter": result("label_filter", LabelFilterResult),
         "timings": timings,
         "total_seconds": round(sum(v for v in timings.values() if v), 1),
-        "config": (run.root / "config.yaml").read_text() if (run.root / "config.yaml").is_file() else "",
+        "config": config_summary(cfg),
     }
+
+
+def config_summary(cfg: Config) -> dict[str, Any]:
+    """The resolved config as {"changed": dotted key -> value where it differs from
+    the defaults, "all": the whole config as YAML}."""
+    from ..config import config_class, dump_config, plain
+    from ..store import config_diff
+
+    defaults = plain(config_class()())
+    changed = {}
+    for line in config_diff(defaults, plain(cfg)):
+        key, values = line.split(": ", 1)
+        changed[key] = values.split(" -> ", 1)[1]
+    return {"changed": changed, "all": dump_config(cfg)}
 
 
 def miou_table(report: dict[str, Any]) -> str:
     """The per-stage mIoU table printed at the end of `wsss run`."""
-    w = max(len("weak / full"), *(len(k) for k in report["miou"]))
+    w = max(len("weak / full (val)"), *(len(k) for k in report["miou"]))
     rows = [f"  {k:<{w}}  {100 * v:5.1f}" for k, v in report["miou"].items() if v is not None]
     if report.get("weak_over_full") is not None:
-        rows.append(f"  {'weak / full':<{w}}  {report['weak_over_full']:5.3f}")
+        rows.append(f"  {'weak / full (val)':<{w}}  {report['weak_over_full']:5.3f}")
     return "\n".join([f"  {'stage':<{w}}   mIoU", *rows])
 
 
@@ -115,12 +118,23 @@ def _headline(m: dict) -> str:
     return f"{len(m.get('miou', {}))} stages scored"
 
 
-_EVERY_STAGE = ("data", "classifier", "label_filter", "cams", "crf", "boundary", "pseudo_masks", "segmentation",
-                "segmentation_full", "predict")
+def export_report(notebook: Path, run: Run) -> None:
+    """The executed report notebook as <run>/report.html (what `wsss run` does after it)."""
+    from ..viz import notebook_html
+
+    write_text(run.root / REPORT_HTML, notebook_html(notebook))
 
 
-@register("report", "08_report", sections=(), upstream=_EVERY_STAGE, notebook="08_report.ipynb",
-          headline=_headline, reads_metrics=_EVERY_STAGE)
+def _summary(run: Run) -> list[str]:
+    """The mIoU table and the report's path, printed at the end of `wsss run`."""
+    path = run.folder("report") / "report.json"
+    if not path.is_file():
+        return []
+    return [miou_table(read_json(path)), f"[wsss] report: {run.root / REPORT_HTML}"]
+
+
+@register("report", "08_report", sections=(), upstream=EVERY, notebook="08_report.ipynb", headline=_headline,
+          reads_metrics=EVERY, after_notebook=export_report, summary=_summary)
 def report_stage(cfg: Config, run: Run) -> StageResult:
     """Collect every stage's results into 08_report/report.json."""
     report = collect_report(cfg, run)

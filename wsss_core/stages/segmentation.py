@@ -20,10 +20,11 @@ import numpy as np
 
 from .. import runtime
 from ..artifacts import PSEUDO_MASKS, model_path, read_kept_ids
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, SegmentationConfig
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..store import Run, StageResult, read_json, read_torch, save_torch, write_json
-from . import check_split, dataset, register
+from .inputs import check_split, dataset
+from .registry import register
 from .boundary import ImagesWithLabels
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def _headline(m: dict) -> str:
 
 
 @register("segmentation", "06_segmentation", sections=("seed", "segmentation"),
-          upstream=("data", "label_filter", "pseudo_masks"), notebook="06_segmentation.ipynb",
+          upstream=("data", "label_filter", "pseudo_masks"), config=SegmentationConfig, notebook="06_segmentation.ipynb",
           check=check_segmentation, headline=_headline, ignore=("segmentation.upper_bound",))
 def segmentation_stage(cfg: Config, run: Run) -> StageResult:
     """DeepLabV3+ on the pseudo masks of the kept train images."""

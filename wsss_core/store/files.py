@@ -169,8 +169,10 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise FileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
+        raise FileError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); "
                         "rerun the stage that wrote it") from None
+    except RecursionError:
+        raise FileError(f"{path}: not valid JSON (nested too deeply); rerun the stage that wrote it") from None
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
@@ -256,7 +258,9 @@ def remove_temp_files(folder: Path) -> int:
 
 
 def clear_folder(folder: Path) -> None:
-    """Delete everything inside `folder` (not the folder itself)."""
+    """Delete everything inside `folder` (not the folder itself; never through a symbolic link)."""
+    if folder.is_symlink():
+        raise FileError(f"{folder}: is a symbolic link; refusing to delete what it points to")
     manifest = folder / MANIFEST
     with file_errors(folder, "clearing"):
         if manifest.exists():  # first: an interrupted clear must not leave a "done" stage with half its files

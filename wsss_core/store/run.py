@@ -25,6 +25,20 @@ from .lock import FolderLock, now_iso
 from .staleness import StageSpec, Staleness
 
 
+_MANIFEST_TYPES = {"status": str, "fingerprint": str, "config": dict, "upstream": dict, "upstream_runs": dict,
+                   "metrics": dict, "paths": dict}
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a manifest's shape (None when nothing is)."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in m and not isinstance(m[key], kind):
+            return f"{key!r} is a {type(m[key]).__name__}, not a {kind.__name__}"
+    return None if "status" in m else "no 'status'"
+
+
 class UnknownStageError(ConfigError, KeyError):
     """A stage name that is not registered (a user error: one line, exit 2)."""
 
@@ -68,6 +82,21 @@ class Run:
         process may write in (`write=False`: only that no file is in the way).
         Creates nothing."""
         check_writable_folder(self.root, "the run folder", write)
+        if not write:
+            return
+        data_root = getattr(getattr(self.cfg, "data", None), "root", None)
+        if data_root and (self.root == Path(data_root).resolve() or Path(data_root).resolve() in self.root.parents):
+            raise FileError(f"{self.root}: is inside the dataset folder {data_root}; a run must not write into "
+                            "its data (choose another --run-dir)")
+        if self.root.is_dir() and not self._looks_like_a_run():
+            raise FileError(f"{self.root}: is not a run folder and not empty (no config.yaml or stage folders "
+                            "of wsss); choose an empty or new folder")
+
+    def _looks_like_a_run(self) -> bool:
+        """Empty, or holding what wsss writes (config.yaml, a stage folder, its lock)."""
+        names = {p.name for p in self.root.iterdir()}
+        folders = {s.folder for s in self.specs.values()}
+        return not names or "config.yaml" in names or bool(names & folders) or ".wsss.lock" in names
 
     def save_config(self) -> Path:
         """Write the resolved config (done when a stage starts, not before)."""
@@ -87,9 +116,18 @@ class Run:
         """The stage's folder (not created)."""
         return self.root / self.spec(name).folder
 
+    def inside(self, path: Path) -> Path:
+        """`path`, refused (FileError) when a symbolic link makes it lead outside the run folder:
+        nothing of a run is written, or deleted, elsewhere."""
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise FileError(f"{path}: leads outside the run folder {self.root} (a symbolic link?); "
+                            "remove the link and rerun")
+        return path
+
     def path(self, name: str) -> Path:
-        """The stage's own folder (created on demand)."""
-        p = self.folder(name)
+        """The stage's own folder (created on demand, never outside the run folder)."""
+        p = self.inside(self.folder(name))
         try:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -99,8 +137,16 @@ class Run:
         return p
 
     def manifest(self, name: str) -> dict[str, Any] | None:
+        """The stage's manifest, checked to have the shape wsss writes (None: not run)."""
         p = self.folder(name) / MANIFEST
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        m = read_json(p)
+        problem = _manifest_problem(m)
+        if problem:
+            raise FileError(f"{p}: not a manifest written by wsss ({problem}); rerun the stage "
+                            f"(wsss run --force {name})")
+        return m
 
     # -- staleness (see staleness.py)
     def fingerprint(self, name: str) -> str:

@@ -1,0 +1,144 @@
+"""The package's shape: no import cycle (function-level imports included), no
+module over 500 lines, and docs/ARCHITECTURE.md naming only what exists."""
+
+import ast
+import re
+from pathlib import Path
+
+from wsss_core.stages import STAGES
+
+from conftest import REPO
+
+PKG = REPO / "wsss_core"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def _under_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or \
+        (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Every wsss_core module `name` imports, at the top or inside a function
+    (not under `if TYPE_CHECKING:`, which never runs)."""
+    is_pkg = path.name == "__init__.py"
+    found: set[str] = set()
+
+    def absolute(level: int, module: str | None) -> str:
+        if level == 0:
+            return module or ""
+        base = name.split(".") if is_pkg else name.split(".")[:-1]
+        base = base[: len(base) - (level - 1)]
+        return ".".join(base + ([module] if module else []))
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _under_type_checking(child):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = absolute(child.level, child.module)
+                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m in MODULES and m != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = {name: imports_of(name, path) for name, path in MODULES.items()}
+    # the registry imports every module of the stages package on import (registry.discover)
+    graph["wsss_core.stages"] |= {m for m in MODULES if m.startswith("wsss_core.stages.")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_sees_function_level_imports(tmp_path):
+    """The checker itself: the cycle the package once had (the TTA module importing the stages inside a
+    function, a stage importing the TTA module) is found."""
+    src = "def predict_folder():\n    from .stages import open_run\n"
+    (tmp_path / "m.py").write_text(src)
+    global MODULES
+    saved = MODULES
+    try:
+        MODULES = {**saved, "wsss_core.predict": tmp_path / "m.py"}
+        graph = import_graph()
+    finally:
+        MODULES = saved
+    assert "wsss_core.stages" in graph["wsss_core.predict"]
+    assert any({"wsss_core.predict", "wsss_core.stages", "wsss_core.stages.predict"} <= set(c) for c in cycles(graph))
+
+
+def test_no_module_is_over_500_lines():
+    long = {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+def test_widgets_and_viz_draw_without_reaching_into_stage_modules():
+    """Pictures live in viz.py; the inspector reads stage outputs through the stages' data functions."""
+    assert not {m for m in import_graph()["wsss_core.viz"] if m.startswith("wsss_core.stages")}
+
+
+def test_architecture_doc_names_only_modules_that_exist_and_every_stage():
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:[a-z_]+/)*[a-z_]+\.py)`", doc))
+    assert named, "the doc names no module"
+    missing = sorted(p for p in named if not (PKG / p).is_file())
+    assert missing == []
+    table = [line for line in doc.splitlines() if line.startswith("| ") and "`stages/" in line]
+    rows = {line.split("|")[1].strip(): line for line in table}
+    assert set(rows) == set(STAGES)
+    for name, s in STAGES.items():
+        module = f"`stages/{s.fn.__module__.rsplit('.', 1)[-1]}.py`"
+        assert module in rows[name] and f"`{s.notebook.removesuffix('.ipynb')}`" in rows[name], name
+        assert f"| {s.spec.folder}" in rows[name] or f"`{s.spec.folder}/" in rows[name], name
+    assert not (REPO / "docs" / "INTERFACES.md").exists()

@@ -1,0 +1,96 @@
+"""A config's values as plain data: dumping, the values of one kind, hashes.
+
+`section_values(cfg, sections, kind)` is what a stage's manifest records and
+`section_hash` what its fingerprint hashes ("output" fields) or its
+evaluation hash ("eval" fields); see `fields` for the kinds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def plain(v: Any) -> Any:
+    """Dataclasses as dicts, tuples as lists, paths as strings: YAML / JSON data."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (tuple, list)):
+        return [plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config (or one section) as plain YAML/JSON-able data."""
+    return plain(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def field_kind(cls: type, name: str) -> str:
+    """"output" | "eval" | "runtime" of a field (see `fields`)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.metadata.get("kind", "output")
+
+
+def values_of_kind(v: Any, kind: str) -> Any:
+    """Plain values of the fields of one kind, recursively (sub-sections kept
+    when they hold any such field)."""
+    if not dataclasses.is_dataclass(v):
+        return plain(v)
+    out = {}
+    for f in dataclasses.fields(v):
+        value = getattr(v, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = values_of_kind(value, kind)
+            if sub:
+                out[f.name] = sub
+        elif f.metadata.get("kind", "output") == kind:
+            out[f.name] = plain(value)
+    return out
+
+
+def section_values(cfg: Any, sections: tuple[str, ...] | list[str], kind: str = "output",
+                   ignore: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    """{section: values of its `kind` fields} for top-level sections or fields,
+    without the dotted fields in `ignore` (fields of a section a stage does not use)."""
+    out = {}
+    for s in sections:
+        value = getattr(cfg, s)
+        if dataclasses.is_dataclass(value):
+            out[s] = values_of_kind(value, kind)
+        elif field_kind(type(cfg), s) == kind:
+            out[s] = plain(value)
+    for dotted in ignore:
+        *parents, last = dotted.split(".")
+        node: Any = out
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def section_hash(cfg: Any, sections: tuple[str, ...] | list[str], kind: str = "output",
+                 ignore: tuple[str, ...] | list[str] = ()) -> str:
+    """Stable hash of the `kind` fields of the named sections (what a stage depends on)."""
+    blob = json.dumps(section_values(cfg, sections, kind, ignore), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cache_root(cache_dir: Path | None) -> Path:
+    """Folder for generated data (synthetic datasets): `cache_dir`, else $WSSS_CACHE, else ~/.cache/wsss."""
+    if cache_dir:
+        return Path(cache_dir)
+    env = os.environ.get("WSSS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "wsss"

@@ -1,0 +1,156 @@
+"""The registry: the only list of stages.
+
+A stage is one module in this package (found on import: nothing else lists
+it) that registers its function with `@register`, naming its folder, the
+config sections it reads, its upstream stages, its notebook, its headline and,
+when it has one, the config section it declares (`config=`: a frozen
+dataclass of its parameters, named like the stage). The pipeline order is the
+order of the stage folders (`00_data`, `01_classifier`, ...), which must put
+every upstream stage first. Stages from outside the package are modules named
+in $WSSS_STAGES (comma-separated), imported the same way in every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from ..config import ConfigError, add_section
+from ..config import sections as _config_sections
+from ..store import StageSpec, UnknownStageError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..config import Config
+    from ..store import Run, StageResult
+
+StageFn = Callable[["Config", "Run"], "StageResult"]
+CheckFn = Callable[["Config", Any], None]  # (cfg, dataset) -> None or ConfigError/DataError
+HeadlineFn = Callable[[dict], str]
+EVERY = "*"  # upstream / reads_metrics: every stage that comes before this one
+STAGES_ENV = "WSSS_STAGES"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A registered stage: what the run store needs (`spec`) and what runs and shows it.
+
+    `after_notebook(executed_notebook, run)`: what `wsss run` does once the
+    stage's notebook has run (the report exports itself to HTML);
+    `summary(run)`: lines `wsss run` prints when it finishes (the report's table)."""
+
+    spec: StageSpec
+    fn: StageFn
+    notebook: str | None = None  # notebooks/<file> or an absolute path; None: run by the CLI only
+    check: CheckFn | None = None
+    headline: HeadlineFn | None = None
+    after_notebook: Callable[[Path, Run], None] | None = None
+    summary: Callable[[Run], list[str]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(name: str, folder: str, sections: tuple[str, ...], upstream: tuple[str, ...] | str = (), *,
+             config: type | None = None, notebook: str | None = None, check: CheckFn | None = None,
+             headline: HeadlineFn | None = None, content: Callable[[Config], dict] | None = None,
+             explain_content: Callable[[dict, dict], list[str]] | None = None, ignore: tuple[str, ...] = (),
+             reads_metrics: tuple[str, ...] | str = (), after_notebook: Callable[[Path, Run], None] | None = None,
+             summary: Callable[[Run], list[str]] | None = None) -> Callable[[StageFn], StageFn]:
+    """Decorator adding a stage function to the registry.
+
+    `config`: the section this stage declares (a frozen dataclass, YAML key = `name`);
+    `upstream` / `reads_metrics`: stage names, or `EVERY` for every earlier stage;
+    `ignore`: dotted fields of `sections` that do not change this stage's outputs;
+    `reads_metrics`: upstream stages whose evaluation results this stage's
+    evaluation uses (their evaluation parameters re-evaluate it too)."""
+
+    def deco(fn: StageFn) -> StageFn:
+        if config is not None:
+            add_section(name, config)
+        spec = StageSpec(name, folder, tuple(sections), upstream, content, explain_content,  # type: ignore[arg-type]
+                         tuple(ignore), reads_metrics)  # type: ignore[arg-type]
+        STAGES[name] = Stage(spec, fn, notebook, check, headline, after_notebook, summary)
+        _order()
+        return fn
+
+    return deco
+
+
+def _order() -> None:
+    """Sort the registry by folder (the pipeline order) and check that every
+    upstream stage comes first."""
+    ordered = dict(sorted(STAGES.items(), key=lambda kv: (kv[1].spec.folder, kv[0])))
+    STAGES.clear()
+    STAGES.update(ordered)
+    names = list(STAGES)
+    for k, s in enumerate(STAGES.values()):
+        ups = s.spec.upstream
+        for u in () if ups == EVERY else ups:
+            if u in STAGES and names.index(u) > k:
+                raise ValueError(f"stage {s.name!r} ({s.spec.folder}) comes before its upstream stage {u!r} "
+                                 f"({STAGES[u].spec.folder}): number the folders in pipeline order")
+    sections = [(n, _config_sections.SECTIONS[n]) for n in STAGES if n in _config_sections.SECTIONS]
+    others = [(n, c) for n, c in _config_sections.SECTIONS.items() if n not in STAGES]
+    _config_sections.SECTIONS.clear()
+    _config_sections.SECTIONS.update(sections + others)
+
+
+def specs() -> dict[str, StageSpec]:
+    """Every stage's spec, in pipeline order, with `EVERY` resolved to the stages before it."""
+    names = list(STAGES)
+    out = {}
+    for k, (name, s) in enumerate(STAGES.items()):
+        before = tuple(n for n in names[:k] if STAGES[n].spec.upstream != EVERY)
+        spec = s.spec
+        out[name] = StageSpec(spec.name, spec.folder, spec.sections,
+                              before if spec.upstream == EVERY else tuple(spec.upstream), spec.content,
+                              spec.explain_content, spec.ignore,
+                              before if spec.reads_metrics == EVERY else tuple(spec.reads_metrics))
+    return out
+
+
+def stage(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise UnknownStageError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+
+
+def pipeline_order() -> list[str]:
+    """Stage names in the order the pipeline runs them."""
+    return list(STAGES)
+
+
+def discover() -> None:
+    """Import every stage module of this package, then those named in $WSSS_STAGES."""
+    package = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{info.name}")
+    for module in filter(None, (m.strip() for m in os.environ.get(STAGES_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"${STAGES_ENV}: cannot import stage module {module!r} ({e})") from None
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[None]:
+    """Register stages for a while (tests): the registry and the config sections are restored after."""
+    stages, sections = dict(STAGES), dict(_config_sections.SECTIONS)
+    try:
+        yield
+    finally:
+        STAGES.clear()
+        STAGES.update(stages)
+        _config_sections.SECTIONS.clear()
+        _config_sections.SECTIONS.update(sections)
