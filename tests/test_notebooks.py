@@ -167,18 +167,6 @@ def test_a_killed_pipeline_resumes_where_it_stopped(tmp_path):
     assert [h["epoch"] for h in history] == list(range(1, 7))
 
 
-def test_architecture_table_lists_every_registered_stage():
-    from wsss_core.stages import STAGES
-
-    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
-    table = [line for line in doc.splitlines() if line.startswith("| ")][2:]  # after the header and the rule
-    rows = {line.split("|")[1].strip(): line for line in table}
-    assert set(rows) == set(STAGES)
-    for name, s in STAGES.items():
-        module = f"`stages/{s.fn.__module__.rsplit('.', 1)[-1]}.py`"
-        assert module in rows[name] and f"`{s.notebook.removesuffix('.ipynb')}`" in rows[name], name
-
-
 def test_batch_logs_show_progress_bars_and_own_lines_only():
     import io
 
