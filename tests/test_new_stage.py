@@ -1,0 +1,149 @@
+"""A new stage is one module (with its config section declared next to it) and
+one notebook: registered in a temporary module outside the package, it runs
+through `wsss run` (its line, its notebook, papermill) and appears in the
+report, and its Path-typed parameter is resolved like every other path,
+without touching any other file."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import nbformat
+import pytest
+
+from conftest import REPO
+
+CI_YAML = REPO / "params" / "ci.yaml"
+
+MODULE = '''
+"""A throw-away stage: the pseudo masks after a k x k majority filter, scored on the train masks."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsss_core.artifacts import PSEUDO_MASKS, LabelMaps, write_scores
+from wsss_core.config import param
+from wsss_core.config.fields import in_range
+from wsss_core.metrics import ImageScores
+from wsss_core.stages import dataset, register, stage_ids
+from wsss_core.stages.per_image import for_each_image
+from wsss_core.store import StageResult
+
+
+@dataclass(frozen=True)
+class SmoothConfig:
+    size: int = param(3, in_range(1, 15), "majority filter size")
+    notes: Path | None = param(None, doc="a file beside the parameter file", kind="runtime")
+
+
+SMOOTHED = LabelMaps("smooth", "masks", ".png")
+
+
+def majority(mask, size):
+    pad = size // 2
+    padded = np.pad(mask, pad, mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size)).reshape(*mask.shape, -1)
+    counts = np.stack([(windows == k).sum(-1) for k in range(256)], -1)
+    return counts.argmax(-1).astype(np.uint8)
+
+
+@register("smooth", "07_smooth", sections=("smooth",), upstream=("data", "pseudo_masks"), config=SmoothConfig,
+          notebook=NOTEBOOK, headline=lambda m: f"smoothed {m['images']} masks")
+def smooth_stage(cfg, run):
+    split = cfg.data.train_split
+    ids = stage_ids(cfg, run, split)
+    ds = dataset(cfg)
+
+    def compute(todo):
+        for sid in todo:
+            yield sid, majority(PSEUDO_MASKS.read(run, sid), cfg.smooth.size)
+
+    def evaluate():
+        masks = ds.masks(split)
+        scores = ImageScores("smoothed pseudo masks", split, ds.classes, f"{cfg.smooth.size}x{cfg.smooth.size}")
+        for sid in ids:
+            scores.add(sid, SMOOTHED.read(run, sid), masks.mask(sid))
+        write_scores(run, "smooth", "smoothed", scores)
+        return {"miou": scores.miou()}
+
+    return StageResult(metrics=for_each_image(run, SMOOTHED, ids, compute, "smoothing", None, evaluate))
+'''
+
+
+@pytest.fixture
+def toy_stage(tmp_path):
+    """The module and its notebook in a folder of their own (nothing in the repository)."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('config = "x"\nrun_dir = "x"\noverrides = {}', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from wsss_core.pipeline import notebook_setup\nfrom wsss_core.stages import "
+                                  "run_stage\ncfg, run = notebook_setup(config, run_dir, overrides)\n"
+                                  "print(run_stage('smooth', cfg, run).metrics)"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "07_smooth.ipynb")
+    notebook = f"notebook={str(folder / '07_smooth.ipynb')!r}"
+    (folder / "toy_smooth.py").write_text(MODULE.replace("notebook=NOTEBOOK", notebook))
+    return folder
+
+
+def test_a_throw_away_stage_runs_through_wsss_run_and_the_report(toy_stage, ci_full_run, tmp_path):
+    _, full = ci_full_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(full.root, run_dir)
+    params = tmp_path / "params"
+    params.mkdir()
+    (params / "notes.txt").write_text("why 5\n")
+    config = params / "with_smooth.yaml"
+    config.write_text(CI_YAML.read_text() + "smooth:\n  size: 5\n  notes: notes.txt\n")
+    env = {**os.environ, "WSSS_STAGES": "toy_smooth",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(toy_stage), os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        from wsss_core.config import load_config
+        from wsss_core.stages import pipeline_order
+        cfg = load_config({str(config)!r})
+        print(pipeline_order(), cfg.smooth.size, cfg.smooth.notes)""")], capture_output=True, text=True, env=env)
+    assert probe.returncode == 0, probe.stderr
+    order, size, notes = probe.stdout.strip().rsplit(" ", 2)
+    assert eval(order)[-3:] == ["predict", "smooth", "report"] and size == "5"
+    assert notes == str(params / "notes.txt")  # resolved against the YAML's folder, as its type says
+
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "run", "--config", str(config), "--run-dir",
+                        str(run_dir)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("[wsss] (")]
+    assert list(dict.fromkeys(line.split()[2] for line in lines)) == ["data", "classifier", "label_filter", "cams", "crf", "boundary",
+                                                   "pseudo_masks", "segmentation", "segmentation_full", "predict",
+                                                   "smooth", "report"]
+    ran = list(dict.fromkeys(line.split()[2] for line in lines if "skipped" not in line))
+    assert ran == ["smooth", "report"], r.stdout  # nothing else is redone
+    assert any(line.startswith("[wsss] (11/12) smooth") and line.endswith("smoothed 16 masks") for line in lines)
+    assert (run_dir / "notebooks" / "07_smooth.ipynb").is_file()
+    report = json.loads((run_dir / "08_report" / "report.json").read_text())
+    assert "smoothed pseudo masks (train)" in report["miou"]
+    assert report["lift"]["train"]["smoothed pseudo masks"] == report["miou"]["smoothed pseudo masks (train)"]
+    assert "smoothed pseudo masks (train)" in r.stdout  # the table wsss run prints at the end
+    assert report["config"]["changed"]["smooth.size"] == "5"
+
+
+def test_the_majority_filter_of_the_throw_away_stage(toy_stage, monkeypatch):
+    """The toy stage's own rule, so that the test above scores something real."""
+    import numpy as np
+
+    from wsss_core.stages import registry
+
+    monkeypatch.syspath_prepend(str(toy_stage))
+    with registry.scratch():
+        import toy_smooth
+
+        m = np.zeros((5, 5), np.uint8)
+        m[2, 2] = 7  # a lone pixel disappears; a 3x3 block stays
+        assert toy_smooth.majority(m, 3).max() == 0
+        m[1:4, 1:4] = 4  # a 3x3 block: its corners see 4 of 9 in their window and fall, its cross stays
+        assert toy_smooth.majority(m, 3)[1:4, 1:4].tolist() == [[0, 4, 0], [4, 4, 4], [0, 4, 0]]
