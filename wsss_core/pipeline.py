@@ -80,7 +80,10 @@ def check_notebook_parameters(notebook: Path, names: Sequence[str]) -> None:
     """Fail if any injected name is not declared in the notebook's parameters cell."""
     import papermill
 
-    declared = set(papermill.inspect_notebook(str(notebook)))
+    try:
+        declared = set(papermill.inspect_notebook(str(notebook)))
+    except (ValueError, OSError) as e:  # not a notebook, or one without a kernel
+        raise ConfigError(f"{notebook}: cannot read its parameters ({' '.join(str(e).split())})") from None
     if not declared:
         raise ConfigError(f"{notebook}: no cell tagged 'parameters'")
     unknown = sorted(set(names) - declared)
