@@ -58,9 +58,9 @@ def test_bad_params_fail_before_training(ci_config, tmp_path):
     with pytest.raises(ConfigError, match=r"classifier\.exclude_classes: 'unicorn' not in the class list"):
         stages.run_stage("classifier", cfg, run)
     assert not (run.path("classifier") / "checkpoint.pt").exists()
-    with pytest.raises(ConfigError, match=r"classifier\.backbone: must be one of"):
+    with pytest.raises(ConfigError, match=r"--set classifier\.backbone=resnet5o: must be one of"):
         load_config(ci_config, {"classifier.backbone": "resnet5o"})
-    with pytest.raises(ConfigError, match=r"classifier\.weights: weights file not found"):
+    with pytest.raises(ConfigError, match=r"--set classifier\.weights=\S+none.pt: weights file not found"):
         load_config(ci_config, {"classifier.weights": str(tmp_path / "none.pt")})
 
 

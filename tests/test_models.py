@@ -182,7 +182,7 @@ def test_weights_file_with_wrong_keys_lists_them(tmp_path):
     assert "1 missing keys: conv_head.weight" in msg and "1 unexpected keys: bogus.weight" in msg
     assert "bn2.bias (7,) vs (1280,)" in msg
     (tmp_path / "junk.pth").write_text("not a tensor file")
-    with pytest.raises(WeightsError, match="junk.pth: cannot be read as a PyTorch state dict"):
+    with pytest.raises(WeightsError, match=r"junk.pth: cannot read this state dict \(not a file torch saved\)"):
         build_backbone(LITE0, str(tmp_path / "junk.pth"))
 
 

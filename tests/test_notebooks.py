@@ -36,7 +36,8 @@ def test_notebook_is_stored_clean_with_parameters(path):
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    assert "config =" in params[0].source and "run_dir =" in params[0].source
+    if path.name != "09_compare.ipynb":  # the comparison reads finished runs: its parameter is `runs`
+        assert "config =" in params[0].source and "run_dir =" in params[0].source
     # papermill finds every name the cell assigns (it skips a line with a second "=", even in a comment)
     import ast
 

@@ -150,5 +150,5 @@ def test_load_names_a_missing_or_foreign_model_file(tmp_path):
     with pytest.raises(WeightsError, match="list.pt: not a saved segmenter"):
         load_segmenter(tmp_path / "list.pt")
     (tmp_path / "notes.pt").write_text("not a model")
-    with pytest.raises(WeightsError, match=r"notes.pt: not a saved segmenter \("):
+    with pytest.raises(WeightsError, match=r"notes.pt: cannot read this segmenter \(not a file torch saved\)"):
         load_segmenter(tmp_path / "notes.pt")

@@ -1,4 +1,5 @@
-"""Command line: `wsss run`, `wsss stage`, `wsss validate`, `wsss predict`.
+"""Command line: `wsss run`, `wsss stage`, `wsss validate`, `wsss predict`,
+`wsss sweep` (a grid of variants sharing unchanged stages), `wsss compare`.
 
 `wsss stage NAME` runs one stage function directly (no notebook); it is what
 `torchrun --nproc_per_node N -m wsss_core.cli stage ...` launches.
@@ -53,6 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check the params and the dataset (every file), then stop")
     common(v, run_dir=False)
 
+    sw = sub.add_parser("sweep", help="run a grid of variants that share every stage the grid does not change")
+    common(sw)
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a parameter and its values (YAML, split on commas outside brackets); repeatable")
+    sw.add_argument("--to", dest="to_stage", default=None, metavar="STAGE", help="stop after this stage")
+    sw.add_argument("--jobs", type=int, default=1, help="variants run at once (each on its own GPU if several)")
+    sw.add_argument("--reuse", action="append", default=[], metavar="RUN",
+                    help="take finished stages with the same parameters from this run")
+
+    cp = sub.add_parser("compare", help="what differs between runs, mIoU with bootstrap intervals, time")
+    cp.add_argument("runs", nargs="+", help="a sweep folder, or run folders")
+    cp.add_argument("--baseline", default=None, help="the run the others are compared with (default: the first)")
+    cp.add_argument("--out", default=None, help="where comparison.html goes (default: in the sweep folder)")
+    cp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the images")
+    cp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    cp.add_argument("--debug", action="store_true", help="show tracebacks")
+
     pr = sub.add_parser("predict", help="segment a folder of new images with a finished run")
     pr.add_argument("--run", required=True, help="a run folder whose segmentation stage is done")
     pr.add_argument("--images", required=True, help="folder of images (jpg, png, ...)")
@@ -98,6 +116,22 @@ def _run(args: argparse.Namespace) -> None:
             runtime.leave_distributed(wait=finished)  # under torchrun: leave the group before exiting
         if run.is_main:
             print(f"[wsss] {args.name}: {result.metrics}")
+    elif args.command == "sweep":
+        from .sweep import run_sweep
+
+        run_sweep(args.config, args.run_dir, args.grid, overrides, args.to_stage, args.jobs, args.reuse)
+    elif args.command == "compare":
+        from pathlib import Path
+
+        from .compare import compare_runs, comparison_html, comparison_table
+        from .store import write_text
+
+        c = compare_runs(args.runs, args.baseline, args.resamples, args.seed)
+        print(comparison_table(c))
+        sweep = len(args.runs) == 1 and (Path(args.runs[0]) / "sweep.json").is_file()
+        out = Path(args.out) if args.out else (Path(args.runs[0]) if sweep else Path.cwd()) / "comparison.html"
+        write_text(out, comparison_html(c))
+        print(f"[wsss] comparison: {out}")
     elif args.command == "predict":
         from .stages.predict import predict_folder
 

@@ -216,6 +216,46 @@ def cam_gallery(rows: Sequence[Mapping[str, Any]], n_cols_max: int = 6, size: fl
     return fig
 
 
+def plot_intervals(c: Any, evaluation: str, ax: Any = None) -> Any:
+    """mIoU of each run with its 95 % interval (`compare.Comparison`); runs whose
+    difference from the baseline holds 0 are drawn hollow."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(c.runs) + 2), 3.2))
+    for k, n in enumerate(c.runs):
+        m = c.miou[evaluation][n]
+        same = n in c.delta[evaluation] and c.delta[evaluation][n].holds_zero
+        ax.errorbar([k], [100 * m.value], yerr=[[100 * (m.value - m.low)], [100 * (m.high - m.value)]], fmt="o",
+                    color="C0" if n != c.baseline else "C3", mfc="white" if same else None, capsize=4)
+    ax.set_xticks(range(len(c.runs)), c.runs, rotation=25, ha="right", fontsize=8)
+    ax.set(ylabel="mIoU (%)", title=f"{c.labels[evaluation]}: 95 % intervals, {c.resamples} resamples (baseline red; "
+                                     "hollow: no real difference)")
+    ax.title.set_fontsize(9)
+    return ax.figure
+
+
+def plot_class_deltas(c: Any, evaluation: str, ax: Any = None) -> Any:
+    """Per-class IoU difference from the baseline (points), run by run, as a heat map."""
+    import matplotlib.pyplot as plt
+
+    others = [n for n in c.runs if n != c.baseline]
+    m = np.array([[np.nan if c.class_delta[evaluation][n][cl] is None else 100 * c.class_delta[evaluation][n][cl]
+                   for n in others] for cl in c.classes])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.9 * len(others) + 3, 0.32 * len(c.classes) + 1.5))
+    lim = max(1.0, float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0)
+    im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(others)), others, rotation=25, ha="right", fontsize=8)
+    ax.set_yticks(range(len(c.classes)), c.classes, fontsize=8)
+    for (i, j), v in np.ndenumerate(m):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=7)
+    ax.set_title(f"IoU per class minus {c.baseline} (points)", fontsize=9)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+    return ax.figure
+
+
 _SECOND_HALF_TITLES = {"image": "image", "cam": "CAM (stride 4, max)", "confident_labels": "confident labels",
                        "boundary": "boundary", "walk": "random walk (max)", "pseudo_mask": "pseudo mask",
                        "ground_truth": "ground truth"}

@@ -236,9 +236,10 @@ def read_torch(path: str | Path, what: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         wanted = re.search(r"GLOBAL (\S+)", str(e))
-        asks = f" (it asks for {wanted.group(1)})" if wanted else ""
-        raise FileError(f"{path}: refused to load this {what}: it holds more than tensors and plain values"
-                        f"{asks}; only files written by wsss load") from None
+        if wanted is None:  # not a pickle at all (text, an image, a truncated file)
+            raise FileError(f"{path}: cannot read this {what} (not a file torch saved)") from None
+        raise FileError(f"{path}: refused to load this {what}: it holds more than tensors and plain values "
+                        f"(it asks for {wanted.group(1)}); only files written by wsss load") from None
     except FileError:
         raise
     except Exception as e:  # truncated, not a torch file at all

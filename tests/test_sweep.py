@@ -1,0 +1,267 @@
+"""`wsss sweep` and `wsss compare`: a grid of variants that share every stage the
+grid does not change (computed once, hard-linked), safe sharing, resume, one
+sweep per folder, and paired bootstrap intervals."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsss_core import cli
+from wsss_core.compare import bootstrap_weights, compare_runs, resampled_miou
+from wsss_core.config import ConfigError
+from wsss_core.metrics import ConfusionMatrix, ImageScores
+from wsss_core.sweep import parse_grid, split_values, variants
+
+from conftest import REPO
+
+CI_YAML = REPO / "params" / "ci.yaml"
+BETAS = "pseudo_masks.beta=3,5,10"
+
+
+# --------------------------------------------------------------------------- the grid
+@pytest.mark.parametrize("text, parts", [
+    ("3,5,10", ["3", "5", "10"]),
+    ("[1.0],[1.0,1.5]", ["[1.0]", "[1.0,1.5]"]),
+    ("gradcam,gradcam++", ["gradcam", "gradcam++"]),
+    ("'a,b',c", ["'a,b'", "c"]),
+    ("{x: 1, y: 2},[3]", ["{x: 1, y: 2}", "[3]"]),
+])
+def test_values_split_on_commas_outside_brackets(text, parts):
+    assert split_values(text) == parts
+
+
+def test_grid_values_are_yaml():
+    assert parse_grid(["cams.scales=[1.0],[1.0,1.5]", "pseudo_masks.beta=3,5.5"]) == {
+        "cams.scales": [[1.0], [1.0, 1.5]], "pseudo_masks.beta": [3, 5.5]}
+
+
+@pytest.mark.parametrize("grid, message", [
+    ([], "--grid: none given"),
+    (["pseudo_masks.beta"], "--grid 'pseudo_masks.beta': expected KEY=V1,V2"),
+    (["pseudo_masks.beta="], "--grid pseudo_masks.beta=: empty value"),
+    (["pseudo_masks.beta=3,,5"], "empty value"),
+    (["pseudo_masks.beta=3,3"], "a value is repeated"),
+    (["pseudo_masks.beta=3", "pseudo_masks.beta=5"], "--grid pseudo_masks.beta: given twice"),
+])
+def test_a_bad_grid_is_one_line(grid, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        variants(CI_YAML, parse_grid(grid), {})
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["pseudo_masks.betta=3,5"], "--grid pseudo_masks.betta=3: unknown key (known keys in pseudo_masks: beta,"),
+    (["pseudo_masks.beta=3,fast"], "--grid pseudo_masks.beta=fast: must be a number"),
+    (["crf.workers=0,2"], "--grid crf.workers: a runtime-only field"),
+])
+def test_every_combination_is_checked_before_any_work(grid, message, tmp_path, capsys):
+    argv = ["sweep", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "s")]
+    for g in grid:
+        argv += ["--grid", g]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "s").exists()
+
+
+def test_variants_are_named_by_their_values():
+    names = [v.name for v in variants(CI_YAML, parse_grid([BETAS, "pseudo_masks.exp_times=4,8"]), {})]
+    assert names == ["beta=3,exp_times=4", "beta=3,exp_times=8", "beta=5,exp_times=4", "beta=5,exp_times=8",
+                     "beta=10,exp_times=4", "beta=10,exp_times=8"]
+    clash = variants(CI_YAML, parse_grid(["cams.flip=true,false", "pseudo_masks.flip=true"]), {})
+    assert clash[1].name == "cams.flip=false,pseudo_masks.flip=true"  # the same leaf name twice: dotted
+
+
+# --------------------------------------------------------------------------- the bootstrap
+def _scores(seed: int, n: int = 12) -> ImageScores:
+    rng = np.random.default_rng(seed)
+    s = ImageScores("x", "val", ["bg", "a", "b", "c"])
+    for i in range(n):
+        gt = rng.integers(0, 4, (6, 7))
+        pred = np.where(rng.random((6, 7)) < 0.6, gt, rng.integers(0, 4, (6, 7)))
+        gt[0, :2] = 255
+        s.add(f"i{i}", pred, gt)
+    return s
+
+
+def test_a_resample_scores_the_images_it_drew():
+    """Each resample's mIoU equals a confusion matrix filled with the drawn images, repeats counted."""
+    s = _scores(0)
+    rng = np.random.default_rng(1)
+    images = [(rng.integers(0, 4, (6, 7)), rng.integers(0, 4, (6, 7))) for _ in range(12)]
+    s = ImageScores("x", "val", ["bg", "a", "b", "c"])
+    for i, (pred, gt) in enumerate(images):
+        s.add(f"i{i}", pred, gt)
+    w = bootstrap_weights(12, 5, seed=3)
+    assert (w.sum(1) == 12).all()
+    got = resampled_miou(s, w, np.arange(12))
+    for b in range(5):
+        cm = ConfusionMatrix(4)
+        for i, times in enumerate(w[b]):
+            for _ in range(times):
+                cm.update(*images[i])
+        assert got[b] == pytest.approx(cm.miou(), abs=1e-12)
+
+
+def test_paired_intervals_see_a_small_real_difference(tmp_path):
+    """Run b is run a with one class made better on every image: its paired interval excludes 0,
+    while the unpaired intervals of the two runs overlap."""
+    from wsss_core.compare import _interval
+
+    rng = np.random.default_rng(5)
+    a, b = ImageScores("x", "val", ["bg", "a"]), ImageScores("x", "val", ["bg", "a"])
+    for i in range(40):
+        gt = (rng.random((10, 10)) < rng.uniform(0.1, 0.9)).astype(np.int64)
+        pa = np.where(rng.random((10, 10)) < 0.7, gt, 1 - gt)
+        pb = pa.copy()
+        fix = np.argwhere((gt == 1) & (pa == 0))[:2]
+        pb[tuple(fix.T)] = 1
+        a.add(f"{i}", pa, gt)
+        b.add(f"{i}", pb, gt)
+    w = bootstrap_weights(40, 1000, 0)
+    sa, sb = resampled_miou(a, w, np.arange(40)), resampled_miou(b, w, np.arange(40))
+    paired = _interval(b.miou() - a.miou(), sb - sa)
+    assert paired.low > 0
+    ia, ib = _interval(a.miou(), sa), _interval(b.miou(), sb)
+    assert ib.low < ia.high  # alone, the two intervals overlap
+
+
+# --------------------------------------------------------------------------- a real sweep on params/ci.yaml
+def snapshot(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sweep(ci_run, tmp_path_factory):
+    """pseudo_masks.beta = 3, 5, 10 to the pseudo masks, reusing the finished first half of the ci run."""
+    _, first = ci_run
+    folder = tmp_path_factory.mktemp("sweep") / "walk"
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir",
+                        str(folder), "--grid", BETAS, "--to", "pseudo_masks", "--reuse", str(first.root)],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return folder, r.stdout
+
+
+def test_the_sweep_computes_each_stage_once(sweep, ci_run):
+    folder, out = sweep
+    _, first = ci_run
+    names = ["beta=3", "beta=5", "beta=10"]
+    assert json.loads((folder / "sweep.json").read_text())["grid"] == {"pseudo_masks.beta": [3, 5, 10]}
+    for stage_file in ("01_classifier/model.pt", "03_crf/ir_labels/train_0000.png"):  # the reused first half
+        assert {os.stat(folder / n / stage_file).st_ino for n in names} == {os.stat(first.root / stage_file).st_ino}
+    boundary = {os.stat(folder / n / "04_boundary" / "model.pt").st_ino for n in names}
+    assert len(boundary) == 1  # trained once, by the first variant
+    masks = [folder / n / "05_pseudo_masks" / "masks" / "train_0000.png" for n in names]
+    assert len({os.stat(m).st_ino for m in masks}) == 3  # three sets of pseudo masks
+    assert len(re.findall(r"\] boundary +running", out)) == 1
+    assert len(re.findall(r"\] pseudo_masks +running", out)) == 3
+    assert "[2/3 beta=5] boundary shared with beta=3 (same parameters)" in out
+    assert "[1/3 beta=3] classifier shared with" in out
+    for n in names:  # each variant a normal run: nothing to do for wsss run
+        r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "run", "--config", str(CI_YAML), "--run-dir",
+                            str(folder / n), "--to", "pseudo_masks", "--set", f"pseudo_masks.beta={n[5:]}"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.count("skipped (done)") == 7, r.stdout + r.stderr
+
+
+def test_compare_names_the_one_difference_and_gives_intervals(sweep, capsys):
+    folder, _ = sweep
+    c = compare_runs([folder], resamples=200)
+    assert list(c.differs) == ["pseudo_masks.beta"]
+    assert c.differs["pseudo_masks.beta"] == {"beta=3": "3.0", "beta=5": "5.0", "beta=10": "10.0"}
+    assert c.evaluations == ["cams/cam", "crf/confident_labels", "pseudo_masks/pseudo_masks"]
+    pm = c.miou["pseudo_masks/pseudo_masks"]
+    assert set(pm) == {"beta=3", "beta=5", "beta=10"} and all(i.low <= i.value <= i.high for i in pm.values())
+    same = c.delta["cams/cam"]  # the shared CAMs: a difference of exactly 0 from the baseline
+    assert all(d.value == d.low == d.high == 0 for d in same.values())
+    assert cli.main(["compare", str(folder), "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "pseudo_masks.beta: beta=3 3.0, beta=5 5.0, beta=10 10.0" in out and "200 resamples" in out
+    page = (folder / "comparison.html").read_text()
+    assert page.count("<img src=\"data:image/png;base64,") >= 3 and "http" not in page
+
+
+def test_forcing_a_shared_stage_in_one_variant_changes_no_other(sweep, tmp_path):
+    folder, _ = sweep
+    copy = tmp_path / "walk"
+    shutil.copytree(folder, copy, symlinks=True, copy_function=os.link)  # hard links, as the sweep made them
+    before = {n: snapshot(copy / n) for n in ("beta=5", "beta=10")}
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "stage", "boundary", "--force", "--config",
+                        str(CI_YAML), "--run-dir", str(copy / "beta=3"), "--set", "pseudo_masks.beta=3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for n in ("beta=5", "beta=10"):
+        assert snapshot(copy / n) == before[n]
+    assert os.stat(copy / "beta=3" / "04_boundary" / "model.pt").st_ino != \
+        os.stat(copy / "beta=5" / "04_boundary" / "model.pt").st_ino
+
+
+def test_a_second_sweep_on_the_same_folder_refuses(sweep, capsys):
+    folder, _ = sweep
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / ".wsss.lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "token": "x",
+                                                       "started": "now", "command": "wsss sweep"}))
+        assert cli.main(["sweep", "--config", str(CI_YAML), "--run-dir", str(folder), "--grid", BETAS,
+                         "--to", "pseudo_masks"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"wsss: error: {folder}: in use by pid {holder.pid} on {os.uname().nodename} since now "
+                       "(wsss sweep); wait for it to finish or stop it"]
+    finally:
+        holder.kill()
+        holder.wait()
+        (folder / ".wsss.lock").unlink(missing_ok=True)
+    assert cli.main(["sweep", "--config", str(CI_YAML), "--run-dir", str(folder), "--grid",
+                     "pseudo_masks.beta=3,7", "--to", "pseudo_masks"]) == 2
+    assert "holds another sweep" in capsys.readouterr().err
+
+
+def test_a_killed_sweep_resumes_with_nothing_finished_redone(ci_run, tmp_path):
+    _, first = ci_run
+    folder = tmp_path / "walk"
+    cmd = [sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir", str(folder),
+           "--grid", "pseudo_masks.beta=3,5", "--to", "pseudo_masks", "--reuse", str(first.root)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    done = folder / "beta=3" / "05_pseudo_masks" / "manifest.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and p.poll() is None and not (done.is_file() and '"done"' in done.read_text()):
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)  # the sweep and the variant it runs
+    p.wait()
+    assert '"done"' in done.read_text()
+    finished = {str(q): q.stat().st_mtime_ns for q in (folder / "beta=3").rglob("*") if q.is_file()
+                and "notebooks" not in q.parts and q.name != ".wsss.lock"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not re.search(r"\[1/2 beta=3\] \w+ +running", r.stdout), r.stdout
+    assert re.search(r"\[2/2 beta=5\] pseudo_masks +(running|done)", r.stdout), r.stdout
+    for path, mtime in finished.items():
+        assert Path(path).stat().st_mtime_ns == mtime, path
+
+
+def test_the_compare_notebook_draws_the_same(sweep, tmp_path):
+    import nbformat
+
+    from wsss_core.pipeline import NOTEBOOK_DIR, execute_notebook
+
+    folder, _ = sweep
+    out = execute_notebook(NOTEBOOK_DIR / "09_compare.ipynb", tmp_path / "09.ipynb",
+                           {"runs": [str(folder)], "resamples": 200}, log_output=False)
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+    assert "pseudo_masks.beta: beta=3 3.0, beta=5 5.0, beta=10 10.0" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2 * 3  # intervals + heat map per evaluation

@@ -1,0 +1,246 @@
+"""`wsss compare`: what each change of an ablation did, and whether it is real.
+
+For a sweep folder (or several run folders): the parameters that differ
+between the runs, every kept evaluation's mIoU per run with a bootstrap
+confidence interval, the difference from a baseline run with a *paired*
+interval (the same resampled images for both runs), per-class differences,
+and the time per stage. A difference whose interval holds 0 is marked as
+such: with 59 val images, a point of mIoU is often noise.
+
+The bootstrap resamples images with replacement and recomputes the dataset's
+IoU from the per-image counts each stage kept (`metrics.ImageScores`), so an
+interval is that of the metric itself (IoU summed over images), not of a mean
+of per-image scores.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import ConfigError, load_config
+from .store import Run, config_diff, read_json
+
+RESAMPLES = 1000
+SEED = 0
+
+
+@dataclass
+class Interval:
+    value: float
+    low: float
+    high: float
+
+    @property
+    def holds_zero(self) -> bool:
+        return self.low <= 0.0 <= self.high
+
+
+@dataclass
+class Comparison:
+    """Everything `wsss compare` shows, as data (the notebook draws the same)."""
+
+    runs: list[str]
+    baseline: str
+    differs: dict[str, dict[str, str]]  # dotted key -> {run: value}, only keys that differ
+    evaluations: list[str]  # "stage/key" in pipeline order
+    labels: dict[str, str]  # evaluation -> "pseudo masks (train)"
+    miou: dict[str, dict[str, Interval]] = field(default_factory=dict)  # evaluation -> run -> interval
+    delta: dict[str, dict[str, Interval]] = field(default_factory=dict)  # evaluation -> run -> paired difference
+    class_delta: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)  # eval -> run -> class
+    classes: list[str] = field(default_factory=list)
+    seconds: dict[str, dict[str, float | None]] = field(default_factory=dict)  # run -> stage -> seconds
+    resamples: int = RESAMPLES
+    seed: int = SEED
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) counts: how often each image is drawn in each resample."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))
+    w = np.zeros((resamples, n), np.int64)
+    np.add.at(w, (np.arange(resamples)[:, None], idx), 1)
+    return w
+
+
+def resampled_miou(scores: Any, weights: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """mIoU of each resample: the kept counts of the images in `order`, weighted
+    by how often each is drawn (classes absent from a resample are left out, as
+    in `ConfusionMatrix.miou`)."""
+    tp, gt, pred = (a[order] for a in scores.counts())
+    t, g, p = (weights @ a for a in (tp, gt, pred))
+    den = g + p - t
+    return _nanmean_rows(np.where(den > 0, t / np.maximum(den, 1), np.nan))
+
+
+def _nanmean_rows(a: np.ndarray) -> np.ndarray:
+    ok = ~np.isnan(a)
+    n = ok.sum(1)
+    return np.where(n > 0, np.where(ok, a, 0.0).sum(1) / np.maximum(n, 1), np.nan)
+
+
+def _interval(value: float, samples: np.ndarray) -> Interval:
+    low, high = np.nanpercentile(samples, [2.5, 97.5])
+    return Interval(float(value), float(low), float(high))
+
+
+# --------------------------------------------------------------------------- finding runs
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run folders: a sweep folder stands for its variants (in grid order)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "sweep.json").is_file():
+            out += [p / v["name"] for v in read_json(p / "sweep.json")["variants"] if (p / v["name"]).is_dir()]
+        elif (p / "config.yaml").is_file():
+            out.append(p)
+        else:
+            raise ConfigError(f"{p}: neither a run folder (config.yaml) nor a sweep folder (sweep.json)")
+    if len(out) < 2:
+        raise ConfigError(f"{', '.join(map(str, paths))}: {len(out)} run(s); compare needs at least two")
+    return out
+
+
+def _open(root: Path) -> Run:
+    from .stages import open_run
+
+    return open_run(root, load_config(root / "config.yaml"))
+
+
+def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resamples: int = RESAMPLES,
+                 seed: int = SEED) -> Comparison:
+    """Compare the runs of `paths` (sweep folders or run folders) against `baseline` (a run's folder name;
+    default the first)."""
+    from .artifacts import scores_of
+    from .config import plain
+    from .stages import pipeline_order
+
+    if resamples < 100:
+        raise ConfigError(f"--resamples {resamples}: at least 100 for a 95 % interval")
+    roots = find_runs(paths)
+    names = [_label(r, roots) for r in roots]
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"--baseline {baseline}: not one of the runs ({', '.join(names)})")
+    base = baseline or names[0]
+    runs = dict(zip(names, map(_open, roots)))
+    configs = {n: plain(r.cfg) for n, r in runs.items()}
+    differs: dict[str, dict[str, str]] = {}
+    for n in names:
+        for line in config_diff(configs[base], configs[n]):
+            key = line.split(": ", 1)[0]
+            if _kind_of(runs[n].cfg, key) != "runtime":
+                differs.setdefault(key, {})
+    for key in differs:
+        differs[key] = {n: _value_at(configs[n], key) for n in names}
+    kept = {n: {f"{st}/{k}": s for st in pipeline_order() for k, s in scores_of(r, st).items()}
+            for n, r in runs.items()}
+    evaluations = [e for e in kept[base] if all(e in kept[n] for n in names)]
+    c = Comparison(names, base, differs, evaluations, {e: f"{kept[base][e].what} ({kept[base][e].split})"
+                                                      for e in evaluations}, resamples=resamples, seed=seed)
+    c.classes = list(kept[base][evaluations[0]].classes) if evaluations else []
+    for e in evaluations:
+        ids = kept[base][e].ids
+        common = [i for i in ids if all(i in set(kept[n][e].ids) for n in names)]
+        w = bootstrap_weights(len(common), resamples, seed)
+        samples, c.miou[e], c.delta[e], c.class_delta[e] = {}, {}, {}, {}
+        for n in names:
+            pos = {i: k for k, i in enumerate(kept[n][e].ids)}
+            order = np.array([pos[i] for i in common], np.int64)
+            samples[n] = resampled_miou(kept[n][e], w, order)
+            c.miou[e][n] = _interval(kept[n][e].miou(order), samples[n])
+        base_iou = kept[base][e].iou(np.array([{i: k for k, i in enumerate(kept[base][e].ids)}[i] for i in common]))
+        for n in names:
+            if n == base:
+                continue
+            c.delta[e][n] = _interval(c.miou[e][n].value - c.miou[e][base].value, samples[n] - samples[base])
+            pos = {i: k for k, i in enumerate(kept[n][e].ids)}
+            iou = kept[n][e].iou(np.array([pos[i] for i in common]))
+            c.class_delta[e][n] = {cl: (None if np.isnan(a) or np.isnan(b) else float(a - b))
+                                   for cl, a, b in zip(c.classes, iou, base_iou)}
+    c.seconds = {n: {st: (r.manifest(st) or {}).get("seconds") for st in pipeline_order()
+                     if (r.manifest(st) or {}).get("status") == "done"} for n, r in runs.items()}
+    return c
+
+
+def _label(root: Path, roots: Sequence[Path]) -> str:
+    names = [r.name for r in roots]
+    return root.name if names.count(root.name) == 1 else f"{root.parent.name}/{root.name}"
+
+
+def _value_at(d: dict, key: str) -> str:
+    node: Any = d
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return repr(node)
+
+
+def _kind_of(cfg: Any, key: str) -> str:
+    import dataclasses
+
+    from .config import field_kind
+
+    *parents, last = key.split(".")
+    node = cfg
+    for p in parents:
+        node = getattr(node, p, None)
+    return field_kind(type(node), last) if dataclasses.is_dataclass(node) and hasattr(node, last) else "output"
+
+
+# --------------------------------------------------------------------------- showing it
+def _pct(x: float) -> str:
+    return f"{100 * x:5.1f}"
+
+
+def comparison_table(c: Comparison) -> str:
+    """The text `wsss compare` prints."""
+    lines = [f"runs: {', '.join(c.runs)}   baseline: {c.baseline}"]
+    if c.differs:
+        lines.append("what differs:")
+        for key, values in c.differs.items():
+            lines.append(f"  {key}: " + ", ".join(f"{n} {v}" for n, v in values.items()))
+    lines.append(f"mIoU (%) with 95 % bootstrap intervals ({c.resamples} resamples of the images, seed {c.seed}); "
+                 "differences from the baseline are paired; '~0' marks an interval that holds 0")
+    for e in c.evaluations:
+        lines.append(f"  {c.labels[e]}")
+        for n in c.runs:
+            m = c.miou[e][n]
+            row = f"    {n:<28} {_pct(m.value)} [{_pct(m.low)}, {_pct(m.high)}]"
+            if n in c.delta[e]:
+                d = c.delta[e][n]
+                row += f"   {100 * d.value:+5.1f} [{100 * d.low:+5.1f}, {100 * d.high:+5.1f}]" + \
+                    ("  ~0" if d.holds_zero else "")
+            lines.append(row)
+    lines.append("time per stage (s):")
+    stages = list(dict.fromkeys(st for n in c.runs for st in c.seconds[n]))
+    for n in c.runs:
+        lines.append(f"  {n:<28} " + ", ".join(f"{st} {c.seconds[n].get(st) or 0:.0f}" for st in stages))
+    return "\n".join(lines)
+
+
+def _figure_png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def comparison_html(c: Comparison) -> str:
+    """A self-contained page: the table, one interval plot and one per-class heat map per evaluation."""
+    from .viz import plot_class_deltas, plot_intervals
+
+    parts = [f"<h1>Comparison</h1><pre>{html.escape(comparison_table(c))}</pre>"]
+    for e in c.evaluations:
+        parts.append(f"<h2>{html.escape(c.labels[e])}</h2>")
+        parts.append(f'<img src="data:image/png;base64,{_figure_png(plot_intervals(c, e))}">')
+        if c.class_delta[e]:
+            parts.append(f'<img src="data:image/png;base64,{_figure_png(plot_class_deltas(c, e))}">')
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto} pre{font-size:12px}"
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>wsss compare</title><style>{style}</style>" \
+           f"</head><body>{''.join(parts)}</body></html>\n"

@@ -1,0 +1,334 @@
+"""`wsss sweep`: a grid of variants of one experiment, each a normal run, that
+share every stage the grid does not change.
+
+`--grid pseudo_masks.beta=3,5,10 --grid pseudo_masks.exp_times=4,8` makes one
+run folder per combination (`<sweep>/beta=3,exp_times=4/`, ...). A stage is
+computed once per distinct fingerprint across the sweep: before a variant
+runs, every stage whose fingerprint an earlier variant (or `--reuse RUN`)
+has finished is hard-linked into it, file by file, with its executed
+notebook; the variant then runs the rest with `wsss run`. Sharing is safe
+because no file of a run is ever edited in place: every write creates a new
+file and renames it over the old name, so a variant that redoes a shared
+stage replaces its own links and leaves the others' files as they were.
+
+One lock per sweep; a killed sweep resumes (finished variants are skipped,
+finished stages kept). `--jobs N` runs variants whose shared stages are
+ready in N processes (each on its own GPU when there are several).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .config import ConfigError, config_class, field_kind, load_config, parse_override_value
+from .stages import STAGES, open_run, pipeline_order
+from .store import FileError, FolderLock, Run, file_errors, read_json, write_json
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One combination of the grid: its folder name and its overrides."""
+
+    name: str
+    values: dict[str, Any]  # dotted key -> value of the grid
+    overrides: dict[str, Any]  # the user's --set plus `values`
+
+
+def split_values(text: str) -> list[str]:
+    """`3,5,10` -> ['3', '5', '10']; commas inside brackets or quotes do not split
+    (`[1.0],[1.0,1.5]` -> ['[1.0]', '[1.0,1.5]'])."""
+    parts, depth, quote, current = [], 0, "", ""
+    for c in text:
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += c
+    parts.append(current)
+    return [p.strip() for p in parts]
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """`--grid KEY=V1,V2` items -> {key: [values]} (each value read as YAML)."""
+    if not items:
+        raise ConfigError("--grid: none given; e.g. --grid pseudo_masks.beta=3,5,10")
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. pseudo_masks.beta=3,5,10")
+        if key in grid:
+            raise ConfigError(f"--grid {key}: given twice")
+        texts = split_values(text)
+        if not text.strip() or any(not t for t in texts):
+            raise ConfigError(f"--grid {key}={text}: empty value")
+        values = [parse_override_value(t, key) for t in texts]
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"--grid {key}={text}: a value is repeated")
+        grid[key] = values
+    return grid
+
+
+def _kind(key: str) -> str:
+    """The kind of a dotted key's field ("output", "eval", "runtime")."""
+    import dataclasses
+    import typing
+
+    cls: Any = config_class()
+    *parents, last = key.split(".")
+    for p in parents:
+        cls = typing.get_type_hints(cls)[p]
+    return field_kind(cls, last) if dataclasses.is_dataclass(cls) else "output"
+
+
+def _short(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip() \
+        .replace(" ", "")
+
+
+def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mapping[str, Any]) -> list[Variant]:
+    """Every combination, checked (each loads as a config) before any work."""
+    def check(values: Mapping[str, Any]) -> None:
+        try:
+            load_config(config, {**overrides, **values})  # unknown key, wrong type: one line naming it
+        except ConfigError as e:
+            text = str(e)
+            key = next((k for k in values if text.startswith(f"--set {k}=")), None)
+            raise ConfigError(f"--grid {text[len('--set '):]}" if key else text, e.key) from None
+
+    for key in grid:
+        check({key: grid[key][0]})
+        if _kind(key) == "runtime":
+            raise ConfigError(f"--grid {key}: a runtime-only field (it changes no output: workers, device, ...); "
+                              "a sweep over it would make identical variants")
+    leaves = [k.rsplit(".", 1)[-1] for k in grid]
+    labels = {k: (k.rsplit(".", 1)[-1] if leaves.count(k.rsplit(".", 1)[-1]) == 1 else k) for k in grid}
+    out = []
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        name = ",".join(f"{labels[k]}={_short(v)}" for k, v in values.items())
+        if "/" in name or name.startswith(".") or any(c.isspace() or ord(c) < 32 for c in name):
+            raise ConfigError(f"--grid: the variant name {name!r} cannot be a folder name")
+        check(values)
+        out.append(Variant(name, values, {**overrides, **values}))
+    return out
+
+
+# --------------------------------------------------------------------------- sharing stages
+def link_stage(src: Run, dst: Run, name: str) -> None:
+    """Hard-link a finished stage's folder (and its executed notebook) from `src` into `dst`."""
+    from_folder, to_folder = src.folder(name), dst.inside(dst.folder(name))
+    staging = to_folder.with_name(f".{to_folder.name}.linking")  # complete, then renamed into place:
+    with file_errors(to_folder, "linking"):                        # a kill never leaves half a stage
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        for p in sorted(from_folder.rglob("*")):
+            target = staging / p.relative_to(from_folder)
+            if p.is_dir():
+                target.mkdir(exist_ok=True)
+            elif not p.name.startswith(".wsss"):
+                os.link(p, target)
+        if to_folder.exists():
+            shutil.rmtree(to_folder)
+        os.rename(staging, to_folder)
+    nb = STAGES[name].notebook
+    if nb:
+        sharing = [s for s in STAGES if STAGES[s].notebook == nb]
+        executed = src.root / "notebooks" / Path(nb).name
+        if executed.is_file() and all(dst.usable(s) or s == name for s in sharing):
+            (dst.root / "notebooks").mkdir(exist_ok=True)
+            target = dst.root / "notebooks" / executed.name
+            with file_errors(target, "linking"):
+                target.unlink(missing_ok=True)
+                os.link(executed, target)
+
+
+def share_finished_stages(run: Run, sources: Sequence[Run], to_stage: str | None,
+                          say: Callable[[str], None]) -> list[str]:
+    """Link into `run`, in pipeline order, each stage that a source has finished
+    with the same fingerprint (and is not usable in `run` yet); returns their names."""
+    linked = []
+    for name in pipeline_order()[: pipeline_order().index(to_stage) + 1 if to_stage else None]:
+        if run.usable(name):
+            continue
+        source = next((s for s in sources if s.usable(name) and s.fingerprint(name) == run.fingerprint(name)
+                       and s.root != run.root), None)
+        if source is None:
+            continue  # computed by the variant itself (and so is what depends on it: its fingerprints differ)
+        link_stage(source, run, name)
+        linked.append(name)
+        say(f"{name} shared with {source.root.name} (same parameters)")
+    return linked
+
+
+# --------------------------------------------------------------------------- the sweep
+def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[str],
+              overrides: Mapping[str, Any] | None = None, to_stage: str | None = None, jobs: int = 1,
+              reuse: Sequence[str | Path] = (), echo: Callable[[str], None] | None = None) -> Path:
+    """Run every variant of the grid in `sweep_dir`; returns it."""
+    echo = echo or (lambda s: print(s, flush=True))
+    overrides = dict(overrides or {})
+    config = Path(config).resolve()
+    load_config(config, overrides)
+    if to_stage is not None and to_stage not in STAGES:
+        raise ConfigError(f"--to {to_stage}: unknown stage; stages: {', '.join(STAGES)}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: must be >= 1")
+    grid = parse_grid(grid_items)
+    todo = variants(config, grid, overrides)
+    sweep_dir = Path(sweep_dir).resolve()
+    reused = [_reused_run(Path(r)) for r in reuse]
+    from .store import check_writable_folder
+
+    check_writable_folder(sweep_dir, "the sweep folder")
+    if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not (sweep_dir / SWEEP_FILE).is_file():
+        raise FileError(f"{sweep_dir}: not empty and not a sweep folder (no {SWEEP_FILE}); choose another")
+    with FolderLock(sweep_dir).hold("wsss sweep"):
+        record = {"config": str(config), "overrides": overrides, "grid": grid, "to": to_stage,
+                  "variants": [{"name": v.name, "values": v.values} for v in todo]}
+        old = read_json(sweep_dir / SWEEP_FILE) if (sweep_dir / SWEEP_FILE).is_file() else None
+        if old is not None and {k: old.get(k) for k in record} != record:
+            raise ConfigError(f"{sweep_dir}: holds another sweep ({SWEEP_FILE} differs: config, --set, --grid or "
+                              "--to); choose another folder")
+        write_json(sweep_dir / SWEEP_FILE, record)
+        runs = [open_run(sweep_dir / v.name, load_config(config, v.overrides)) for v in todo]
+        owners = _owners(runs, to_stage, reused)
+        _schedule(todo, runs, owners, reused, config, to_stage, jobs, echo)
+    echo(f"[wsss] sweep finished: {len(todo)} variants in {sweep_dir} (wsss compare {sweep_dir})")
+    return sweep_dir
+
+
+def _reused_run(root: Path) -> Run:
+    if not (root / "config.yaml").is_file():
+        raise ConfigError(f"--reuse {root}: not a run folder (no config.yaml)")
+    return open_run(root, load_config(root / "config.yaml"))
+
+
+def _stages(to_stage: str | None) -> list[str]:
+    order = pipeline_order()
+    return order[: order.index(to_stage) + 1] if to_stage else order
+
+
+def _owners(runs: Sequence[Run], to_stage: str | None, reused: Sequence[Run]) -> list[set[int]]:
+    """For each variant, the earlier variants whose stages it will share (they must finish first)."""
+    first: dict[tuple[str, str], int] = {}
+    deps: list[set[int]] = []
+    for i, run in enumerate(runs):
+        need: set[int] = set()
+        for name in _stages(to_stage):
+            fp = run.fingerprint(name)
+            if any(r.usable(name) and r.fingerprint(name) == fp for r in reused):
+                continue
+            owner = first.setdefault((name, fp), i)
+            if owner != i:
+                need.add(owner)
+        deps.append(need)
+    return deps
+
+
+def _schedule(todo: Sequence[Variant], runs: Sequence[Run], deps: Sequence[set[int]], reused: Sequence[Run],
+              config: Path, to_stage: str | None, jobs: int, echo: Callable[[str], None]) -> None:
+    """Run the variants, each once the variants it shares stages with are done, `jobs` at a time."""
+    n = len(todo)
+    done: set[int] = set()
+    running: dict[int, subprocess.Popen] = {}
+    failed: list[str] = []
+    gpus = _gpu_count()
+    free_slots = list(range(jobs))
+    slot_of: dict[int, int] = {}
+    try:
+        while len(done) + len(failed) < n:
+            ready = [i for i in range(n) if i not in done and i not in running and todo[i].name not in failed
+                     and deps[i] <= done]
+            while ready and free_slots:
+                i = ready.pop(0)
+                tag = f"[{i + 1}/{n} {todo[i].name}]"
+                share_finished_stages(runs[i], [*reused, *(runs[j] for j in sorted(done))], to_stage,
+                                      lambda s, tag=tag: echo(f"{tag} {s}"))
+                slot = free_slots.pop(0)
+                slot_of[i] = slot
+                running[i] = _start(todo[i], runs[i], config, to_stage, tag, echo, slot if gpus > 1 else None)
+            if not running:
+                blocked = [todo[i].name for i in range(n) if i not in done and todo[i].name not in failed]
+                raise FileError(f"sweep: variants {', '.join(blocked)} wait for variants that failed")
+            for i, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[i]
+                    free_slots.append(slot_of.pop(i))
+                    if proc.returncode == 0:
+                        done.add(i)
+                    else:
+                        failed.append(todo[i].name)
+                        echo(f"[{i + 1}/{n} {todo[i].name}] failed (exit {proc.returncode}); the others go on")
+            time.sleep(0.2)
+    except BaseException:
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
+        raise
+    if failed:
+        raise FileError(f"sweep: {len(failed)} of {n} variants failed ({', '.join(failed)}); their lines above "
+                        "say why; rerun the same command to resume")
+
+
+def _start(v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, echo: Callable[[str], None],
+           gpu: int | None) -> subprocess.Popen:
+    """`wsss run` of one variant in its own process, its lines prefixed with the variant's tag."""
+    import yaml
+
+    cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(config), "--run-dir", str(run.root)]
+    for key, value in v.overrides.items():
+        cmd += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...')}"]
+    if to_stage:
+        cmd += ["--to", to_stage]
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n").split("\r")[-1]
+            if line.startswith("[wsss] ("):  # "[wsss] (3/11) pseudo_masks running ..." -> "[tag] pseudo_masks ..."
+                line = line.split(") ", 1)[1].strip()
+                echo(f"{tag} {' '.join(line.split())}")
+            elif line.startswith("wsss: error:"):
+                echo(f"{tag} {line}")
+
+    threading.Thread(target=relay, daemon=True).start()
+    return proc
+
+
+def _gpu_count() -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
