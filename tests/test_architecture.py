@@ -144,3 +144,9 @@ def test_architecture_doc_names_only_modules_that_exist_and_every_stage():
         assert module in rows[name] and f"`{s.notebook.removesuffix('.ipynb')}`" in rows[name], name
         assert f"| {s.spec.folder}" in rows[name] or f"`{s.spec.folder}/" in rows[name], name
     assert not (REPO / "docs" / "INTERFACES.md").exists()
+
+
+def test_architecture_doc_names_every_top_level_module():
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    modules = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
+    assert [m for m in modules if f"`{m}`" not in doc] == []

@@ -81,20 +81,8 @@ def test_variants_are_named_by_their_values():
 
 
 # --------------------------------------------------------------------------- the bootstrap
-def _scores(seed: int, n: int = 12) -> ImageScores:
-    rng = np.random.default_rng(seed)
-    s = ImageScores("x", "val", ["bg", "a", "b", "c"])
-    for i in range(n):
-        gt = rng.integers(0, 4, (6, 7))
-        pred = np.where(rng.random((6, 7)) < 0.6, gt, rng.integers(0, 4, (6, 7)))
-        gt[0, :2] = 255
-        s.add(f"i{i}", pred, gt)
-    return s
-
-
 def test_a_resample_scores_the_images_it_drew():
     """Each resample's mIoU equals a confusion matrix filled with the drawn images, repeats counted."""
-    s = _scores(0)
     rng = np.random.default_rng(1)
     images = [(rng.integers(0, 4, (6, 7)), rng.integers(0, 4, (6, 7))) for _ in range(12)]
     s = ImageScores("x", "val", ["bg", "a", "b", "c"])
@@ -194,18 +182,49 @@ def test_compare_names_the_one_difference_and_gives_intervals(sweep, capsys):
 
 
 def test_forcing_a_shared_stage_in_one_variant_changes_no_other(sweep, tmp_path):
+    """`wsss run --force boundary` in one variant (its notebooks too, which papermill writes) leaves every
+    file of the other variants as it was."""
     folder, _ = sweep
     copy = tmp_path / "walk"
     shutil.copytree(folder, copy, symlinks=True, copy_function=os.link)  # hard links, as the sweep made them
     before = {n: snapshot(copy / n) for n in ("beta=5", "beta=10")}
-    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "stage", "boundary", "--force", "--config",
-                        str(CI_YAML), "--run-dir", str(copy / "beta=3"), "--set", "pseudo_masks.beta=3"],
+    assert any(k.startswith("notebooks/") for k in before["beta=5"])
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "run", "--force", "boundary", "--to", "pseudo_masks",
+                        "--config", str(CI_YAML), "--run-dir", str(copy / "beta=3"), "--set", "pseudo_masks.beta=3"],
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
     for n in ("beta=5", "beta=10"):
         assert snapshot(copy / n) == before[n]
     assert os.stat(copy / "beta=3" / "04_boundary" / "model.pt").st_ino != \
         os.stat(copy / "beta=5" / "04_boundary" / "model.pt").st_ino
+    assert os.stat(copy / "beta=3" / "notebooks" / "04_boundary.ipynb").st_ino != \
+        os.stat(copy / "beta=5" / "notebooks" / "04_boundary.ipynb").st_ino
+
+
+def test_a_grid_over_an_evaluation_field_re_evaluates_shared_stages_without_touching_the_source(ci_run, tmp_path):
+    """Variants that differ in an evaluation-only field share the CAMs and re-evaluate them; the run
+    they were taken from (--reuse) and the first variant keep their files."""
+    _, first = ci_run
+    before = snapshot(first.root)
+    folder = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir",
+                        str(folder), "--grid", "cams.bg_thresholds=[0.1],[0.3]", "--to", "cams", "--reuse",
+                        str(first.root)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert snapshot(first.root) == before
+    a, b = (json.loads((folder / n / "02_cams" / "result.json").read_text())
+            for n in ("bg_thresholds=[0.1]", "bg_thresholds=[0.3]"))
+    assert (a["best_threshold"], b["best_threshold"]) == (0.1, 0.3)
+    cams = [folder / n / "02_cams" / "cams" / "train_0000.npz" for n in ("bg_thresholds=[0.1]", "bg_thresholds=[0.3]")]
+    assert os.stat(cams[0]).st_ino == os.stat(cams[1]).st_ino == os.stat(first.root / "02_cams/cams/train_0000.npz").st_ino
+
+
+def test_compare_leaves_out_variants_that_have_not_started(sweep, tmp_path):
+    folder, _ = sweep
+    copy = tmp_path / "walk"
+    shutil.copytree(folder, copy, symlinks=True, copy_function=os.link)
+    shutil.rmtree(copy / "beta=10")
+    assert compare_runs([copy], resamples=200).runs == ["beta=3", "beta=5"]
 
 
 def test_a_second_sweep_on_the_same_folder_refuses(sweep, capsys):
@@ -242,7 +261,7 @@ def test_a_killed_sweep_resumes_with_nothing_finished_redone(ci_run, tmp_path):
     p.wait()
     assert '"done"' in done.read_text()
     finished = {str(q): q.stat().st_mtime_ns for q in (folder / "beta=3").rglob("*") if q.is_file()
-                and "notebooks" not in q.parts and q.name != ".wsss.lock"}
+                and "notebooks" not in q.parts and q.name not in (".wsss.lock", "sweep.log")}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not re.search(r"\[1/2 beta=3\] \w+ +running", r.stdout), r.stdout
@@ -265,3 +284,15 @@ def test_the_compare_notebook_draws_the_same(sweep, tmp_path):
     text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
     assert "pseudo_masks.beta: beta=3 3.0, beta=5 5.0, beta=10 10.0" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2 * 3  # intervals + heat map per evaluation
+
+
+def test_one_run_alone_gets_its_intervals(sweep, capsys):
+    """The noise level of a run's own numbers: intervals, no differences."""
+    folder, _ = sweep
+    c = compare_runs([folder / "beta=5"], resamples=200)
+    assert c.runs == ["beta=5"] and c.differs == {} and all(d == {} for d in c.delta.values())
+    m = c.miou["pseudo_masks/pseudo_masks"]["beta=5"]
+    assert m.low < m.value < m.high
+    assert cli.main(["compare", str(folder / "beta=5"), "--resamples", "200", "--out",
+                     str(folder.parent / "one.html")]) == 0
+    assert "beta=5" in capsys.readouterr().out and (folder.parent / "one.html").is_file()

@@ -163,8 +163,15 @@ def write_kept_ids(run: Run, ids: Sequence[str]) -> Path:
 
 def read_kept_ids(run: Run) -> list[str]:
     """Train ids that later stages may use (label filter + excluded classes)."""
+    from .data.ids import id_problem
+
     p = run.folder("label_filter") / "kept.txt"
-    return [line for line in p.read_text().splitlines() if line]
+    with file_errors(p, "reading"):
+        ids = [line for line in p.read_text().splitlines() if line]
+    bad = next((i for i in ids if id_problem(i)), None)
+    if bad is not None:
+        raise FileError(f"{p}: {bad!r} is not an image id ({id_problem(bad)}); rerun the label_filter stage")
+    return ids
 
 
 _SCORE_COLUMNS = ("image_id", "score", "labelled", "dropped_by_filter", "dropped_excluded", "kept")
@@ -181,17 +188,22 @@ def write_filter_scores(run: Run, table: dict[str, np.ndarray]) -> Path:
 
 def read_filter_scores(run: Run) -> dict[str, np.ndarray]:
     """The label filter's scores.csv as arrays (ids, score, labelled, dropped, kept)."""
-    lines = (run.folder("label_filter") / "scores.csv").read_text().splitlines()[1:]
+    p = run.folder("label_filter") / "scores.csv"
+    with file_errors(p, "reading"):
+        lines = p.read_text().splitlines()[1:]
     cols = list(zip(*(line.split(",") for line in lines))) if lines else [()] * len(_SCORE_COLUMNS)
     flag = lambda c: np.array(c, dtype=int).astype(bool)  # noqa: E731
-    return {
-        "ids": np.array(cols[0]),
-        "score": np.array(cols[1], dtype=float),
-        "labelled": flag(cols[2]),
-        "dropped_by_filter": flag(cols[3]),
-        "dropped_excluded": flag(cols[4]),
-        "kept": flag(cols[5]),
-    }
+    try:
+        return {
+            "ids": np.array(cols[0]),
+            "score": np.array(cols[1], dtype=float),
+            "labelled": flag(cols[2]),
+            "dropped_by_filter": flag(cols[3]),
+            "dropped_excluded": flag(cols[4]),
+            "kept": flag(cols[5]),
+        }
+    except (ValueError, IndexError) as e:
+        raise FileError(f"{p}: not the filter's score table ({e}); rerun the label_filter stage") from None
 
 
 # --------------------------------------------------------------------------- classifier scores

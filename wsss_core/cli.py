@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="take finished stages with the same parameters from this run")
 
     cp = sub.add_parser("compare", help="what differs between runs, mIoU with bootstrap intervals, time")
-    cp.add_argument("runs", nargs="+", help="a sweep folder, or run folders")
+    cp.add_argument("runs", nargs="+", help="a sweep folder, or run folders (one run: its intervals alone)")
     cp.add_argument("--baseline", default=None, help="the run the others are compared with (default: the first)")
     cp.add_argument("--out", default=None, help="where comparison.html goes (default: in the sweep folder)")
     cp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the images")

@@ -1,4 +1,5 @@
-"""`wsss compare`: what each change of an ablation did, and whether it is real.
+"""`wsss compare`: what each change of an ablation did, and whether it is real
+(one run alone: its scores with their intervals, the noise level of its numbers).
 
 For a sweep folder (or several run folders): the parameters that differ
 between the runs, every kept evaluation's mIoU per run with a bootstrap
@@ -93,16 +94,27 @@ def _interval(value: float, samples: np.ndarray) -> Interval:
 # --------------------------------------------------------------------------- finding runs
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     """Run folders: a sweep folder stands for its variants (in grid order)."""
+    from .data.ids import id_problem
+    from .store import FileError
+
     out: list[Path] = []
     for p in map(Path, paths):
         if (p / "sweep.json").is_file():
-            out += [p / v["name"] for v in read_json(p / "sweep.json")["variants"] if (p / v["name"]).is_dir()]
+            record = read_json(p / "sweep.json")
+            try:
+                names = [str(v["name"]) for v in record["variants"]]
+            except (KeyError, TypeError):
+                raise FileError(f"{p / 'sweep.json'}: not a sweep record written by wsss") from None
+            bad = [n for n in names if id_problem(n)]
+            if bad:
+                raise FileError(f"{p / 'sweep.json'}: variant {bad[0]!r} is not a folder name of the sweep")
+            out += [p / n for n in names if (p / n / "config.yaml").is_file()]  # variants that have started
         elif (p / "config.yaml").is_file():
             out.append(p)
         else:
             raise ConfigError(f"{p}: neither a run folder (config.yaml) nor a sweep folder (sweep.json)")
-    if len(out) < 2:
-        raise ConfigError(f"{', '.join(map(str, paths))}: {len(out)} run(s); compare needs at least two")
+    if not out:
+        raise ConfigError(f"{', '.join(map(str, paths))}: no run (a sweep without finished variants)")
     return out
 
 
@@ -122,6 +134,8 @@ def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resam
 
     if resamples < 100:
         raise ConfigError(f"--resamples {resamples}: at least 100 for a 95 % interval")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: must be >= 0")
     roots = find_runs(paths)
     names = [_label(r, roots) for r in roots]
     if baseline is not None and baseline not in names:
@@ -137,34 +151,51 @@ def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resam
                 differs.setdefault(key, {})
     for key in differs:
         differs[key] = {n: _value_at(configs[n], key) for n in names}
-    kept = {n: {f"{st}/{k}": s for st in pipeline_order() for k, s in scores_of(r, st).items()}
-            for n, r in runs.items()}
+    kept = {n: {f"{st}/{k}": s for st in pipeline_order() if r.is_done(st) for k, s in scores_of(r, st).items()}
+            for n, r in runs.items()}  # only stages evaluated with the run's own parameters
     evaluations = [e for e in kept[base] if all(e in kept[n] for n in names)]
     c = Comparison(names, base, differs, evaluations, {e: f"{kept[base][e].what} ({kept[base][e].split})"
                                                       for e in evaluations}, resamples=resamples, seed=seed)
     c.classes = list(kept[base][evaluations[0]].classes) if evaluations else []
     for e in evaluations:
-        ids = kept[base][e].ids
-        common = [i for i in ids if all(i in set(kept[n][e].ids) for n in names)]
+        positions = {n: {i: k for k, i in enumerate(kept[n][e].ids)} for n in names}
+        common = [i for i in kept[base][e].ids if all(i in positions[n] for n in names)]  # paired: same images
+        order = {n: np.array([positions[n][i] for i in common], np.int64) for n in names}
         w = bootstrap_weights(len(common), resamples, seed)
-        samples, c.miou[e], c.delta[e], c.class_delta[e] = {}, {}, {}, {}
-        for n in names:
-            pos = {i: k for k, i in enumerate(kept[n][e].ids)}
-            order = np.array([pos[i] for i in common], np.int64)
-            samples[n] = resampled_miou(kept[n][e], w, order)
-            c.miou[e][n] = _interval(kept[n][e].miou(order), samples[n])
-        base_iou = kept[base][e].iou(np.array([{i: k for k, i in enumerate(kept[base][e].ids)}[i] for i in common]))
+        samples = {n: resampled_miou(kept[n][e], w, order[n]) for n in names}
+        c.miou[e] = {n: _interval(kept[n][e].miou(order[n]), samples[n]) for n in names}
+        base_iou = kept[base][e].iou(order[base])
+        c.delta[e], c.class_delta[e] = {}, {}
         for n in names:
             if n == base:
                 continue
             c.delta[e][n] = _interval(c.miou[e][n].value - c.miou[e][base].value, samples[n] - samples[base])
-            pos = {i: k for k, i in enumerate(kept[n][e].ids)}
-            iou = kept[n][e].iou(np.array([pos[i] for i in common]))
+            iou = kept[n][e].iou(order[n])
             c.class_delta[e][n] = {cl: (None if np.isnan(a) or np.isnan(b) else float(a - b))
                                    for cl, a, b in zip(c.classes, iou, base_iou)}
-    c.seconds = {n: {st: (r.manifest(st) or {}).get("seconds") for st in pipeline_order()
-                     if (r.manifest(st) or {}).get("status") == "done"} for n, r in runs.items()}
+    c.seconds = _seconds(runs)
     return c
+
+
+def _seconds(runs: dict[str, Run]) -> dict[str, dict[str, float | None]]:
+    """Time per stage per run; a stage shared with an earlier run (the same manifest file, hard-linked by
+    a sweep) took no time of its own: 0."""
+    import os
+
+    from .stages import pipeline_order
+
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, dict[str, float | None]] = {}
+    for n, r in runs.items():
+        out[n] = {}
+        for st in pipeline_order():
+            m = r.manifest(st) or {}
+            if m.get("status") != "done":
+                continue
+            stat = os.stat(r.folder(st) / "manifest.json")
+            out[n][st] = 0.0 if (stat.st_dev, stat.st_ino) in seen else m.get("seconds")
+            seen.add((stat.st_dev, stat.st_ino))
+    return out
 
 
 def _label(root: Path, roots: Sequence[Path]) -> str:
@@ -215,7 +246,7 @@ def comparison_table(c: Comparison) -> str:
                 row += f"   {100 * d.value:+5.1f} [{100 * d.low:+5.1f}, {100 * d.high:+5.1f}]" + \
                     ("  ~0" if d.holds_zero else "")
             lines.append(row)
-    lines.append("time per stage (s):")
+    lines.append("time per stage (s; 0: shared with a run above):")
     stages = list(dict.fromkeys(st for n in c.runs for st in c.seconds[n]))
     for n in c.runs:
         lines.append(f"  {n:<28} " + ", ".join(f"{st} {c.seconds[n].get(st) or 0:.0f}" for st in stages))

@@ -173,6 +173,9 @@ def execute_notebook(
     log = output.with_suffix(".kernel.log")
     with file_errors(output.parent, "creating"):
         output.parent.mkdir(parents=True, exist_ok=True)
+        # papermill rewrites its output in place: start from a new file, so that an executed notebook
+        # hard-linked into another run (a sweep's shared stage) is never changed
+        output.unlink(missing_ok=True)
     # the kernel's own stderr (ipykernel warnings) goes to a log file beside the executed notebook
     with _env(WSSS_BATCH="1"), _stderr_to(log):  # env inherited by the kernel: sparse progress lines
         try:

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import ConfigError, config_class, field_kind, load_config, parse_override_value
+from .config import ConfigError, config_class, flow_yaml, kind_of, load_config, parse_override_value
 from .stages import STAGES, open_run, pipeline_order
 from .store import FileError, FolderLock, Run, file_errors, read_json, write_json
 
 SWEEP_FILE = "sweep.json"
+VARIANT_LOG = "sweep.log"  # a variant's whole output (its tracebacks too), in its folder
 
 
 @dataclass(frozen=True)
@@ -89,25 +90,6 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def _kind(key: str) -> str:
-    """The kind of a dotted key's field ("output", "eval", "runtime")."""
-    import dataclasses
-    import typing
-
-    cls: Any = config_class()
-    *parents, last = key.split(".")
-    for p in parents:
-        cls = typing.get_type_hints(cls)[p]
-    return field_kind(cls, last) if dataclasses.is_dataclass(cls) else "output"
-
-
-def _short(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip() \
-        .replace(" ", "")
-
-
 def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mapping[str, Any]) -> list[Variant]:
     """Every combination, checked (each loads as a config) before any work."""
     def check(values: Mapping[str, Any]) -> None:
@@ -120,7 +102,7 @@ def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mappi
 
     for key in grid:
         check({key: grid[key][0]})
-        if _kind(key) == "runtime":
+        if kind_of(config_class(), key) == "runtime":
             raise ConfigError(f"--grid {key}: a runtime-only field (it changes no output: workers, device, ...); "
                               "a sweep over it would make identical variants")
     leaves = [k.rsplit(".", 1)[-1] for k in grid]
@@ -128,7 +110,7 @@ def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mappi
     out = []
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
-        name = ",".join(f"{labels[k]}={_short(v)}" for k, v in values.items())
+        name = ",".join(f"{labels[k]}={flow_yaml(v).replace(' ', '')}" for k, v in values.items())
         if "/" in name or name.startswith(".") or any(c.isspace() or ord(c) < 32 for c in name):
             raise ConfigError(f"--grid: the variant name {name!r} cannot be a folder name")
         check(values)
@@ -169,18 +151,30 @@ def link_stage(src: Run, dst: Run, name: str) -> None:
 def share_finished_stages(run: Run, sources: Sequence[Run], to_stage: str | None,
                           say: Callable[[str], None]) -> list[str]:
     """Link into `run`, in pipeline order, each stage that a source has finished
-    with the same fingerprint (and is not usable in `run` yet); returns their names."""
+    with the same fingerprint (and is not usable in `run` yet); returns their names.
+    Holds the run's lock (a variant is a normal run a user may also be running)."""
+    import errno
+
     linked = []
-    for name in pipeline_order()[: pipeline_order().index(to_stage) + 1 if to_stage else None]:
-        if run.usable(name):
-            continue
-        source = next((s for s in sources if s.usable(name) and s.fingerprint(name) == run.fingerprint(name)
-                       and s.root != run.root), None)
-        if source is None:
-            continue  # computed by the variant itself (and so is what depends on it: its fingerprints differ)
-        link_stage(source, run, name)
-        linked.append(name)
-        say(f"{name} shared with {source.root.name} (same parameters)")
+    with run.lock("wsss sweep (sharing stages)"):
+        for name in _stages(to_stage):
+            if run.usable(name):
+                continue
+            source = next((s for s in sources if s.usable(name) and s.fingerprint(name) == run.fingerprint(name)
+                           and s.root != run.root), None)
+            if source is None:
+                continue  # computed by the variant itself (and so is what depends on it: other fingerprints)
+            try:
+                link_stage(source, run, name)
+            except FileError as e:
+                if isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EXDEV:
+                    say(f"{name} not shared: {source.root} is on another file system; computed here")
+                    continue
+                raise
+            linked.append(name)
+            say(f"{name} shared with {source.root.name} (same parameters)")
+        if linked:
+            run.save_config()  # a variant made only of shared stages is still a run folder
     return linked
 
 
@@ -270,19 +264,21 @@ def _schedule(todo: Sequence[Variant], runs: Sequence[Run], deps: Sequence[set[i
                                       lambda s, tag=tag: echo(f"{tag} {s}"))
                 slot = free_slots.pop(0)
                 slot_of[i] = slot
-                running[i] = _start(todo[i], runs[i], config, to_stage, tag, echo, slot if gpus > 1 else None)
+                running[i] = _start(todo[i], runs[i], config, to_stage, tag, echo, slot % gpus if gpus > 1 else None)
             if not running:
                 blocked = [todo[i].name for i in range(n) if i not in done and todo[i].name not in failed]
                 raise FileError(f"sweep: variants {', '.join(blocked)} wait for variants that failed")
             for i, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[i]
+                    proc.relay.join()  # type: ignore[attr-defined]  (every line of it is out)
                     free_slots.append(slot_of.pop(i))
                     if proc.returncode == 0:
                         done.add(i)
                     else:
                         failed.append(todo[i].name)
-                        echo(f"[{i + 1}/{n} {todo[i].name}] failed (exit {proc.returncode}); the others go on")
+                        echo(f"[{i + 1}/{n} {todo[i].name}] failed (exit {proc.returncode}; its output: "
+                             f"{runs[i].root / VARIANT_LOG}); the others go on")
             time.sleep(0.2)
     except BaseException:
         for proc in running.values():
@@ -291,18 +287,16 @@ def _schedule(todo: Sequence[Variant], runs: Sequence[Run], deps: Sequence[set[i
             proc.wait()
         raise
     if failed:
-        raise FileError(f"sweep: {len(failed)} of {n} variants failed ({', '.join(failed)}); their lines above "
-                        "say why; rerun the same command to resume")
+        raise FileError(f"sweep: {len(failed)} of {n} variants failed ({', '.join(failed)}); each one's output is "
+                        f"in its folder's {VARIANT_LOG}; rerun the same command to resume")
 
 
 def _start(v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, echo: Callable[[str], None],
            gpu: int | None) -> subprocess.Popen:
     """`wsss run` of one variant in its own process, its lines prefixed with the variant's tag."""
-    import yaml
-
     cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(config), "--run-dir", str(run.root)]
     for key, value in v.overrides.items():
-        cmd += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...')}"]
+        cmd += ["--set", f"{key}={flow_yaml(value)}"]
     if to_stage:
         cmd += ["--to", to_stage]
     env = dict(os.environ)
@@ -310,9 +304,13 @@ def _start(v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, e
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
 
+    run.root.mkdir(parents=True, exist_ok=True)
+    log = open(run.root / VARIANT_LOG, "a")
+
     def relay() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            log.write(line)
             line = line.rstrip("\n").split("\r")[-1]
             if line.startswith("[wsss] ("):  # "[wsss] (3/11) pseudo_masks running ..." -> "[tag] pseudo_masks ..."
                 line = line.split(") ", 1)[1].strip()
@@ -320,7 +318,8 @@ def _start(v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, e
             elif line.startswith("wsss: error:"):
                 echo(f"{tag} {line}")
 
-    threading.Thread(target=relay, daemon=True).start()
+    proc.relay = threading.Thread(target=lambda: (relay(), log.close()), daemon=True)  # type: ignore[attr-defined]
+    proc.relay.start()  # type: ignore[attr-defined]
     return proc
 
 

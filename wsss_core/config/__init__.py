@@ -35,6 +35,8 @@ from .values import (
     config_to_dict,
     dump_config,
     field_kind,
+    flow_yaml,
+    kind_of,
     plain,
     section_hash,
     section_values,
@@ -45,6 +47,6 @@ __all__ = [
     "KINDS", "SECTIONS", "AugmentConfig", "BoundaryConfig", "CamsConfig", "ClassifierConfig", "Config", "ConfigError",
     "CrfConfig", "DataConfig", "LabelFilterConfig", "LidConfig", "PredictConfig", "PseudoMasksConfig",
     "SegmentationConfig", "SyntheticConfig", "Weights", "add_section", "apply_overrides", "cache_root",
-    "config_class", "config_from_dict", "config_to_dict", "dump_config", "field_kind", "load_config", "param",
+    "config_class", "config_from_dict", "config_to_dict", "dump_config", "field_kind", "flow_yaml", "kind_of", "load_config", "param",
     "parse_override_value", "parse_yaml", "plain", "section_hash", "section_values", "subsection", "values_of_kind",
 ]

@@ -20,12 +20,11 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-import yaml
 
 from .fields import ConfigError
 from .parsing import parse_yaml
 from .sections import Config, config_class
-from .values import dump_config, plain
+from .values import dump_config, flow_yaml, plain
 
 
 # --------------------------------------------------------------------------- types
@@ -198,8 +197,12 @@ def _check_round_trip(cfg: Config) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise ConfigError(f"{key}: {value!r} is not valid text (UTF-8 cannot encode it)", key) from None
-    if json.loads(json.dumps(data, allow_nan=False)) != data or parse_yaml(dump_config(cfg), "config") != data:
-        raise ConfigError("the parameters do not survive a round trip through JSON and YAML")
+    for back in (json.loads(json.dumps(data, allow_nan=False)), parse_yaml(dump_config(cfg), "config")):
+        changed = [k for (k, v), (_, w) in zip(_leaves(data), _leaves(back)) if v != w]
+        if back != data:
+            key = changed[0] if changed else None
+            raise ConfigError(f"{key or 'the parameters'}: does not survive the round trip through the run's "
+                              "JSON and YAML files", key)
 
 
 def _leaves(v: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -255,6 +258,5 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
                        (e.key == k or e.key.startswith((f"{k}.", f"{k}[")))), None)
         if dotted is None:
             raise ConfigError(f"{path}: {e}", e.key) from None
-        shown = yaml.safe_dump(plain((overrides or {})[dotted]), default_flow_style=True, width=10**6)
         msg = str(e)[len(dotted) + 2:] if str(e).startswith(f"{dotted}: ") else str(e)
-        raise ConfigError(f"--set {dotted}={shown.strip().removesuffix('...').strip()}: {msg}", e.key) from None
+        raise ConfigError(f"--set {dotted}={flow_yaml((overrides or {})[dotted])}: {msg}", e.key) from None

@@ -15,11 +15,15 @@ class _Loader(yaml.SafeLoader):
     1.1 wants `1.0e-4`)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_SCIENTIFIC = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC, list("-+0123456789"))
+
+
+class Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes what `_Loader` would read as a number (the string "1e5")."""
+
+
+Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _SCIENTIFIC, list("-+0123456789"))
 
 
 def _check_duplicate_keys(node: yaml.Node, prefix: str = "") -> None:

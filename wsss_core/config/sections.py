@@ -236,7 +236,7 @@ class PredictConfig:
 @dataclass(frozen=True)
 class Config:
     """What every run has; the stages' sections (`data`, `classifier`, `cams`, ...)
-    are added by the stage registry (`compose_config`): a stage declares its
+    are added by the stage registry (`config_class`): a stage declares its
     section when it registers."""
 
     name: str = param("demo", kind="runtime")

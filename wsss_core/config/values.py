@@ -34,13 +34,34 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: Any) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """The config as YAML that `parsing.parse_yaml` reads back unchanged (a string like "1e5" is quoted)."""
+    from .parsing import Dumper
+
+    return yaml.dump(config_to_dict(cfg), Dumper=Dumper, sort_keys=False)
 
 
 def field_kind(cls: type, name: str) -> str:
     """"output" | "eval" | "runtime" of a field (see `fields`)."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return f.metadata.get("kind", "output")
+
+
+def kind_of(cls: type, dotted: str) -> str:
+    """The kind of a dotted key (`pseudo_masks.beta`) of a config class."""
+    import typing
+
+    *parents, last = dotted.split(".")
+    for p in parents:
+        cls = typing.get_type_hints(cls)[p]
+    return field_kind(cls, last)
+
+
+def flow_yaml(value: Any) -> str:
+    """A value as one line of YAML (`[1.0, 0.5]`, `gradcam++`), as a user types it after `--set KEY=`."""
+    from .parsing import Dumper
+
+    text = yaml.dump(plain(value), Dumper=Dumper, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
 
 
 def values_of_kind(v: Any, kind: str) -> Any:
