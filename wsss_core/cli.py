@@ -1,5 +1,6 @@
 """Command line: `wsss run`, `wsss stage`, `wsss validate`, `wsss predict`,
-`wsss sweep` (a grid of variants sharing unchanged stages), `wsss compare`.
+`wsss sweep` (a grid of variants sharing unchanged stages), `wsss compare`,
+`wsss stages` (the list of stages, from the registry).
 
 `wsss stage NAME` runs one stage function directly (no notebook); it is what
 `torchrun --nproc_per_node N -m wsss_core.cli stage ...` launches.
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check the params and the dataset (every file), then stop")
     common(v, run_dir=False)
+
+    sl = sub.add_parser("stages", help="list the stages (from the registry) as a Markdown table")
+    sl.add_argument("--debug", action="store_true", help="show tracebacks")
 
     sw = sub.add_parser("sweep", help="run a grid of variants that share every stage the grid does not change")
     common(sw)
@@ -116,6 +120,10 @@ def _run(args: argparse.Namespace) -> None:
             runtime.leave_distributed(wait=finished)  # under torchrun: leave the group before exiting
         if run.is_main:
             print(f"[wsss] {args.name}: {result.metrics}")
+    elif args.command == "stages":
+        from .stages.registry import stage_table
+
+        print(stage_table())
     elif args.command == "sweep":
         from .sweep import run_sweep
 

@@ -17,6 +17,7 @@ import importlib
 import os
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..config import ConfigError, add_section
@@ -24,8 +25,6 @@ from ..config import sections as _config_sections
 from ..store import StageSpec, UnknownStageError
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ..config import Config
     from ..store import Run, StageResult
 
@@ -129,6 +128,21 @@ def stage(name: str) -> Stage:
 def pipeline_order() -> list[str]:
     """Stage names in the order the pipeline runs them."""
     return list(STAGES)
+
+
+def stage_table() -> str:
+    """The stages as a Markdown table, from the registry (`wsss stages`): the list a contributor reads."""
+    rows = ["| stage | folder | module | notebook | config section | upstream | what it does |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, spec in specs().items():
+        s = STAGES[name]
+        module = s.fn.__module__.removeprefix("wsss_core.").replace(".", "/") + ".py"
+        notebook = f"`{Path(s.notebook).stem}`" if s.notebook else "-"
+        section = f"`{name}`" if name in _config_sections.SECTIONS else "-"
+        doc = (s.fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        rows.append(f"| {name} | `{spec.folder}` | `{module}` | {notebook} | {section} | "
+                    f"{', '.join(spec.upstream) or '-'} | {' '.join(doc.split())} |")
+    return "\n".join(rows)
 
 
 def discover() -> None:
