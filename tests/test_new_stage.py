@@ -147,3 +147,22 @@ def test_the_majority_filter_of_the_throw_away_stage(toy_stage, monkeypatch):
         assert toy_smooth.majority(m, 3).max() == 0
         m[1:4, 1:4] = 4  # a 3x3 block: its corners see 4 of 9 in their window and fall, its cross stays
         assert toy_smooth.majority(m, 3)[1:4, 1:4].tolist() == [[0, 4, 0], [4, 4, 4], [0, 4, 0]]
+
+
+@pytest.mark.parametrize("source, says", [
+    ("def broken(:\n", "bad_stage.py:1: SyntaxError"),
+    ("raise RuntimeError('boom')\n", "(RuntimeError: boom)"),
+    (None, "(ModuleNotFoundError: No module named 'bad_stage')"),
+])
+def test_a_stage_module_that_fails_to_import_is_one_line(tmp_path, source, says):
+    """$WSSS_STAGES names the user's code: whatever its import raises is one line, exit 2, not a
+    traceback at `import wsss_core` (every notebook kernel imports the package)."""
+    if source is not None:
+        (tmp_path / "bad_stage.py").write_text(source)
+    env = {**os.environ, "WSSS_STAGES": "bad_stage",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "stages"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr
+    line, = r.stderr.splitlines()
+    assert line.startswith("wsss: error: $WSSS_STAGES: cannot import stage module 'bad_stage' (") and says in line
+    assert r.stdout == ""

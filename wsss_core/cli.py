@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from .stages.registry import check_discovered
+
+    check_discovered()
     for flag in ("config", "run_dir", "run", "images", "out"):
         if getattr(args, flag, None) == "":  # an unset $VARIABLE: never "the current folder"
             raise ConfigError(f"--{flag.replace('_', '-')}: empty path")

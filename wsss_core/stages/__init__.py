@@ -30,14 +30,15 @@ from .. import runtime
 from ..config import Config
 from ..store import Run, StageResult, now_iso
 from .inputs import check_split, dataset, stage_ids, stage_images
-from .registry import EVERY, STAGES, Stage, discover, pipeline_order, register, specs, stage
+from .registry import EVERY, STAGES, Stage, check_discovered, discover, pipeline_order, register, specs, stage
 
-__all__ = ["EVERY", "STAGES", "Stage", "check_split", "check_stage", "dataset", "discover", "headline", "open_run",
+__all__ = ["EVERY", "STAGES", "Stage", "check_discovered", "check_split", "check_stage", "dataset", "discover", "headline", "open_run",
            "pipeline_order", "register", "run_stage", "stage", "stage_ids", "stage_images", "summary_lines"]
 
 
 def open_run(run_dir: str | Path, cfg: Config) -> Run:
     """The run directory for `cfg` (nothing is written until a stage starts)."""
+    check_discovered()
     return Run(run_dir, cfg, specs())
 
 

@@ -145,16 +145,33 @@ def stage_table() -> str:
     return "\n".join(rows)
 
 
+DISCOVERY_PROBLEMS: list[str] = []  # the $WSSS_STAGES modules that failed to import, one line each
+
+
 def discover() -> None:
-    """Import every stage module of this package, then those named in $WSSS_STAGES."""
+    """Import every stage module of this package, then those named in $WSSS_STAGES.
+
+    A user's module that fails to import (any error: a typo, a syntax error)
+    is recorded, not raised: the package is imported by every notebook kernel,
+    and the failure must reach the user as one line (`check_discovered`), not
+    as a traceback at `import wsss_core`."""
     package = importlib.import_module(__package__)
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{__package__}.{info.name}")
+    DISCOVERY_PROBLEMS.clear()
     for module in filter(None, (m.strip() for m in os.environ.get(STAGES_ENV, "").split(","))):
         try:
             importlib.import_module(module)
-        except ImportError as e:
-            raise ConfigError(f"${STAGES_ENV}: cannot import stage module {module!r} ({e})") from None
+        except Exception as e:  # noqa: BLE001  (the user's code: whatever it raises is reported)
+            where = f"{e.filename}:{e.lineno}: " if isinstance(e, SyntaxError) and e.filename else ""
+            DISCOVERY_PROBLEMS.append(f"${STAGES_ENV}: cannot import stage module {module!r} "
+                                      f"({where}{type(e).__name__}: {e})")
+
+
+def check_discovered() -> None:
+    """Raise ConfigError (one line) if a stage module named in $WSSS_STAGES failed to import."""
+    if DISCOVERY_PROBLEMS:
+        raise ConfigError(DISCOVERY_PROBLEMS[0])
 
 
 @contextlib.contextmanager
