@@ -10,7 +10,7 @@ from PIL import Image
 
 from wsss_core import cli, stages
 from wsss_core.models.segmenter import build_segmenter
-from wsss_core.predict import segment, tta_logits
+from wsss_core.predict import segment, tta_logits, upsampled_argmax, working_image
 from wsss_core.stages.predict import predict_folder
 from wsss_core.models.segmenter import pixel_loss
 
@@ -70,6 +70,39 @@ def test_odd_sizes_at_any_scale(net, h, w):
     image = np.random.default_rng(h * w).integers(0, 255, (h, w, 3), dtype=np.uint8)
     labels = segment(net, image, scales=(0.5, 0.75, 1.0, 1.25, 2.0), flip=True)
     assert labels.shape == (h, w) and labels.dtype == np.uint8 and labels.max() < 5
+
+
+def test_the_upsampled_argmax_by_hand_and_against_torch():
+    """Strip by strip, as one F.interpolate of the whole map would give it (half-pixel centres)."""
+    # 2 classes, 1 x 2 logits -> 1 x 4: columns at source x = -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1)
+    logits = torch.tensor([[[0.0, 1.0]], [[0.6, 0.6]]])
+    # class 0 at x: 0, 0.25, 0.75, 1  against 0.6 everywhere
+    assert upsampled_argmax(logits, (1, 4)).tolist() == [[1, 1, 0, 0]]
+    gen = torch.Generator().manual_seed(0)
+    for (c, h, w), size, rows in [((5, 7, 9), (50, 31), 8), ((3, 13, 4), (13, 4), 5), ((4, 6, 6), (101, 77), 256)]:
+        small = torch.randn(c, h, w, generator=gen)
+        want = torch.nn.functional.interpolate(small[None], size=size, mode="bilinear", align_corners=False)[0]
+        assert np.array_equal(upsampled_argmax(small, size, rows), want.argmax(0).numpy())
+
+
+def test_a_large_image_is_segmented_at_max_side(net):
+    """The network sees the image at the working size; the mask comes back at full size."""
+    image = np.random.default_rng(3).integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    seen = []
+    hook = net.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    try:
+        labels = segment(net, image, (1.0, 0.5), flip=False, max_side=100)
+    finally:
+        hook.remove()
+    assert seen == [(100, 67), (50, 34)]  # 200 * 100 / 300 = 66.7; then round(33.5) = 34 (halves to even: 34)
+    small = working_image(image, 100)
+    assert labels.shape == (300, 200)
+    assert np.array_equal(labels, upsampled_argmax(tta_logits(net, small, (1.0, 0.5), flip=False), (300, 200)))
+    assert np.array_equal(segment(net, small, (1.0,), False, max_side=100),
+                          segment(net, small, (1.0,), False))  # at or under max_side: untouched
+    # the working image is the photo made smaller as an image viewer would (PIL's antialiased bilinear)
+    ref = np.asarray(Image.fromarray(image).resize((67, 100), Image.BILINEAR))
+    assert np.abs(small.astype(int) - ref).max() <= 2
 
 
 def test_the_pixel_loss_ignores_255():

@@ -6,6 +6,11 @@ resized bilinearly to round(H s) x round(W s) for each scale, it and its
 horizontal flip go through the network in one batch, the flipped logits are
 flipped back, every logit map is resized bilinearly to (H, W) and they are
 averaged; the argmax is the class id (0 = background).
+
+An image whose long side exceeds `max_side` (a phone photo) is segmented at
+that long side and its logits are resized back to full size strip by strip:
+the network sees objects near the scale it was trained at, and memory stays
+bounded by the working size, not by the photo's.
 """
 
 from __future__ import annotations
@@ -44,6 +49,46 @@ def tta_logits(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float
 
 
 def segment(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
-            device: torch.device | str = "cpu") -> np.ndarray:
-    """Class ids (H, W) uint8 of one image, with test-time augmentation."""
-    return tta_logits(model, image, scales, flip, device).argmax(0).to(torch.uint8).cpu().numpy()
+            device: torch.device | str = "cpu", max_side: int | None = None) -> np.ndarray:
+    """Class ids (H, W) uint8 of one image, with test-time augmentation; segmented
+    at a long side of at most `max_side` pixels (None: at full size)."""
+    h, w = image.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return tta_logits(model, image, scales, flip, device).argmax(0).to(torch.uint8).cpu().numpy()
+    small = working_image(image, max_side)
+    return upsampled_argmax(tta_logits(model, small, scales, flip, device), (h, w))
+
+
+def working_image(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The image resized (antialiased bilinear) so that its long side is `max_side`."""
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _bilinear_axis(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weight of each output position, as `F.interpolate(bilinear,
+    align_corners=False)` computes them for a given output size."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).float()
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], rows: int = 256) -> np.ndarray:
+    """argmax over classes of `logits` (C, h, w) resized bilinearly to `size`, computed
+    `rows` output rows at a time: the full-size (C, H, W) logits never exist."""
+    c, h, w = logits.shape
+    y0, y1, ay = _bilinear_axis(size[0], h)
+    x0, x1, ax = _bilinear_axis(size[1], w)
+    out = np.empty(size, np.uint8)
+    for r in range(0, size[0], rows):
+        sl = slice(r, r + rows)
+        a = ay[sl].to(logits.device)[None, :, None]
+        band = logits[:, y0[sl]] * (1 - a) + logits[:, y1[sl]] * a  # (C, rows, w)
+        b = ax.to(logits.device)[None, None, :]
+        band = band[:, :, x0] * (1 - b) + band[:, :, x1] * b  # (C, rows, W)
+        out[sl] = band.argmax(0).to(torch.uint8).cpu().numpy()
+    return out

@@ -230,6 +230,9 @@ class PredictConfig:
     tta_scales: tuple[float, ...] = param((1.0,), all_of(non_empty, each(SCALE)),
                                        "logits averaged over these scales (reference: 0.5, 1, 2)")
     tta_flip: bool = param(True, doc="and over horizontal flips")
+    max_side: int | None = param(1024, optional(in_range(32, 16384)),
+                                 "images with a longer side are segmented at this long side and the mask resized "
+                                 "back (memory bounded, objects nearer the training scale); null: full size")
     layout: Literal["voc", "lid"] = param("voc", doc="lid: the LID submission layout (one PNG per listed image)")
 
 

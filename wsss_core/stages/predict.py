@@ -79,7 +79,7 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
 
             def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
                 for sid in todo:
-                    yield sid, segment(net, images.image(images.position(sid)), p.tta_scales, p.tta_flip, device)
+                    yield sid, segment(net, images.image(images.position(sid)), p.tta_scales, p.tta_flip, device, p.max_side)
 
             def evaluate() -> dict[str, Any]:
                 if not ds.has_masks(split):
@@ -237,7 +237,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     # so a clash with another writer is reported, never a silently lost mask.
     with FolderLock(out, PREDICT_LOCK).hold("wsss predict"):
         for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
-            labels = segment(model, read_image(p), scales, flip, dev)
+            labels = segment(model, read_image(p), scales, flip, dev, cfg.predict.max_side)
             try:
                 write_label_png(t, labels, layout, exclusive=not overwrite)
             except FileError as e:
