@@ -184,8 +184,8 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
 def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
     """The arrays of an .npz file (never pickled objects), or a FileError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise FileError(f"{path}: {what} not found")
+    if not path.is_file():  # written by a finished stage, so deleted since: the stage must be redone
+        raise FileError(f"{path}: {what} not found; rerun the stage that wrote it (--force)")
     try:
         with file_errors(path, "reading"), np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
