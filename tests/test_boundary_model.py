@@ -97,3 +97,32 @@ def test_load_refuses_a_branch_trained_on_another_backbone(tmp_path, lite0_backb
     save_boundary(tmp_path / "boundary.pt", model, LITE0, 16)
     with pytest.raises(WeightsError, match="differs from the one the boundary branch was trained on"):
         load_boundary(tmp_path / "boundary.pt")
+
+
+def _edge_image(h: int, w: int, vertical: bool) -> torch.Tensor:
+    """A normalised image whose only edge is one straight line: a vertical edge at column 48 (the
+    image does not change down its height) or a horizontal one at row 40."""
+    x = torch.full((1, 3, h, w), 0.6)
+    if vertical:
+        x[..., :, 48:] = -0.8
+    else:
+        x[..., 40:, :] = -0.8
+    return x
+
+
+@pytest.mark.parametrize("vertical", [True, False])
+def test_an_odd_size_changes_no_logit_at_the_top_or_left_edge(lite0_backbone_state, vertical):
+    """The probe's bright band along the top edge of every msrc boundary map: TF-style "same" padding
+    pads the top (odd height) or left (odd width) of an input, which even training crops never show.
+    An image one row (column) longer, along which nothing changes, must give the same logits
+    everywhere but next to the far edge."""
+    model = _lite0_net(lite0_backbone_state).eval()
+    # both sizes pad to the same multiple of 32, and the extra row (column) repeats what is there
+    even, odd = ((212, 96), (213, 96)) if vertical else ((64, 96), (64, 95))
+    with torch.no_grad():
+        a = model.forward_logits(_edge_image(*even, vertical))
+        b = model.forward_logits(_edge_image(*odd, vertical))
+    assert b.shape[-2:] == stride4_size(*odd)
+    common = tuple(min(x, y) for x, y in zip(a.shape[-2:], b.shape[-2:]))
+    a, b = a[..., : common[0], : common[1]], b[..., : common[0], : common[1]]
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())

@@ -458,3 +458,50 @@ def test_layer_choice_errors_and_default():
     assert model.at_layer(None) is model and model.at_layer(model.backbone.layer_names[-1]) is model
     with pytest.raises(ConfigError, match=r"cams\.layer: 'nope' is not a layer of efficientnet_lite0; choose one of"):
         model.at_layer("nope")
+
+
+# --------------------------------------------------------------------------- the seed's Grad-CAM++
+def _seed_gradcampp_one_class(model: nn.Module, x: torch.Tensor, head_index: int) -> torch.Tensor:
+    """The NoPeopleAllowed seed's CamGradPlusPlus, written from its description, one class at a
+    time: backpropagate exp(score) to A, g = d exp(score)/dA,
+    alpha = g^2 / (2 g^2 + sum_ij A g^3 + 1e-5), w = sum_ij alpha ReLU(g), map = ReLU(sum_k w A)."""
+    with torch.no_grad():
+        a = model.features(x).double()
+    a.requires_grad_(True)
+    score = model.logits_from_features(a)[:, head_index]
+    (g,) = torch.autograd.grad(torch.exp(score).sum(), a)
+    with torch.no_grad():
+        sum_a = a.sum((2, 3), keepdim=True)
+        alpha = g ** 2 / (2 * g ** 2 + sum_a * g ** 3 + 1e-5)
+        w = (alpha * g.clamp(min=0)).sum((2, 3), keepdim=True)
+        return (w * a).sum(1).clamp(min=0)  # (B, h, w)
+
+
+@pytest.mark.parametrize("net, closed_form", [(GapNet, None), (GapNet, False), (ConvHeadNet, False)])
+def test_seed_gradcampp_equals_its_formula_class_by_class(net, closed_form):
+    model = net().eval()
+    with torch.no_grad():
+        model.head.weight.mul_(0.05)  # logits of a trained classifier's size: exp(score)^3 stays finite
+    x = _image(37, 45, seed=4, batch=2)
+    classes = [1, 3, 4, 5]
+    got = raw_cams(model, x, classes, method="gradcam++exp", closed_form=closed_form)  # float32 features
+    for j, k in enumerate(classes):
+        ref = _seed_gradcampp_one_class(model.double(), x.double(), k - 1)
+        model.float()
+        assert float(ref.max()) > 0
+        assert torch.allclose(got[:, j].double(), ref, rtol=1e-4, atol=1e-5 * float(ref.max())), k
+
+
+def test_seed_gradcampp_differs_from_the_peers():
+    """exp(score) and eps 1e-5 change the weights: it is its own method, not an alias."""
+    model = GapNet().eval()
+    x = _image(37, 45, seed=5)[None]
+    a, b = (raw_cams(model, x, [2], method=m)[0, 0] for m in ("gradcam++", "gradcam++exp"))
+    a, b = a / a.max(), b / b.max()
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_seed_gradcampp_stays_finite_for_huge_scores():
+    model = ConvHeadNet().eval()  # logits of several hundred: exp(score)^3 overflows float64
+    maps = raw_cams(model, _image(37, 45, seed=4, batch=2), [1, 3, 4, 5], method="gradcam++exp")
+    assert torch.isfinite(maps).all() and (maps.amax((2, 3)) > 0).all()

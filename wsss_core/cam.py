@@ -16,6 +16,10 @@ horizontal flip batched), with g = d(logit_c)/dA:
   g = W_ck / (h w) is ~1e-4, so g^2 << 1e-6 and the eps dominates the
   denominator: alpha ~ g^2 / 1e-6 and the weights behave like ReLU(W_c)^3.
   That is what the peer computes, and it is matched here on purpose.
+- Grad-CAM++ as the NoPeopleAllowed seed computes it ("gradcam++exp"): the
+  same formula with g = d exp(logit_c)/dA = exp(logit_c) d(logit_c)/dA and
+  eps 1e-5: alpha = g^2 / (2 g^2 + sum_ij(A_k) g^3 + 1e-5),
+  w_k = sum_ij alpha_kij ReLU(g_kij). Computed in float64 (exp of a logit).
 
 Gradients with respect to A only involve the part of the network after A, so
 the backbone always runs under `torch.no_grad`. When the model has a GAP +
@@ -64,10 +68,12 @@ __all__ = [
     "has_gap_linear_head",
 ]
 
-Method = Literal["gradcam", "gradcam++"]
+Method = Literal["gradcam", "gradcam++", "gradcam++exp"]
+METHODS = ("gradcam", "gradcam++", "gradcam++exp")
 Normalize = Literal["per_class", "global"]
 
 GRADCAM_PP_EPS = 1e-6  # same as pytorch-grad-cam's GradCAMPlusPlus
+GRADCAM_PP_EXP_EPS = 1e-5  # the NoPeopleAllowed seed's CamGradPlusPlus
 NORM_EPS = 1e-5  # IRNet: cam / (max + 1e-5)
 _GRAD_BUDGET = 16 * 1024 * 1024  # max gradient values alive at once on the autograd path (64 MB in float32)
 
@@ -266,12 +272,26 @@ def _gradcampp_terms(g: torch.Tensor, sum_a: torch.Tensor) -> torch.Tensor:
     return den.reciprocal_().mul_(g2.mul_(g.clamp(min=0)))  # den has the full broadcast shape
 
 
-def _weights_from_gradients(a: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
-    """Channel weights (K, B, C) from activations A (B, C, h, w) and gradients g (K, B, C, h, w)."""
+def _weights_from_gradients(a: torch.Tensor, g: torch.Tensor, method: str,
+                            logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Channel weights (K, B, C) from activations A (B, C, h, w) and gradients
+    g (K, B, C, h, w) of the logits; "gradcam++exp" also needs the logits (K, B)."""
     if method == "gradcam":
         return g.mean((3, 4))
     sum_a = a.sum((2, 3))[None, :, :, None, None]
+    if method == "gradcam++exp":  # g of exp(logit) = exp(logit) g of the logit
+        g64 = g.double() * torch.exp(logits.double())[:, :, None, None, None]  # type: ignore[union-attr]
+        return _exp_terms(g64, sum_a.double()).sum((3, 4)).to(a.dtype)
     return _gradcampp_terms(g, sum_a).sum((3, 4))
+
+
+def _exp_terms(g: torch.Tensor, sum_a: torch.Tensor) -> torch.Tensor:
+    """alpha * ReLU(g) of the seed's formula (eps 1e-5), divided through by g^2:
+    ReLU(g) / (2 + sum_ij(A) g + eps / g^2), 0 where g == 0. The same value, but
+    g = exp(logit) d(logit)/dA overflows g^3 for large logits, this form does not."""
+    with torch.no_grad():
+        out = g.clamp(min=0) / (2 + sum_a * g + GRADCAM_PP_EXP_EPS / (g * g))
+        return torch.where(g != 0, out, torch.zeros_like(out))
 
 
 def _weights_closed_form(a: torch.Tensor, head: nn.Linear, idx: Sequence[int], method: str) -> torch.Tensor:
@@ -282,6 +302,10 @@ def _weights_closed_form(a: torch.Tensor, head: nn.Linear, idx: Sequence[int], m
     if method == "gradcam":
         return g[:, None, :].expand(-1, b, -1)
     sum_a = a.sum((2, 3))[None]  # (1, B, C)
+    if method == "gradcam++exp":
+        logits = head(a.mean((2, 3)))[:, list(idx)].T.double()  # (K, B)
+        g64 = g.double()[:, None, :] * torch.exp(logits)[:, :, None]  # (K, B, C)
+        return (_exp_terms(g64, sum_a.double()) * n).to(a.dtype)
     return _gradcampp_terms(g[:, None, :], sum_a) * n  # the sum of h*w equal terms
 
 
@@ -306,7 +330,8 @@ def _weights_autograd(model: nn.Module, a: torch.Tensor, idx: Sequence[int], met
             (g,) = torch.autograd.grad(logits, leaf, grad_outputs=go, is_grads_batched=True,
                                        retain_graph=start + chunk < k)
             with torch.no_grad():
-                out.append(_weights_from_gradients(a, g.detach().float(), method))
+                chosen = logits.detach()[:, sel].T  # (chunk, B): the exp(score) variant needs the scores
+                out.append(_weights_from_gradients(a, g.detach().float(), method, chosen))
             del g
     return torch.cat(out)
 
@@ -314,8 +339,8 @@ def _weights_autograd(model: nn.Module, a: torch.Tensor, idx: Sequence[int], met
 def _maps_from_features(model: nn.Module, a: torch.Tensor, idx: Sequence[int], method: str,
                         closed_form: bool | None) -> torch.Tensor:
     """ReLU(sum_k w_k A_k) for every requested head output: (B, K, h, w)."""
-    if method not in ("gradcam", "gradcam++"):
-        raise ValueError(f"method must be 'gradcam' or 'gradcam++', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     a = a.float()
     b, _, h, w = a.shape
     if len(idx) == 0:
@@ -384,8 +409,8 @@ def class_activation_maps(
         raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
     if normalize not in ("per_class", "global"):
         raise ValueError(f"normalize must be 'per_class' or 'global', got {normalize!r}")
-    if method not in ("gradcam", "gradcam++"):
-        raise ValueError(f"method must be 'gradcam' or 'gradcam++', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if len(scales) == 0 or any(s <= 0 for s in scales):
         raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
     keys = np.asarray([int(k) for k in class_ids], dtype=np.int64)

@@ -183,7 +183,8 @@ class CamInspector:
         run = self.run_settings()  # open on the run's own CAM settings
         image = w.Dropdown(options=self.ids, description="image")
         cls = w.Dropdown(options=self.class_names(self.ids[0]), description="class")
-        method = w.ToggleButtons(options=[("Grad-CAM", "gradcam"), ("Grad-CAM++", "gradcam++")],
+        method = w.ToggleButtons(options=[("Grad-CAM", "gradcam"), ("Grad-CAM++", "gradcam++"),
+                                          ("Grad-CAM++ (seed)", "gradcam++exp")],
                                  value=run["method"], description="method")
         scales = w.Dropdown(options=self.scale_choices(), value=run["scales"], description="scales")
         thr = w.FloatSlider(value=run["bg_threshold"], min=0.0, max=1.0, step=0.01, description="bg thresh")

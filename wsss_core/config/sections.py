@@ -115,7 +115,8 @@ class LabelFilterConfig:
 
 @dataclass(frozen=True)
 class CamsConfig:
-    method: Literal["gradcam", "gradcam++"] = param("gradcam")
+    method: Literal["gradcam", "gradcam++", "gradcam++exp"] = param(
+        "gradcam", doc="gradcam++: pytorch-grad-cam's; gradcam++exp: the NoPeopleAllowed seed's (exp(score) gradients)")
     layer: str | None = param(None, doc="backbone layer for the CAMs; None: the last feature map")
     scales: tuple[float, ...] = param((1.0, 0.5, 0.75, 2.0), all_of(non_empty, each(SCALE)))
     flip: bool = param(True)

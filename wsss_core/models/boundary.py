@@ -38,6 +38,7 @@ from .backbone import Backbone, WeightsError, _check_fit, read_model_file, rebui
 from .factory import build_backbone
 
 BRANCH_CHANNELS = 32
+PAD_MULTIPLE = 32  # the backbones' largest stride: every stride-2 layer then sees an even size
 GROUPS = 4
 FORMAT = "wsss-boundary-1"
 
@@ -110,10 +111,22 @@ class BoundaryNet(nn.Module):
         return self
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Boundary logits (B, 1, ceil(H / 4), ceil(W / 4)); the backbone runs without grad."""
+        """Boundary logits (B, 1, ceil(H / 4), ceil(W / 4)); the backbone runs without grad.
+
+        The input is padded at the bottom and right (reflected) to a multiple of
+        PAD_MULTIPLE and the logits cropped back: TensorFlow-style "same"
+        padding pads the top and left of an odd-sized input too, which the
+        network, trained on even crops, never saw, and which lit a bright band
+        along the top (odd height) or left (odd width) edge of every map."""
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         with torch.no_grad():
             features = self.backbone.forward_stages(x)
-        return self.branch(features, stride4_size(x.shape[-2], x.shape[-1]))
+        h4, w4 = stride4_size(h, w)
+        return self.branch(features, stride4_size(x.shape[-2], x.shape[-1]))[..., :h4, :w4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.forward_logits(x).float())  # float32: fp16 saturates at 1 (zero gradient)
