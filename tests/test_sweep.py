@@ -17,7 +17,7 @@ import pytest
 
 from wsss_core import cli
 from wsss_core.compare import bootstrap_weights, compare_runs, resampled_miou
-from wsss_core.config import ConfigError
+from wsss_core.config import ConfigError, load_config
 from wsss_core.metrics import ConfusionMatrix, ImageScores
 from wsss_core.sweep import parse_grid, split_values, variants
 
@@ -268,6 +268,21 @@ def test_a_killed_sweep_resumes_with_nothing_finished_redone(ci_run, tmp_path):
     assert re.search(r"\[2/2 beta=5\] pseudo_masks +(running|done)", r.stdout), r.stdout
     for path, mtime in finished.items():
         assert Path(path).stat().st_mtime_ns == mtime, path
+
+
+def test_a_fresh_sweep_with_nothing_to_reuse(tmp_path):
+    """No --reuse, an empty folder: the first variant computes, the second shares (each child `wsss run`
+    finds its variant folder already made by the sweep and accepts it)."""
+    folder = tmp_path / "fresh"
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir",
+                        str(folder), "--grid", "cams.flip=true,false", "--to", "data"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"\[1/2 flip=true\] data +running", r.stdout), r.stdout
+    assert "[2/2 flip=false] data shared with flip=true (same parameters)" in r.stdout
+    assert [load_config(folder / n / "config.yaml").cams.flip for n in ("flip=true", "flip=false")] == [True, False]
+    stats = [os.stat(folder / n / "00_data" / "manifest.json").st_ino for n in ("flip=true", "flip=false")]
+    assert stats[0] == stats[1]
 
 
 def test_the_compare_notebook_draws_the_same(sweep, tmp_path):

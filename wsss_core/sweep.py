@@ -302,10 +302,11 @@ def _start(v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, e
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
-
     run.root.mkdir(parents=True, exist_ok=True)
+    if not (run.root / "config.yaml").exists():  # before the child looks: a folder with config.yaml is a run, one with only sweep.log is not
+        run.save_config()
     log = open(run.root / VARIANT_LOG, "a")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
 
     def relay() -> None:
         assert proc.stdout is not None
