@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -83,3 +84,9 @@ def make_lid(root: Path, lid: LidConfig = LidConfig(), train=TRAIN, val=VAL, nam
         m[-1] = 255
         Image.fromarray(m).save(root / lid.val_masks / f"{Path(rel).name}.png")
     return root
+
+
+def snapshot(root: Path, mtimes: bool = True) -> dict[str, str]:
+    """Every file under `root` with its bytes' digest (and mtime): equal before and after = untouched."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() + (
+            f":{p.stat().st_mtime_ns}" if mtimes else "") for p in sorted(root.rglob("*")) if p.is_file()}

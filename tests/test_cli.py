@@ -26,15 +26,9 @@ from wsss_core.config import load_config
 from wsss_core.store import StaleUpstreamError
 
 from conftest import REPO, require
-from fixtures import make_voc
+from fixtures import make_voc, snapshot
 
 CI_YAML = REPO / "params" / "ci.yaml"
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under `root` with its bytes' digest and mtime."""
-    return {str(p.relative_to(root)): f"{hashlib.sha1(p.read_bytes()).hexdigest()}:{p.stat().st_mtime_ns}"
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from wsss_core.config import ConfigError, load_config
 from wsss_core.metrics import ConfusionMatrix, ImageScores
 from wsss_core.sweep import parse_grid, split_values, variants
 
+import fixtures
 from conftest import REPO
 
 CI_YAML = REPO / "params" / "ci.yaml"
@@ -124,10 +125,7 @@ def test_paired_intervals_see_a_small_real_difference(tmp_path):
 
 # --------------------------------------------------------------------------- a real sweep on params/ci.yaml
 def snapshot(root: Path) -> dict[str, str]:
-    import hashlib
-
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return fixtures.snapshot(root, mtimes=False)
 
 
 @pytest.fixture(scope="module")
@@ -311,3 +309,47 @@ def test_one_run_alone_gets_its_intervals(sweep, capsys):
     assert cli.main(["compare", str(folder / "beta=5"), "--resamples", "200", "--out",
                      str(folder.parent / "one.html")]) == 0
     assert "beta=5" in capsys.readouterr().out and (folder.parent / "one.html").is_file()
+
+
+def test_compare_refuses_what_would_mislead_or_destroy(sweep, ci_run, tmp_path, capsys):
+    """The probe's cases: --out into a run (its config.yaml replaced by HTML), the same run twice, two runs
+    whose folder names match (labels collapsed: one run's numbers printed for both), an absurd --resamples,
+    runs of different datasets."""
+    folder, _ = sweep
+    run = folder / "beta=5"
+    before = snapshot(run)
+    cases = [
+        (["compare", str(run), "--out", str(run / "config.yaml")],
+         f"--out {run / 'config.yaml'}: the comparison is an HTML page; give a file name ending in .html"),
+        (["compare", str(run), "--out", str(run / "01_classifier" / "x.html")],
+         f"--out {run / '01_classifier' / 'x.html'}: inside the run {run}, whose files are results; write the "
+         "comparison elsewhere"),
+        (["compare", str(run), str(run), "--out", str(tmp_path / "c.html")],
+         f"{run}: the same run is named twice; compare each run once"),
+        (["compare", str(run), "--resamples", "1000000000000", "--out", str(tmp_path / "c.html")],
+         "--resamples 1000000000000: must be in [100, 100000]"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"wsss: error: {message}"), err
+    assert snapshot(run) == before and not (tmp_path / "c.html").exists()
+    # two runs named alike are labelled apart, each with its own numbers
+    twin = tmp_path / "g2" / "beta=5"
+    shutil.copytree(folder / "beta=10", twin)
+    c = compare_runs([run, twin], resamples=200)
+    assert c.runs == [f"{folder.name}/beta=5", "g2/beta=5"]
+    key = "pseudo_masks/pseudo_masks"
+    assert c.miou[key][c.runs[0]].value != c.miou[key][c.runs[1]].value
+    # another dataset: a run whose scores name other classes
+    other = tmp_path / "other" / "run"
+    shutil.copytree(run, other)
+    scores = other / "05_pseudo_masks" / "scores" / "pseudo_masks.npz"
+    arrays = dict(np.load(scores, allow_pickle=False))
+    arrays["classes"] = np.array([f"x{i}" for i in range(len(arrays["classes"]))])
+    scores.unlink()
+    np.savez(scores, **arrays)
+    with pytest.raises(ConfigError, match=r"scores other classes than .*runs of different datasets cannot be "
+                                          r"compared"):
+        compare_runs([run, other], resamples=200)

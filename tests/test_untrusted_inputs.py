@@ -28,7 +28,7 @@ from wsss_core.data.ids import check_image_id, id_problem, path_inside
 from wsss_core.store import FileError, read_torch
 
 from conftest import REPO
-from fixtures import make_lid, make_voc, voc_cfg
+from fixtures import make_lid, make_voc, snapshot, voc_cfg
 
 CI_YAML = REPO / "params" / "ci.yaml"
 
@@ -306,6 +306,13 @@ def _manifest_with_wrong_types(root: Path) -> None:
     m.write_text(json.dumps(manifest))
 
 
+def _manifest_with_text_seconds(root: Path) -> None:
+    m = root / "06_segmentation" / "manifest.json"
+    manifest = json.loads(m.read_text())
+    manifest["seconds"] = "abc"
+    m.write_text(json.dumps(manifest))
+
+
 def _deep_manifest(root: Path) -> None:
     (root / "06_segmentation" / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
 
@@ -322,6 +329,8 @@ RUN_FOLDER_CASES = {
                                 "wsss (a JSON list, not an object); rerun the stage (wsss run --force segmentation)"),
     "manifest field of the wrong type": (_manifest_with_wrong_types, "06_segmentation/manifest.json: not a manifest "
                                          "written by wsss ('upstream' is a list, not a dict)"),
+    "manifest seconds not a number": (_manifest_with_text_seconds, "06_segmentation/manifest.json: not a manifest "
+                                      "written by wsss ('seconds' is a str, not a number)"),
     "manifest nested too deeply": (_deep_manifest, "06_segmentation/manifest.json: not valid JSON (nested too "
                                    "deeply); rerun the stage that wrote it"),
     "model metadata no model has": (_model_with_impossible_metadata, "06_segmentation/model.pt: cannot rebuild this "
@@ -358,6 +367,21 @@ def test_a_stage_folder_linked_outside_the_run_is_never_written_or_cleared(full,
                                       "(a symbolic link?); remove the link and rerun")
     assert sorted(p.relative_to(victim) for p in victim.rglob("*")) == before
     assert (victim / "precious.txt").read_text() == "mine"
+
+
+def test_an_executed_notebook_linked_outside_the_run_is_never_written(full, tmp_path, capsys):
+    """The probe's case: notebooks/08_report.ipynb a link to the user's file; --force report replaced it."""
+    victim = tmp_path / "mine.ipynb"
+    victim.write_text("mine")
+    nb = full / "notebooks" / "08_report.ipynb"
+    nb.unlink()
+    nb.symlink_to(victim)
+    before = snapshot(full)
+    capsys.readouterr()
+    assert cli.main(["run", "--force", "report", "--config", str(CI_YAML), "--run-dir", str(full)]) == 2
+    assert one_error_line(capsys) == (f"wsss: error: {nb}: leads outside the run folder {full} "
+                                      "(a symbolic link?); remove the link and rerun")
+    assert victim.read_text() == "mine" and snapshot(full) == before
 
 
 def test_a_lid_list_nested_too_deeply_is_one_line(tmp_path):

@@ -134,13 +134,14 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "compare":
         from pathlib import Path
 
-        from .compare import compare_runs, comparison_html, comparison_table
+        from .compare import check_comparison_out, compare_runs, comparison_html, comparison_table
         from .store import write_text
 
-        c = compare_runs(args.runs, args.baseline, args.resamples, args.seed)
-        print(comparison_table(c))
         sweep = len(args.runs) == 1 and (Path(args.runs[0]) / "sweep.json").is_file()
         out = Path(args.out) if args.out else (Path(args.runs[0]) if sweep else Path.cwd()) / "comparison.html"
+        check_comparison_out(out, args.runs)
+        c = compare_runs(args.runs, args.baseline, args.resamples, args.seed)
+        print(comparison_table(c))
         write_text(out, comparison_html(c))
         print(f"[wsss] comparison: {out}")
     elif args.command == "predict":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,7 @@ from .config import ConfigError, load_config
 from .store import Run, config_diff, read_json
 
 RESAMPLES = 1000
+MAX_RESAMPLES = 100_000
 SEED = 0
 
 
@@ -115,6 +117,10 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
             raise ConfigError(f"{p}: neither a run folder (config.yaml) nor a sweep folder (sweep.json)")
     if not out:
         raise ConfigError(f"{', '.join(map(str, paths))}: no run (a sweep without finished variants)")
+    real = [os.path.realpath(p) for p in out]
+    twice = [p for p, r in zip(out, real) if real.count(r) > 1]
+    if twice:
+        raise ConfigError(f"{twice[0]}: the same run is named twice; compare each run once")
     return out
 
 
@@ -122,6 +128,21 @@ def _open(root: Path) -> Run:
     from .stages import open_run
 
     return open_run(root, load_config(root / "config.yaml"))
+
+
+def check_comparison_out(out: Path, paths: Sequence[str | Path]) -> None:
+    """Refuse (one line) an --out that could replace something of value: not an .html file, a folder, or a
+    path inside one of the compared runs (their files are results; the sweep folder itself is fine)."""
+    if out.suffix.lower() != ".html":
+        raise ConfigError(f"--out {out}: the comparison is an HTML page; give a file name ending in .html")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a file name ending in .html")
+    real = os.path.realpath(out)
+    for root in find_runs(paths):
+        r = os.path.realpath(root)
+        if real.startswith(r.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"--out {out}: inside the run {root}, whose files are results; write the "
+                              "comparison elsewhere")
 
 
 def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resamples: int = RESAMPLES,
@@ -132,8 +153,9 @@ def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resam
     from .config import plain
     from .stages import pipeline_order
 
-    if resamples < 100:
-        raise ConfigError(f"--resamples {resamples}: at least 100 for a 95 % interval")
+    if not 100 <= resamples <= MAX_RESAMPLES:
+        raise ConfigError(f"--resamples {resamples}: must be in [100, {MAX_RESAMPLES}] (at least 100 for a 95 % "
+                          "interval; more than 100,000 changes nothing but memory)")
     if seed < 0:
         raise ConfigError(f"--seed {seed}: must be >= 0")
     roots = find_runs(paths)
@@ -154,6 +176,15 @@ def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resam
     kept = {n: {f"{st}/{k}": s for st in pipeline_order() if r.is_done(st) for k, s in scores_of(r, st).items()}
             for n, r in runs.items()}  # only stages evaluated with the run's own parameters
     evaluations = [e for e in kept[base] if all(e in kept[n] for n in names)]
+    for e in evaluations:  # paired over images: the runs must score the same classes on shared images
+        for n in names:
+            if kept[n][e].classes != kept[base][e].classes:
+                raise ConfigError(f"{runs[n].root}: scores other classes than {runs[base].root} "
+                                  f"({len(kept[n][e].classes)} against {len(kept[base][e].classes)}, "
+                                  f"in {e}); runs of different datasets cannot be compared")
+            if not set(kept[n][e].ids) & set(kept[base][e].ids):
+                raise ConfigError(f"{runs[n].root}: no image in common with {runs[base].root} in {e}; "
+                                  "runs of different datasets cannot be compared")
     c = Comparison(names, base, differs, evaluations, {e: f"{kept[base][e].what} ({kept[base][e].split})"
                                                       for e in evaluations}, resamples=resamples, seed=seed)
     c.classes = list(kept[base][evaluations[0]].classes) if evaluations else []
@@ -199,8 +230,13 @@ def _seconds(runs: dict[str, Run]) -> dict[str, dict[str, float | None]]:
 
 
 def _label(root: Path, roots: Sequence[Path]) -> str:
-    names = [r.name for r in roots]
-    return root.name if names.count(root.name) == 1 else f"{root.parent.name}/{root.name}"
+    """The run's folder name, with as many parent folders as it takes to tell it from the others."""
+    parts = Path(os.path.abspath(root)).parts
+    others = [Path(os.path.abspath(r)).parts for r in roots if r != root]
+    for k in range(1, len(parts) + 1):
+        if all(o[-k:] != parts[-k:] for o in others):
+            return "/".join(parts[-k:])
+    return str(root)
 
 
 def _value_at(d: dict, key: str) -> str:

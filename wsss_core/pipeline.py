@@ -167,7 +167,7 @@ def execute_notebook(
     import papermill
 
     notebook = Path(notebook).resolve()
-    output = Path(output).resolve()
+    output = Path(os.path.abspath(output))  # not resolved: a link is replaced, never written through
     check_notebook_parameters(notebook, list(parameters))
     sink = ProgressFilter(stdout or sys.stdout) if log_output else None
     log = output.with_suffix(".kernel.log")
@@ -176,6 +176,7 @@ def execute_notebook(
         # papermill rewrites its output in place: start from a new file, so that an executed notebook
         # hard-linked into another run (a sweep's shared stage) is never changed
         output.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
     # the kernel's own stderr (ipykernel warnings) goes to a log file beside the executed notebook
     with _env(WSSS_BATCH="1"), _stderr_to(log):  # env inherited by the kernel: sparse progress lines
         try:
@@ -276,6 +277,8 @@ def run_pipeline(
     ds = dataset(cfg)  # the index files (ids, labels), checked before any stage starts
     for name in stages:
         check_stage(name, cfg, ds)
+        out = run.root / "notebooks" / notebook_path(STAGES[name].notebook).name  # type: ignore[arg-type]
+        run.inside(out), run.inside(out.with_suffix(".kernel.log"))  # never written through a link out of the run
     executed: set[str] = set()  # a notebook may serve several stages (06: the segmenter and its bound)
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
         # Reasons are taken before anything runs, so a downstream stage names the root cause

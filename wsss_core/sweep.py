@@ -113,6 +113,9 @@ def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mappi
         name = ",".join(f"{labels[k]}={flow_yaml(v).replace(' ', '')}" for k, v in values.items())
         if "/" in name or name.startswith(".") or any(c.isspace() or ord(c) < 32 for c in name):
             raise ConfigError(f"--grid: the variant name {name!r} cannot be a folder name")
+        if len(name.encode()) > 200:  # file systems allow 255 bytes per name, and the stage files add theirs
+            raise ConfigError(f"--grid: the variant name {name[:60]}... is {len(name.encode())} bytes, too long "
+                              "for a folder name (at most 200); sweep fewer or shorter values per key")
         check(values)
         out.append(Variant(name, values, {**overrides, **values}))
     return out
@@ -142,7 +145,7 @@ def link_stage(src: Run, dst: Run, name: str) -> None:
         executed = src.root / "notebooks" / Path(nb).name
         if executed.is_file() and all(dst.usable(s) or s == name for s in sharing):
             (dst.root / "notebooks").mkdir(exist_ok=True)
-            target = dst.root / "notebooks" / executed.name
+            target = dst.inside(dst.root / "notebooks" / executed.name)
             with file_errors(target, "linking"):
                 target.unlink(missing_ok=True)
                 os.link(executed, target)

@@ -26,7 +26,7 @@ from .staleness import StageSpec, Staleness
 
 
 _MANIFEST_TYPES = {"status": str, "fingerprint": str, "config": dict, "upstream": dict, "upstream_runs": dict,
-                   "metrics": dict, "paths": dict}
+                   "metrics": dict, "paths": dict, "seconds": (int, float), "timings": dict}
 
 
 def _manifest_problem(m: Any) -> str | None:
@@ -35,7 +35,8 @@ def _manifest_problem(m: Any) -> str | None:
         return f"a JSON {type(m).__name__}, not an object"
     for key, kind in _MANIFEST_TYPES.items():
         if key in m and not isinstance(m[key], kind):
-            return f"{key!r} is a {type(m[key]).__name__}, not a {kind.__name__}"
+            wanted = "number" if isinstance(kind, tuple) else kind.__name__
+            return f"{key!r} is a {type(m[key]).__name__}, not a {wanted}"
     return None if "status" in m else "no 'status'"
 
 
