@@ -3,6 +3,7 @@ image-mode conversion, and one DataError per kind of bad input."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -291,6 +292,10 @@ BAD_INPUTS = {
     "jpeg end cut": (lambda r: _cut_end(r / "JPEGImages/b1.jpg"), "b1.jpg: truncated or corrupt JPEG file"),
     "png truncated": (_png_image, "a1.png: truncated or corrupt PNG file"),
     "mask missing": (lambda r: (r / "SegmentationClass/b2.png").unlink(), "b2.png: missing mask file"),
+    "image is a FIFO": (lambda r: (r / "JPEGImages/a2.jpg").unlink() or os.mkfifo(r / "JPEGImages/a2.jpg"),
+                        "a2.jpg: is a FIFO, not a regular file"),
+    "image is a device": (lambda r: (r / "JPEGImages/a2.jpg").unlink() or
+                          (r / "JPEGImages/a2.jpg").symlink_to("/dev/zero"), "a2.jpg: is a device, not a regular file"),
     "mask wrong size": (lambda r: _save_mask(r / "SegmentationClass/a1.png", np.zeros((H, W + 1), np.uint8)),
                         "a1.png: mask size 21x14 differs from the image size 20x14"),
     "mask class out of range": (lambda r: _save_mask(r / "SegmentationClass/a3.png", np.full((H, W), 7, np.uint8)),
@@ -444,3 +449,21 @@ def test_masks_are_checked_against_the_displayed_size(tmp_path):
     with pytest.raises(DataError) as err:
         open_dataset(voc_cfg(root))
     assert str(err.value) == f"{mask}: mask size 24x40 differs from the image size 40x24 of {image}"
+
+
+def test_the_data_stage_never_hashes_a_device_or_a_fifo(tmp_path):
+    """`wsss run` fingerprints the dataset's files before validating the images: /dev/zero behind an image
+    name was hashed for ever, a FIFO blocked for ever. Both are one DataError naming the file."""
+    from wsss_core.data.content import dataset_content
+
+    root = make_voc(tmp_path / "voc")
+    image = root / "JPEGImages" / "a2.jpg"
+    image.unlink()
+    image.symlink_to("/dev/zero")
+    ds = open_dataset(voc_cfg(root), validate=False)
+    with pytest.raises(DataError, match=f"^{image}: is a device, not a regular file$"):
+        dataset_content(ds)
+    image.unlink()
+    os.mkfifo(image)
+    with pytest.raises(DataError, match=f"^{image}: is a FIFO, not a regular file$"):
+        dataset_content(ds)

@@ -52,6 +52,10 @@ def test_grid_values_are_yaml():
     (["pseudo_masks.beta=3,,5"], "empty value"),
     (["pseudo_masks.beta=3,3"], "a value is repeated"),
     (["pseudo_masks.beta=3", "pseudo_masks.beta=5"], "--grid pseudo_masks.beta: given twice"),
+    (["cams.scales=[1.0,[0.5]"], "--grid cams.scales=[1.0,[0.5]: not valid YAML"),
+    (["cams.scales=" + ",".join("[" + ",".join(f"{0.5 + i / 1000:.3f}" for i in range(60)) + "]" for _ in "a")
+      + ",[1.0]"], "--grid: the variant name scales=[0.5,0.501,0.502,0.503,0.504,0.505,0.506,0.507,0.508,... is 361 bytes, "
+      "too long for a folder name (at most 200)"),
 ])
 def test_a_bad_grid_is_one_line(grid, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -193,9 +193,13 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         if args.debug:
             raise
-        resume = ("the masks written so far are complete; rerun with --overwrite to redo them all"
-                  if args.command == "predict" else "finished stages and the finished files of the interrupted "
-                  "stage are kept; run the same command again to resume")
+        resume = {"predict": "the masks written so far are complete; rerun with --overwrite to redo them all",
+                  "run": "finished stages and the finished files of the interrupted stage are kept; run the same "
+                         "command again to resume",
+                  "stage": "the finished files of the interrupted stage are kept; run the same command again to "
+                           "resume",
+                  "sweep": "finished stages of every variant are kept; run the same command again to resume",
+                  }.get(args.command, "nothing was written")
         print(f"wsss: {'terminated' if isinstance(e, Terminated) else 'interrupted'}. {resume[0].upper()}"
               f"{resume[1:]}.", file=sys.stderr, flush=True)
         _silence_stderr()  # the kernel client's half-closed tasks complain at exit: not for the user

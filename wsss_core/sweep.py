@@ -83,7 +83,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         texts = split_values(text)
         if not text.strip() or any(not t for t in texts):
             raise ConfigError(f"--grid {key}={text}: empty value")
-        values = [parse_override_value(t, key) for t in texts]
+        values = [parse_override_value(t, key, "--grid") for t in texts]
         if len({repr(v) for v in values}) != len(values):
             raise ConfigError(f"--grid {key}={text}: a value is repeated")
         grid[key] = values
@@ -196,6 +196,7 @@ def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[st
         raise ConfigError(f"--jobs {jobs}: must be >= 1")
     grid = parse_grid(grid_items)
     todo = variants(config, grid, overrides)
+    jobs = min(jobs, len(todo))  # more processes than variants would only wait
     sweep_dir = Path(sweep_dir).resolve()
     reused = [_reused_run(Path(r)) for r in reuse]
     from .store import check_writable_folder

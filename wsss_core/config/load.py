@@ -236,6 +236,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, not a parameter file (e.g. params/default.yaml)")
     if not path.is_file():
+        if path.exists():  # /dev/null, a FIFO, <(...): relative paths in it would mean nothing
+            raise ConfigError(f"{path}: not a regular file (a FIFO or device); save the parameters to a file")
         raise ConfigError(f"{path}: parameter file not found")
     try:
         text = path.read_text(encoding="utf-8")

@@ -60,6 +60,7 @@ def parse_yaml(text: str, what: str) -> Any:
         raise ConfigError(f"{what}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
-def parse_override_value(text: str, key: str = "value") -> Any:
-    """Parse a command-line override value (`1e-3`, `[1.0, 0.5]`, `true`) as YAML."""
-    return parse_yaml(text, f"--set {key}={text}")
+def parse_override_value(text: str, key: str = "value", flag: str = "--set") -> Any:
+    """Parse a command-line override value (`1e-3`, `[1.0, 0.5]`, `true`) as YAML; errors name
+    `flag key=text` (the option the user typed)."""
+    return parse_yaml(text, f"{flag} {key}={text}")

@@ -13,9 +13,15 @@ import os
 from typing import Any
 
 from .base import Dataset
+from .errors import DataError
 
 
 def _file_digest(path: os.PathLike) -> str:
+    from .images import not_a_regular_file
+
+    special = not_a_regular_file(path)
+    if special:  # a device would be hashed for ever, a FIFO would block
+        raise DataError(f"{path}: {special}")
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -8,6 +8,7 @@ orientation applied); masks as HxW uint8 class indices.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,21 @@ def _mask_array(im: Image.Image, path: Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- checks
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """What `path` is when it exists but is not a regular file (after links): a FIFO, a device, a
+    socket or a folder, none of which an image or mask can be; None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing or unreadable: the reader says so
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "not a file")
+    return f"is {kind}, not a regular file"
+
+
 def check_image_file(path: Path) -> tuple[int, int]:
     """(width, height) of an image file as displayed, after checking it is complete.
 
@@ -137,6 +153,9 @@ def check_image_file(path: Path) -> tuple[int, int]:
     files whose tail looks wrong, are fully decoded (PIL raises on truncated
     data).
     """
+    special = not_a_regular_file(path)
+    if special:  # a FIFO would block the open for ever, a device would be read for ever
+        raise DataError(f"{path}: {special}")
     try:
         with Image.open(path) as im:
             size, fmt = im.size, im.format

@@ -21,6 +21,7 @@ import numpy as np
 from ..config import LidConfig
 from .base import Dataset, SplitIndex
 from .errors import DataError
+from .images import not_a_regular_file
 from .ids import check_image_id, path_inside
 from .lists import BACKGROUND, check_classes, existing_root, read_trusted
 
@@ -44,10 +45,29 @@ def open_lid(
     return Dataset("lid", root, classes, index, index_files=[p for p in dict.fromkeys(candidates) if p.is_file()])
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.load keeps the last of two equal keys without a word; a dataset's files must not."""
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(f"key {k!r} appears twice")
+        seen[k] = v
+    return seen
+
+
 def _load_json(path: Path, what: str) -> Any:
+    special = not_a_regular_file(path)
+    if special:
+        raise DataError(f"{path}: {special}")
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            return json.load(fh, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise DataError(f"{path}: cannot read {what} ({e})") from None
     except FileNotFoundError:
         raise DataError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -62,6 +82,7 @@ def _read_classes(path: Path) -> tuple[str, ...]:
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{path}: must be a non-empty JSON object {{\"1\": \"name\", ...}}")
     by_id: dict[int, str] = {}
+    key_of: dict[int, str] = {}
     for key, name in raw.items():
         try:
             k = int(key)
@@ -69,7 +90,9 @@ def _read_classes(path: Path) -> tuple[str, ...]:
             raise DataError(f"{path}: key {key!r}: class ids must be integers") from None
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{path}: key {key!r}: class name must be a non-empty string, got {name!r}")
-        by_id[k] = name.strip()
+        if k in by_id:  # "1" and "01": one class would silently replace the other
+            raise DataError(f"{path}: keys {key_of[k]!r} and {key!r} are both class id {k}")
+        by_id[k], key_of[k] = name.strip(), key
     if sorted(by_id) != list(range(1, len(by_id) + 1)):
         raise DataError(f"{path}: class ids must be exactly 1..{len(by_id)}, got {sorted(by_id)[:5]}...")
     classes = (BACKGROUND,) + tuple(by_id[k] for k in range(1, len(by_id) + 1))

@@ -154,8 +154,9 @@ def check_output_folder(images: Path, out: Path) -> None:
 
 
 def list_files(folder: Path) -> list[Path]:
-    """The (non-hidden) files directly in `folder`, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The (non-hidden) entries directly in `folder` that are not folders, sorted: a FIFO or a device
+    named like an image is listed (and refused as not a regular file), never silently left out."""
+    return sorted(p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith("."))
 
 
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta: bool = True,
@@ -225,7 +226,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     if clash:  # never, not even with --overwrite
         raise DataError(f"{clash[0]}: is one of the input images; refusing to replace it with a mask "
                         "(choose another --out)")
-    existing = [t for t in targets if t.exists()]
+    existing = [t for t in targets if os.path.lexists(t)]  # a dangling link too: it is in the way
     if existing and not overwrite:
         raise DataError(f"{out}: {len(existing)} output file(s) exist, e.g. {existing[0].name} "
                         "(--overwrite to replace them)")
