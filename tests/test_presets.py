@@ -56,4 +56,6 @@ def test_preset_runs_the_data_stage_on_its_layout(preset, tmp_path, monkeypatch,
 def test_an_unset_root_names_the_variable(monkeypatch, capsys):
     monkeypatch.delenv("LID2020_ROOT", raising=False)
     assert cli.main(["validate", "--config", str(REPO / "params" / "lid2020.yaml")]) == 2
-    assert "${LID2020_ROOT}: dataset folder not found" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"wsss: error: data.root: $LID2020_ROOT is not set ({REPO / 'params'}/"
+                                       "${LID2020_ROOT}); export LID2020_ROOT=<the dataset folder> or give the folder "
+                                       "in the parameter file\n")

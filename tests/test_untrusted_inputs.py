@@ -384,6 +384,21 @@ def test_an_executed_notebook_linked_outside_the_run_is_never_written(full, tmp_
     assert victim.read_text() == "mine" and snapshot(full) == before
 
 
+@pytest.mark.parametrize("command", [["stage", "predict", "--force"], ["run", "--force", "predict"]])
+def test_a_damaged_manifest_is_repaired_by_forcing_its_stage(command, full, capsys):
+    """The error says 'rerun the stage that wrote it'; forcing that stage must then work (it failed
+    with the same line), and the other stages stay as they were."""
+    m = full / "07_predict" / "manifest.json"
+    m.write_text(m.read_text()[:300])
+    others = {k: v for k, v in snapshot(full).items() if not k.startswith(("07_predict", "08_report", "notebooks"))}
+    capsys.readouterr()
+    assert cli.main(["stage", "predict", "--config", str(CI_YAML), "--run-dir", str(full)]) == 2
+    assert "07_predict/manifest.json: not valid JSON" in one_error_line(capsys)
+    assert cli.main(command + ["--config", str(CI_YAML), "--run-dir", str(full)]) == 0
+    assert json.loads(m.read_text())["status"] == "done"
+    assert {k: v for k, v in snapshot(full).items() if k in others} == others
+
+
 def test_a_lid_list_nested_too_deeply_is_one_line(tmp_path):
     from wsss_core.config import DataConfig
 

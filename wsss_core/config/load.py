@@ -71,10 +71,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{key}: must not be null")
-        for a in args:
-            if a is not type(None):
-                with contextlib.suppress(ConfigError):
-                    return _coerce(value, a, key)
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # X | None: X's own message says what is wrong
+            return _coerce(value, members[0], key)
+        for a in members:
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, a, key)
         raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -91,7 +93,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                                                        and not isinstance(value, bool))):
         return value
     if tp is Path and isinstance(value, str) and value:
-        return Path(os.path.expandvars(os.path.expanduser(value)))
+        return Path(os.path.expandvars(os.path.expanduser(value)))  # an unset $VAR stays: the reader names it
     wanted = {bool: "true or false", int: "an integer", str: "a string", Path: "a path"}.get(tp)
     if wanted is None:
         raise TypeError(f"unsupported parameter type {tp!r} at {key}")  # programming error

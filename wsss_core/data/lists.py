@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +26,10 @@ def existing_root(root: str | Path | None) -> Path:
     if path.exists() and not path.is_dir():
         raise DataError(f"{path}: is a file, not a dataset folder (data.root)")
     if not path.is_dir():
+        unset = re.search(r"\$\{?(\w+)", str(root))  # the config expands variables; an unset one stays
+        if unset:
+            raise DataError(f"data.root: ${unset.group(1)} is not set ({root}); export {unset.group(1)}=<the "
+                            "dataset folder> or give the folder in the parameter file")
         raise DataError(f"{path}: dataset folder not found (data.root)")
     return path
 

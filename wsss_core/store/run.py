@@ -149,6 +149,16 @@ class Run:
                             f"(wsss run --force {name})")
         return m
 
+    def forget_damaged_manifest(self, name: str) -> bool:
+        """Delete the stage's manifest if it cannot be read (the user forces the stage: the rerun is the
+        remedy the error advised); True if it did."""
+        try:
+            self.manifest(name)
+            return False
+        except FileError:
+            (self.folder(name) / MANIFEST).unlink()
+            return True
+
     # -- staleness (see staleness.py)
     def fingerprint(self, name: str) -> str:
         return self.staleness.fingerprint(self.spec(name).name)
@@ -176,9 +186,11 @@ class Run:
         parameters still produce (a model, finished images) are kept."""
         folder = self.path(name)
         if self.is_main:
-            old = self.manifest(name)
-            stale = self.staleness.outputs_stale(name)
-            if fresh or stale:
+            if fresh:  # from scratch: nothing of the old stage is read (its manifest may be damaged)
+                old, stale = None, True
+            else:
+                old, stale = self.manifest(name), self.staleness.outputs_stale(name)
+            if stale:
                 clear_folder(folder)
             remove_temp_files(folder)
             content = self.staleness.content(name)
@@ -186,7 +198,7 @@ class Run:
                 write_json(folder / "content.json", content)
             # A new run id tells downstream stages their inputs were remade; resuming or
             # re-evaluating keeps the outputs, so it keeps the id.
-            run_id = uuid.uuid4().hex if fresh or stale or old is None else old.get("run_id")
+            run_id = uuid.uuid4().hex if stale or old is None else old.get("run_id")
             self._write_manifest(name, status="running", started=now_iso(), pid=os.getpid(),
                                  host=socket.gethostname(), run_id=run_id)
         return folder
