@@ -229,3 +229,12 @@ def test_unknown_stage_is_a_clear_error(tmp_path):
     run = stages.open_run(tmp_path / "run", cfg)
     with pytest.raises(KeyError, match="unknown stage 'nope'"):
         stages.run_stage("nope", cfg, run)
+
+
+def test_a_file_with_the_longest_name_a_folder_allows_is_written(tmp_path):
+    """A 255-byte name (a photo's, in wsss predict): the temporary name must not be longer than the file's."""
+    from wsss_core.store import write_text
+
+    path = tmp_path / ("x" * 251 + ".png")
+    write_text(path, "mask")
+    assert path.read_text() == "mask" and [p.name for p in tmp_path.iterdir()] == [path.name]

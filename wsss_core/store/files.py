@@ -98,7 +98,8 @@ def atomic_write(path: str | Path, exclusive: bool = False) -> Iterator[Path]:
     with file_errors(path.parent, "creating"):
         path.parent.mkdir(parents=True, exist_ok=True)
     with file_errors(path, "writing"):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}{_TMP_TAG}", suffix=path.suffix, dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem[:100]}{_TMP_TAG}", suffix=path.suffix[:20],
+                                        dir=path.parent)  # a 255-byte name must not give a longer temp name
         os.close(fd)
     tmp = Path(tmp_name)
     try:
