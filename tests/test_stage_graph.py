@@ -153,3 +153,28 @@ def test_upper_bound_and_evaluation_changes_in_the_second_half(ci_full_run, tmp_
     assert run.manifest("pseudo_masks")["metrics"]["cam_miou"] == run.manifest("cams")["metrics"]["miou_best"]
     report = json.loads((tmp_path / "run" / "08_report" / "report.json").read_text())
     assert report["miou"]["CAM (train)"] == run.manifest("cams")["metrics"]["miou_best"]
+
+
+def test_a_new_stage_version_redoes_that_stage_and_says_why(finished):
+    """A fix that changes a stage's outputs for the same parameters raises its version: finished runs redo
+    it (and what follows), the stages before are kept, and the reason names the version."""
+    import dataclasses
+
+    from wsss_core.stages import registry
+
+    cfg = load_config(REPO / "params" / "ci.yaml")
+    before = stages.open_run(finished, cfg)
+    fingerprints = {n: before.fingerprint(n) for n in ORDER}
+    with registry.scratch():
+        s = registry.STAGES["crf"]
+        registry.STAGES["crf"] = dataclasses.replace(s, spec=dataclasses.replace(s.spec, version=2))
+        run = stages.open_run(finished, cfg)
+        assert {n: run.fingerprint(n) for n in ORDER if n != "crf"} == \
+               {n: f for n, f in fingerprints.items() if n != "crf"}
+        assert run.fingerprint("crf") != fingerprints["crf"]
+        assert run.why_not_done("crf") == ("03_crf was made by version 1 of the stage's code, which gives other "
+                                           "outputs than version 2")
+        did, run = rerun(finished, {})
+        assert did == {**dict.fromkeys(ORDER, "skipped"), "crf": "ran"}
+        assert run.manifest("crf")["version"] == 2 and run.is_done("crf")
+    assert "version" not in before.manifest("cams")  # version 1 is not written: old manifests still hold

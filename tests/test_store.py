@@ -235,6 +235,8 @@ def test_a_file_with_the_longest_name_a_folder_allows_is_written(tmp_path):
     """A 255-byte name (a photo's, in wsss predict): the temporary name must not be longer than the file's."""
     from wsss_core.store import write_text
 
-    path = tmp_path / ("x" * 251 + ".png")
-    write_text(path, "mask")
-    assert path.read_text() == "mask" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    for stem in ("x" * 251, "写" * 83):  # 255 bytes: ASCII, and 3-byte characters (249 + 4)
+        path = tmp_path / (stem + ".png")
+        write_text(path, "mask")
+        assert path.read_text() == "mask" and [p.name for p in tmp_path.iterdir()] == [path.name]
+        path.unlink()

@@ -280,9 +280,15 @@ def _weights_from_gradients(a: torch.Tensor, g: torch.Tensor, method: str,
         return g.mean((3, 4))
     sum_a = a.sum((2, 3))[None, :, :, None, None]
     if method == "gradcam++exp":  # g of exp(logit) = exp(logit) g of the logit
-        g64 = g.double() * torch.exp(logits.double())[:, :, None, None, None]  # type: ignore[union-attr]
+        g64 = g.double() * _exp_score(logits)[:, :, None, None, None]  # type: ignore[arg-type]
         return _exp_terms(g64, sum_a.double()).sum((3, 4)).to(a.dtype)
     return _gradcampp_terms(g, sum_a).sum((3, 4))
+
+
+def _exp_score(logits: torch.Tensor) -> torch.Tensor:
+    """exp(score) in float64, the score capped at 700 (exp(710) is inf in float64; a classifier's logits
+    are far below either)."""
+    return torch.exp(logits.double().clamp(max=700.0))
 
 
 def _exp_terms(g: torch.Tensor, sum_a: torch.Tensor) -> torch.Tensor:
@@ -304,7 +310,7 @@ def _weights_closed_form(a: torch.Tensor, head: nn.Linear, idx: Sequence[int], m
     sum_a = a.sum((2, 3))[None]  # (1, B, C)
     if method == "gradcam++exp":
         logits = head(a.mean((2, 3)))[:, list(idx)].T.double()  # (K, B)
-        g64 = g.double()[:, None, :] * torch.exp(logits)[:, :, None]  # (K, B, C)
+        g64 = g.double()[:, None, :] * _exp_score(logits)[:, :, None]  # (K, B, C)
         return (_exp_terms(g64, sum_a.double()) * n).to(a.dtype)
     return _gradcampp_terms(g[:, None, :], sum_a) * n  # the sum of h*w equal terms
 
@@ -321,7 +327,8 @@ def _weights_autograd(model: nn.Module, a: torch.Tensor, idx: Sequence[int], met
         logits = model.logits_from_features(leaf)
         if logits.ndim != 2 or logits.shape[0] != a.shape[0]:
             raise ValueError(f"logits_from_features must return (B, N), got {tuple(logits.shape)}")
-        chunk = max(1, min(k, _GRAD_BUDGET // max(1, a.numel())))
+        budget = _GRAD_BUDGET // 8 if method == "gradcam++exp" else _GRAD_BUDGET  # float64 temporaries
+        chunk = max(1, min(k, budget // max(1, a.numel())))
         out = []
         for start in range(0, k, chunk):
             sel = list(idx[start:start + chunk])

@@ -142,7 +142,7 @@ def check_comparison_out(out: Path, paths: Sequence[str | Path]) -> None:
         r = os.path.realpath(root)
         if real.startswith(r.rstrip(os.sep) + os.sep):
             raise ConfigError(f"--out {out}: inside the run {root}, whose files are results; write the "
-                              "comparison elsewhere")
+                              "comparison elsewhere (--out FILE.html)")
 
 
 def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resamples: int = RESAMPLES,

@@ -283,7 +283,7 @@ def run_pipeline(
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
         # Reasons are taken before anything runs, so a downstream stage names the root cause
         # ("00_data was made from other data") rather than "00_data was rerun since".
-        for name in force:  # a damaged manifest of a forced stage is what forcing it repairs
+        for name in (n for n in force if n in stages):  # a damaged manifest of a forced stage: forcing repairs it
             if run.forget_damaged_manifest(name):
                 echo(f"[wsss] {run.folder(name) / 'manifest.json'}: unreadable, removed (the stage is forced)")
         reasons = {name: run.why_not_done(name) for name in stages}

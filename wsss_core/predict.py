@@ -69,6 +69,9 @@ def working_image(image: np.ndarray, max_side: int) -> np.ndarray:
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+_STRIP_VALUES = 16 * 1024 * 1024  # logit values of one strip (64 MB in float32)
+
+
 def _bilinear_axis(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weight of each output position, as `F.interpolate(bilinear,
     align_corners=False)` computes them for a given output size."""
@@ -81,6 +84,7 @@ def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], rows: int = 25
     """argmax over classes of `logits` (C, h, w) resized bilinearly to `size`, computed
     `rows` output rows at a time: the full-size (C, H, W) logits never exist."""
     c, h, w = logits.shape
+    rows = max(1, min(rows, _STRIP_VALUES // max(1, c * size[1])))  # 200 classes x 4000 columns: fewer rows
     y0, y1, ay = _bilinear_axis(size[0], h)
     x0, x1, ax = _bilinear_axis(size[1], w)
     out = np.empty(size, np.uint8)

@@ -38,7 +38,8 @@ def _headline(m: dict) -> str:
 
 
 @register("pseudo_masks", "05_pseudo_masks", sections=("pseudo_masks",), upstream=("data", "cams", "boundary"),
-          config=PseudoMasksConfig, notebook="05_pseudo_masks.ipynb", headline=_headline, reads_metrics=("cams",))
+          config=PseudoMasksConfig, notebook="05_pseudo_masks.ipynb", headline=_headline, reads_metrics=("cams",),
+          version=2)  # 2: boundary maps of odd-sized images no longer shifted by TF-SAME padding
 def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     """Random-walk pseudo masks for every kept train image."""
     from ..models.boundary import boundary_map, load_boundary

@@ -64,20 +64,22 @@ def register(name: str, folder: str, sections: tuple[str, ...], upstream: tuple[
              headline: HeadlineFn | None = None, content: Callable[[Config], dict] | None = None,
              explain_content: Callable[[dict, dict], list[str]] | None = None, ignore: tuple[str, ...] = (),
              reads_metrics: tuple[str, ...] | str = (), after_notebook: Callable[[Path, Run], None] | None = None,
-             summary: Callable[[Run], list[str]] | None = None) -> Callable[[StageFn], StageFn]:
+             summary: Callable[[Run], list[str]] | None = None, version: int = 1) -> Callable[[StageFn], StageFn]:
     """Decorator adding a stage function to the registry.
 
     `config`: the section this stage declares (a frozen dataclass, YAML key = `name`);
     `upstream` / `reads_metrics`: stage names, or `EVERY` for every earlier stage;
     `ignore`: dotted fields of `sections` that do not change this stage's outputs;
     `reads_metrics`: upstream stages whose evaluation results this stage's
-    evaluation uses (their evaluation parameters re-evaluate it too)."""
+    evaluation uses (their evaluation parameters re-evaluate it too);
+    `version`: raise it when a fix changes the stage's outputs for the same parameters, so that finished
+    runs (and a sweep's --reuse) redo the stage instead of mixing outputs of the old and the new code."""
 
     def deco(fn: StageFn) -> StageFn:
         if config is not None:
             add_section(name, config)
         spec = StageSpec(name, folder, tuple(sections), upstream, content, explain_content,  # type: ignore[arg-type]
-                         tuple(ignore), reads_metrics)  # type: ignore[arg-type]
+                         tuple(ignore), reads_metrics, version)  # type: ignore[arg-type]
         STAGES[name] = Stage(spec, fn, notebook, check, headline, after_notebook, summary)
         _order()
         return fn
@@ -114,7 +116,7 @@ def specs() -> dict[str, StageSpec]:
         out[name] = StageSpec(spec.name, spec.folder, spec.sections,
                               before if spec.upstream == EVERY else tuple(spec.upstream), spec.content,
                               spec.explain_content, spec.ignore,
-                              before if spec.reads_metrics == EVERY else tuple(spec.reads_metrics))
+                              before if spec.reads_metrics == EVERY else tuple(spec.reads_metrics), spec.version)
     return out
 
 

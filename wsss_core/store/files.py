@@ -84,6 +84,12 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _first_bytes(name: str, n: int) -> str:
+    """The longest start of `name` that is at most `n` bytes in the file system's encoding: a 255-byte
+    name (3-byte characters too) must not give a temporary name longer than the folder allows."""
+    return os.fsencode(name)[:n].decode("utf-8", "ignore")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; move it into place on success.
@@ -98,8 +104,8 @@ def atomic_write(path: str | Path, exclusive: bool = False) -> Iterator[Path]:
     with file_errors(path.parent, "creating"):
         path.parent.mkdir(parents=True, exist_ok=True)
     with file_errors(path, "writing"):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem[:100]}{_TMP_TAG}", suffix=path.suffix[:20],
-                                        dir=path.parent)  # a 255-byte name must not give a longer temp name
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{_first_bytes(path.stem, 100)}{_TMP_TAG}",
+                                        suffix=_first_bytes(path.suffix, 20), dir=path.parent)
         os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -166,9 +172,11 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def read_json(path: str | Path) -> Any:
     """A JSON file of a run (FileError naming it if unreadable or not JSON)."""
     with file_errors(path, "reading"):
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     try:
-        return json.loads(text)
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FileError(f"{path}: not valid JSON (not UTF-8 text); rerun the stage that wrote it") from None
     except json.JSONDecodeError as e:
         raise FileError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); "
                         "rerun the stage that wrote it") from None

@@ -20,13 +20,14 @@ from typing import Any, Iterator, Mapping
 
 from .. import runtime
 from ..config import Config, ConfigError, dump_config
-from .files import MANIFEST, FileError, check_writable_folder, clear_folder, read_json, remove_temp_files, write_json, write_text
+from .files import MANIFEST, FileError, file_errors, check_writable_folder, clear_folder, read_json, remove_temp_files, write_json, write_text
 from .lock import FolderLock, now_iso
 from .staleness import StageSpec, Staleness
 
 
 _MANIFEST_TYPES = {"status": str, "fingerprint": str, "config": dict, "upstream": dict, "upstream_runs": dict,
-                   "metrics": dict, "paths": dict, "seconds": (int, float), "timings": dict}
+                   "metrics": dict, "paths": dict, "seconds": (int, float), "timings": dict,
+                   "version": int}
 
 
 def _manifest_problem(m: Any) -> str | None:
@@ -152,12 +153,20 @@ class Run:
     def forget_damaged_manifest(self, name: str) -> bool:
         """Delete the stage's manifest if it cannot be read (the user forces the stage: the rerun is the
         remedy the error advised); True if it did."""
-        try:
-            self.manifest(name)
+        p = self.inside(self.folder(name)) / MANIFEST  # never delete through a link out of the run
+        if not p.is_file():
             return False
-        except FileError:
-            (self.folder(name) / MANIFEST).unlink()
-            return True
+        try:
+            m = read_json(p)
+        except FileError as e:
+            if isinstance(e.__cause__, OSError):  # unreadable (permissions): not damage this may repair
+                raise
+            m = None
+        if m is not None and _manifest_problem(m) is None:
+            return False
+        with file_errors(p, "removing"):
+            p.unlink()
+        return True
 
     # -- staleness (see staleness.py)
     def fingerprint(self, name: str) -> str:

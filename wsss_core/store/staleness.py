@@ -51,6 +51,7 @@ class StageSpec:
     explain_content: Callable[[dict, dict], list[str]] | None = None
     ignore: tuple[str, ...] = ()  # dotted fields of `sections` that do not change this stage's outputs
     reads_metrics: tuple[str, ...] = ()  # upstream stages whose evaluation this stage's evaluation uses
+    version: int = 1  # raised when a fix changes the stage's outputs for the same parameters
 
 
 def _hash(*parts: str) -> str:
@@ -94,6 +95,8 @@ class Staleness:
         spec = self.specs[name]
         content = self.content(name)
         parts = [name, section_hash(self.cfg, spec.sections, ignore=spec.ignore), content["hash"] if content else ""]
+        if spec.version != 1:  # version 1 adds nothing: fingerprints made before versions existed still hold
+            parts.append(f"v{spec.version}")
         return _hash(*parts, *(self.fingerprint(u) for u in spec.upstream))
 
     def eval_sections(self, name: str) -> tuple[str, ...]:
@@ -153,6 +156,9 @@ class Staleness:
             redone = self.rerun_upstream(name)
             return None if redone is None else \
                 f"{folder} is stale because its input was redone since: {self.specs[redone].folder}"
+        if m.get("version", 1) != spec.version:
+            return (f"{folder} was made by version {m.get('version', 1)} of the stage's code, which gives other "
+                    f"outputs than version {spec.version}")
         changes = config_diff(m.get("config", {}), section_values(self.cfg, spec.sections, ignore=spec.ignore))
         if changes:
             return f"{folder} was made with other parameters ({'; '.join(changes)})"
@@ -190,6 +196,7 @@ class Staleness:
         content = self.content(name)
         return {
             "fingerprint": self.fingerprint(name),
+            **({"version": spec.version} if spec.version != 1 else {}),
             "eval_hash": self.eval_hash(name),
             "config": section_values(self.cfg, spec.sections, ignore=spec.ignore),
             "eval_config": section_values(self.cfg, self.eval_sections(name), kind="eval"),
