@@ -295,14 +295,15 @@ def test_cam_inspector_runs_and_responds_in_jupyterlab(page, lab):
     handle = slider.locator(".noUi-handle")
     expect(handle).to_be_visible()
     expect(panel.locator(".widget-slider", has_text="alpha").locator(".noUi-handle")).to_be_visible()
-    expect(panel.locator(".widget-toggle-buttons button")).to_have_count(2)
+    expect(panel.locator(".widget-toggle-buttons button")).to_have_text(
+        ["Grad-CAM", "Grad-CAM++", "Grad-CAM++ (seed)"])  # every CAM method the stage has
 
     # it opens on the run's own CAM settings
     cams = lab.cfg.cams
     scales = panel.locator(".widget-dropdown", has_text="scales").locator("select")
     expect(scales).to_have_value(", ".join(map(str, cams.scales)) + " (this run)")
     expect(panel.locator(".widget-toggle-buttons button.mod-active")).to_have_text(
-        {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}[cams.method])
+        {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "gradcam++exp": "Grad-CAM++ (seed)"}[cams.method])
     readout = slider.locator(".widget-readout")
     expect(readout).to_have_text(f"{lab.best_threshold:.2f}")
 
