@@ -395,7 +395,7 @@ def _status_running(manifest) -> bool:
 def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
     shutil.copytree(finished, tmp_path / "r")
     first = subprocess.Popen([sys.executable, "-m", "wsss_core.cli", "run", "--config", str(CI_YAML), "--run-dir",
-                              str(tmp_path / "r"), "--set", "classifier.epochs=40"],
+                              str(tmp_path / "r"), "--set", "classifier.epochs=100000"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lock = tmp_path / "r" / ".wsss.lock"
     manifest = tmp_path / "r" / "01_classifier" / "manifest.json"
@@ -417,7 +417,7 @@ def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
     assert err.strip().splitlines() == ["wsss: interrupted. Finished stages and the finished files of the "
                                         "interrupted stage are kept; run the same command again to resume."]
     assert not lock.exists()
-    assert "01_classifier" in stages.open_run(tmp_path / "r", load_config(CI_YAML, {"classifier.epochs": 40})) \
+    assert "01_classifier" in stages.open_run(tmp_path / "r", load_config(CI_YAML, {"classifier.epochs": 100000})) \
         .why_not_done("classifier")
 
 
