@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_core.store import FileError, save_npz
 from wsss_core.cam import (
     CamResult,
     class_activation_maps,
@@ -379,16 +380,52 @@ def test_no_classes_gives_empty_maps_without_running_the_model():
 def test_npz_round_trip(tmp_path):
     model = GapNet().eval()
     res = class_activation_maps(model, _image(29, 35), [2, 5], scales=(1.0, 0.5), flip=True)
-    d = res.to_npz_dict()
-    assert d["cam"].dtype == np.float16 and d["high_res"].dtype == np.float16
-    np.savez(tmp_path / "x.npz", **d)
+    save_npz(tmp_path / "x.npz", **res.to_npz_dict())
     back = CamResult.from_npz(tmp_path / "x.npz")
     assert back.cam.dtype == np.float32 and back.high_res.dtype == np.float32
     np.testing.assert_array_equal(back.keys, [2, 5])
-    np.testing.assert_allclose(back.high_res, res.high_res, atol=1e-3)
-    np.testing.assert_allclose(back.cam, res.cam, atol=1e-3)
+    assert back.image_size == (29, 35) and back.normalize == "per_class"
+    # the stored per-scale maps give the same maps, bit for bit
+    assert np.array_equal(back.high_res, res.high_res) and np.array_equal(back.cam, res.cam)
     with np.load(tmp_path / "x.npz") as z:
         np.testing.assert_array_equal(CamResult.from_npz(z).keys, [2, 5])
+        assert sorted(z.files) == ["image_size", "keys", "per_class", "scale0", "scale1"]
+        # GapNet's features are at stride 4: scale 1 -> 8 x 9 cells, scale 0.5 (15 x 18 pixels) -> 4 x 5
+        assert z["scale0"].shape == (2, 8, 9) and z["scale1"].shape == (2, 4, 5)
+
+
+def test_maps_made_from_the_scale_maps_are_irnets_sum_of_upsampled_maps():
+    """cam / high_res against a direct numpy bilinear upsampling (align_corners=False) of two known maps."""
+    a = np.array([[[0.0, 2.0], [4.0, 6.0]]], np.float32)  # (1, 2, 2)
+    b = np.array([[[-8.0]]], np.float32)  # (1, 1, 1): a constant everywhere after upsampling
+
+    def up(m, size):  # half-pixel centres, edge clamped
+        out = np.zeros(size)
+        for y in range(size[0]):
+            for x in range(size[1]):
+                sy = min(max((y + 0.5) * m.shape[0] / size[0] - 0.5, 0), m.shape[0] - 1)
+                sx = min(max((x + 0.5) * m.shape[1] / size[1] - 0.5, 0), m.shape[1] - 1)
+                y0, x0 = int(sy), int(sx)
+                y1, x1 = min(y0 + 1, m.shape[0] - 1), min(x0 + 1, m.shape[1] - 1)
+                fy, fx = sy - y0, sx - x0
+                out[y, x] = ((1 - fy) * ((1 - fx) * m[y0, x0] + fx * m[y0, x1]) +
+                             fy * ((1 - fx) * m[y1, x0] + fx * m[y1, x1]))
+        return out
+
+    res = CamResult([3], [a, b], (7, 5))
+    for size, got in (((2, 2), res.cam), ((7, 5), res.high_res)):
+        total = np.maximum(up(a[0], size) + up(b[0], size), 0)
+        np.testing.assert_allclose(got[0], total / (total.max() + 1e-5), rtol=1e-6, atol=1e-6)
+    assert res.high_res.max() < 1 and res.high_res.min() == 0  # ReLU kept the negative corner at 0
+
+
+def test_a_cam_file_of_an_older_format_is_one_line(tmp_path):
+    save_npz(tmp_path / "old.npz", keys=np.array([1]), cam=np.zeros((1, 2, 2), np.float16),
+             high_res=np.zeros((1, 5, 5), np.float16))
+    with pytest.raises(FileError) as e:
+        CamResult.from_npz(tmp_path / "old.npz")
+    assert str(e.value) == (f"{tmp_path / 'old.npz'}: CAM file is not in this version's format (keys, image_size, "
+                            "per_class, scale0, ...); rerun the cams stage (--force)")
 
 
 def test_head_class_ids_map_classes_to_head_outputs():
@@ -505,3 +542,20 @@ def test_seed_gradcampp_stays_finite_for_huge_scores():
     model = ConvHeadNet().eval()  # logits of several hundred: exp(score)^3 overflows float64
     maps = raw_cams(model, _image(37, 45, seed=4, batch=2), [1, 3, 4, 5], method="gradcam++exp")
     assert torch.isfinite(maps).all() and (maps.amax((2, 3)) > 0).all()
+
+
+def test_a_cam_file_of_a_500x375_photo_is_small(tmp_path):
+    """The msrc preset's CAMs (EfficientNet-lite0 at output stride 16, scales 1.25 and 1.5, flip) of a
+    500x375 photo with two classes: 2 x (40x30 + 47x36) float32 cells = 23,136 bytes of maps, under the
+    50 KB per image the LID scale asks for (the full-size float16 map alone was 750 KB)."""
+    from wsss_core.config import ClassifierConfig
+    from wsss_core.models.classifier import build_classifier
+
+    model = build_classifier(ClassifierConfig(backbone="efficientnet_lite0", weights="random", output_stride=16), 20)
+    x = torch.randn(3, 375, 500, generator=torch.Generator().manual_seed(0))
+    res = class_activation_maps(model.eval(), x, [3, 15], scales=(1.25, 1.5), flip=True, method="gradcam++")
+    path = save_npz(tmp_path / "c.npz", **res.to_npz_dict())
+    assert [m.shape for m in res.scale_maps] == [(2, 30, 40), (2, 36, 47)]
+    assert sum(m.nbytes for m in res.scale_maps) == 23_136
+    assert path.stat().st_size < 23_136 + 1_500 < 50_000  # six small arrays' npz headers on top
+    assert res.high_res.shape == (2, 375, 500) and res.cam.shape == (2, 94, 125)

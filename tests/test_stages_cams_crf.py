@@ -19,9 +19,14 @@ def test_cams_stage_writes_one_npz_per_kept_image(ci_run):
     images = ds.labelled(cfg.data.train_split)
     for sid in kept[:5]:
         z = np.load(folder / f"{sid}.npz")
-        assert z["cam"].dtype == np.float16 and z["high_res"].dtype == np.float16
         h, w = images.image(images.ids.index(sid)).shape[:2]
-        assert z["high_res"].shape[1:] == (h, w) and z["cam"].shape[1:] == ((h + 3) // 4, (w + 3) // 4)
+        assert z["image_size"].tolist() == [h, w]
+        # one map per scale at the classifier's feature resolution (output stride 16 of the scaled image)
+        scales = [n for n in z.files if n.startswith("scale")]
+        assert len(scales) == len(cfg.cams.scales)
+        for name, s in zip(sorted(scales), cfg.cams.scales):
+            assert z[name].dtype == np.float32
+            assert z[name].shape[1:] == tuple(-(-round(v * s) // cfg.classifier.output_stride) for v in (h, w))
         labels = images.labels[images.ids.index(sid)]
         assert z["keys"].tolist() == [k for k in range(1, ds.num_classes) if labels[k - 1] > 0.5]
         res = CamResult.from_npz(folder / f"{sid}.npz")

@@ -42,12 +42,13 @@ linear head sums exactly IRNet's W_c . A over scales); the maps are upsampled bi
 (ceil(H / 4), ceil(W / 4)) and to the full size (H, W) and summed over scales
 and flips; then ReLU and division by the max (+1e-5) of each class map
 ("per_class", IRNet) or of all class maps together ("global"), separately for
-each of the two resolutions.
+each of the two resolutions. `CamResult` keeps the per-scale maps at feature
+resolution (what the CAM files store: a few KB per class) and makes the two
+resolutions from them on first use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -92,50 +93,84 @@ class CamModel(Protocol):
 
 
 # --------------------------------------------------------------------------- results
-@dataclass
 class CamResult:
-    """CAMs of one image.
+    """CAMs of one image, kept in the form the extraction computed them.
 
-    keys: (K,) int64 1-based class ids; cam: (K, ceil(H/4), ceil(W/4)) float32;
-    high_res: (K, H, W) float32. Both maps are normalised to [0, 1].
+    keys: (K,) int64 1-based class ids. scale_maps: one (K, h_s, w_s) float32
+    map per input scale, at the classifier's feature resolution, flips folded
+    in and in plain-CAM units (see the module docstring); image_size: (H, W);
+    normalize: "per_class" or "global". The two maps the stages use are made
+    from them on first use, exactly as IRNet's `make_cam` does:
+    `cam` (K, ceil(H/4), ceil(W/4)) and `high_res` (K, H, W): the scale maps
+    upsampled bilinearly, summed, ReLU, divided by the max (+1e-5); both in
+    [0, 1]. Storing the scale maps instead of the full-size map keeps a CAM
+    file at a few KB per class (a 500x375 image: ~12 KB per class at two
+    scales) and gives the same maps bit for bit.
     """
 
-    keys: np.ndarray
-    cam: np.ndarray
-    high_res: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.keys = np.asarray(self.keys, dtype=np.int64).reshape(-1)
-        self.cam = np.asarray(self.cam, dtype=np.float32)
-        self.high_res = np.asarray(self.high_res, dtype=np.float32)
+    def __init__(self, keys: Any, scale_maps: Sequence[Any], image_size: Sequence[int],
+                 normalize: Normalize = "per_class") -> None:
+        self.keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        self.scale_maps = [np.ascontiguousarray(m, dtype=np.float32) for m in scale_maps]
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.normalize = normalize
         k = len(self.keys)
-        if self.cam.ndim != 3 or self.high_res.ndim != 3 or self.cam.shape[0] != k or self.high_res.shape[0] != k:
-            raise ValueError(
-                f"CamResult: expected cam (K, h, w) and high_res (K, H, W) with K = {k}, "
-                f"got {self.cam.shape} and {self.high_res.shape}"
-            )
+        if normalize not in ("per_class", "global"):
+            raise ValueError(f"CamResult: normalize must be 'per_class' or 'global', got {normalize!r}")
+        if not self.scale_maps or any(m.ndim != 3 or m.shape[0] != k or 0 in m.shape[1:] for m in self.scale_maps):
+            raise ValueError(f"CamResult: expected one or more (K, h, w) scale maps with K = {k}, "
+                             f"got {[m.shape for m in self.scale_maps]}")
+        if min(self.image_size) < 1:
+            raise ValueError(f"CamResult: image size must be positive, got {self.image_size}")
+        self._maps: dict[tuple[int, int], np.ndarray] = {}
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) of the image the maps belong to."""
-        return int(self.high_res.shape[1]), int(self.high_res.shape[2])
+    def cam(self) -> np.ndarray:
+        """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1]: the random walk's seeds."""
+        return self.resized(stride4_size(*self.image_size))
+
+    @property
+    def high_res(self) -> np.ndarray:
+        """(K, H, W) float32 in [0, 1]: the full-size maps (CRF, scores, pictures)."""
+        return self.resized(self.image_size)
+
+    def resized(self, size: tuple[int, int]) -> np.ndarray:
+        """The scale maps upsampled to `size`, summed, ReLU, normalised (cached)."""
+        if size not in self._maps:
+            total = torch.zeros((1, len(self.keys), *size))
+            for m in self.scale_maps if len(self.keys) else ():  # no classes: nothing to upsample
+                total += F.interpolate(torch.from_numpy(m)[None], size=size, mode="bilinear", align_corners=False)
+            self._maps[size] = _normalise(total[0], self.normalize).numpy()
+        return self._maps[size]
 
     def to_npz_dict(self) -> dict[str, np.ndarray]:
-        """Arrays for `np.savez` / `store.save_npz`: maps stored as float16."""
-        return {
-            "keys": self.keys.astype(np.int64),
-            "cam": self.cam.astype(np.float16),
-            "high_res": self.high_res.astype(np.float16),
-        }
+        """Arrays for `store.save_npz`: keys, image size, normalisation, scale maps (float32)."""
+        out = {"keys": self.keys, "image_size": np.asarray(self.image_size, np.int64),
+               "per_class": np.asarray(self.normalize == "per_class")}
+        out.update({f"scale{i}": m for i, m in enumerate(self.scale_maps)})
+        return out
 
     @classmethod
     def from_npz(cls, source: str | Path | Mapping[str, Any]) -> "CamResult":
-        """Load from an .npz path or a mapping (e.g. `np.load(...)`); maps back to float32."""
+        """Load from an .npz path or a mapping (e.g. `np.load(...)`)."""
+        what = "CAM file"
         if isinstance(source, (str, Path)):
-            from .store import read_npz
+            from .store import FileError, read_npz
 
-            source = read_npz(source, "CAM file")
-        return cls(source["keys"], source["cam"], source["high_res"])
+            what, source = f"{source}: CAM file", read_npz(source, "CAM file")
+        names = sorted((k for k in source if k.startswith("scale")), key=lambda k: int(k[5:]) if k[5:].isdigit() else -1)
+        if "high_res" in source or not {"keys", "image_size", "per_class"} <= set(source) or not names:
+            from .store import FileError
+
+            raise FileError(f"{what} is not in this version's format (keys, image_size, per_class, scale0, ...); "
+                            "rerun the cams stage (--force)")
+        try:
+            return cls(source["keys"], [source[k] for k in names], [int(v) for v in np.asarray(source["image_size"])],
+                       "per_class" if bool(source["per_class"]) else "global")
+        except (ValueError, TypeError, IndexError) as e:
+            from .store import FileError
+
+            raise FileError(f"{what}: {e}; rerun the cams stage (--force)") from None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -425,15 +460,14 @@ def class_activation_maps(
     h4, w4 = stride4_size(height, width)
     k = len(keys)
     if k == 0:
-        return CamResult(keys, np.zeros((0, h4, w4), np.float32), np.zeros((0, height, width), np.float32))
+        return CamResult(keys, [np.zeros((0, h4, w4), np.float32)], (height, width), normalize)
 
     device = _model_device(model)
     x = image.to(device=device, dtype=_model_dtype(model))[None]
     was_training = model.training
     model.eval()
     try:
-        low = torch.zeros((1, k, h4, w4), device=device)
-        high = torch.zeros((1, k, height, width), device=device)
+        scale_maps: list[np.ndarray] = []
         idx: list[int] | None = None
         for s in scales:
             xs = x if s == 1.0 else F.interpolate(x, size=scaled_size(height, width, s), mode="bilinear",
@@ -451,11 +485,8 @@ def class_activation_maps(
                 m = maps[:1] + maps[1:].flip(-1) if flip else maps
                 if plain_cam_units:
                     m = m * (a.shape[-2] * a.shape[-1])
-                low += F.interpolate(m, size=(h4, w4), mode="bilinear", align_corners=False)
-                high += F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
-        low = _normalise(low[0], normalize)
-        high = _normalise(high[0], normalize)
-        return CamResult(keys, low.cpu().numpy(), high.cpu().numpy())
+                scale_maps.append(m[0].float().cpu().numpy())
+        return CamResult(keys, scale_maps, (height, width), normalize)
     finally:
         model.train(was_training)
 

@@ -46,7 +46,8 @@ def _headline(m: dict) -> str:
 
 
 @register("cams", "02_cams", sections=("cams",), upstream=("data", "classifier", "label_filter"),
-          config=CamsConfig, notebook="02_cams.ipynb", check=check_cams, headline=_headline)
+          config=CamsConfig, notebook="02_cams.ipynb", check=check_cams, headline=_headline,
+          version=2)  # 2: CAM files hold the per-scale maps (float32), not float16 full-size maps
 def cams_stage(cfg: Config, run: Run) -> StageResult:
     """Multi-scale Grad-CAM / Grad-CAM++ for every image of the split, then a
     background-threshold sweep against the masks."""
