@@ -102,7 +102,11 @@ def _run(args: argparse.Namespace) -> None:
 
         root = run_pipeline(args.config, args.run_dir, args.from_stage, args.to_stage, overrides,
                             force=args.force)
+        from . import runtime
         from .stages import open_run, summary_lines
+
+        if not runtime.is_main():  # under torchrun: rank 0 speaks
+            return
 
         print(f"[wsss] finished. Outputs: {root}")
         print(f"[wsss] executed notebooks: {root / 'notebooks'}")

@@ -9,6 +9,12 @@ a changed parameter reruns that stage and everything downstream. The
 terminal shows one line per stage and the stage's progress bars; the full
 output stays in the executed notebook. A failing stage stops the run with
 one line naming the notebook, the cell and the error.
+
+Under torchrun (`torchrun --nproc_per_node N -m wsss_core.cli run ...`),
+every process runs the stage functions in order (per-image stages share the
+images, trained stages train with DDP; a barrier after each stage), then
+rank 0 executes the notebooks of the stages that ran, which find them done
+and draw their pictures.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 from . import runtime
 from .config import Config, ConfigError, load_config
-from .stages import STAGES, check_stage, dataset, headline, open_run, pipeline_order
+from .stages import STAGES, check_stage, dataset, headline, open_run, pipeline_order, run_stage
 from .store import LOCK_TOKEN_ENV, FileError, Run, StaleUpstreamError, describe_os_error, file_errors, write_text
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -279,8 +285,14 @@ def run_pipeline(
         check_stage(name, cfg, ds)
         out = run.root / "notebooks" / notebook_path(STAGES[name].notebook).name  # type: ignore[arg-type]
         run.inside(out), run.inside(out.with_suffix(".kernel.log"))  # never written through a link out of the run
-    executed: set[str] = set()  # a notebook may serve several stages (06: the segmenter and its bound)
+    distributed = runtime.world_size() > 1  # under torchrun: every process runs the stage functions
+    if distributed and not runtime.is_main():
+        echo = lambda s: None  # noqa: E731  (one line per stage, from rank 0)
+    ran: list[str] = []
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
+        if distributed:
+            runtime.init_distributed(runtime.resolve_device(cfg.device))
+            runtime.barrier()  # every process has read the run folder before rank 0 changes it
         # Reasons are taken before anything runs, so a downstream stage names the root cause
         # ("00_data was made from other data") rather than "00_data was rerun since".
         for name in (n for n in force if n in stages):  # a damaged manifest of a forced stage: forcing repairs it
@@ -288,11 +300,10 @@ def run_pipeline(
                 echo(f"[wsss] {run.folder(name) / 'manifest.json'}: unreadable, removed (the stage is forced)")
         reasons = {name: run.why_not_done(name) for name in stages}
         done_before = {name for name in stages if name not in force and run.is_done(name)}
+        runtime.barrier()
         for k, name in enumerate(stages, 1):
             if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
                 raise KeyboardInterrupt
-            nb = notebook_path(STAGES[name].notebook)  # type: ignore[arg-type]
-            out = run.root / "notebooks" / nb.name
             tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
             if name not in force and run.is_done(name):
                 m = run.manifest(name) or {}
@@ -303,34 +314,60 @@ def run_pipeline(
             run.check_upstream(name)
             why = "forced" if name in force else \
                 (reasons[name] or run.why_not_done(name) or "evaluation parameters changed")
-            if name in force:
+            if name in force and not distributed:
                 run.begin(name, fresh=True)  # checked above: a bad value does not cost the previous results
             echo(f"{tag} running ({why})")
             t0 = time.perf_counter()
-            params: dict[str, Any] = {"config": str(config), "run_dir": str(run.root)}
-            if overrides:
-                params["overrides"] = dict(overrides)
-            try:
-                execute_notebook(nb, out, params, log_output=log_output)
-            except papermill.PapermillExecutionError as e:
-                if e.ename == "KeyboardInterrupt" or ctrl_c.is_set():  # Ctrl-C, forwarded to the kernel
-                    raise KeyboardInterrupt from None
-                if e.ename == "StaleUpstreamError":
-                    raise StaleUpstreamError(e.evalue) from None
-                raise StageFailed(_failure_line(name, out, e)) from None
-            executed.add(nb.name)
+            if distributed:
+                run_stage(name, cfg, run, force=name in force)
+                runtime.barrier()  # rank 0 has written the manifest before any process reads it
+                ran.append(name)
+            else:
+                _stage_notebook(name, config, run, overrides, log_output, ctrl_c)
             m = run.manifest(name) or {}
-            if m.get("status") != "done":
-                raise StageFailed(f"stage {name}: its notebook {out} finished without running it")
-            if STAGES[name].after_notebook is not None:
-                STAGES[name].after_notebook(out, run)
             # a notebook serving several stages: each line gets its stage's own time
             shared = any(s.notebook == STAGES[name].notebook for n, s in STAGES.items() if n != name)
-            took = (m.get("seconds") or 0) if shared else time.perf_counter() - t0
+            took = (m.get("seconds") or 0) if shared or distributed else time.perf_counter() - t0
             echo(f"{tag} done in {took:.0f} s{_with(headline(name, m.get('metrics', {})))}")
+        if distributed:
+            runtime.leave_distributed(wait=True)
+            if runtime.is_main() and ran:  # the pictures: each notebook finds its stage done and draws
+                first: dict[str, str] = {}  # notebook -> the first stage that ran of those it serves
+                for n in ran:
+                    first.setdefault(STAGES[n].notebook, n)  # type: ignore[arg-type]
+                echo(f"[wsss] the pictures: executing {len(first)} notebooks in this process")
+                with _env(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"):  # the kernels are not torchrun processes
+                    for n in first.values():
+                        _stage_notebook(n, config, run, overrides, log_output, ctrl_c)
         if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish
             raise KeyboardInterrupt
     return run.root
+
+
+def _stage_notebook(name: str, config: Path, run: Run, overrides: Mapping[str, Any] | None, log_output: bool,
+                    ctrl_c: threading.Event) -> None:
+    """Execute stage `name`'s notebook into the run's notebooks/ folder (which
+    runs the stage, or finds it done and draws its pictures), then the stage's
+    after-notebook step. Failures are one line."""
+    import papermill
+
+    nb = notebook_path(STAGES[name].notebook)  # type: ignore[arg-type]
+    out = run.root / "notebooks" / nb.name
+    params: dict[str, Any] = {"config": str(config), "run_dir": str(run.root)}
+    if overrides:
+        params["overrides"] = dict(overrides)
+    try:
+        execute_notebook(nb, out, params, log_output=log_output)
+    except papermill.PapermillExecutionError as e:
+        if e.ename == "KeyboardInterrupt" or ctrl_c.is_set():  # Ctrl-C, forwarded to the kernel
+            raise KeyboardInterrupt from None
+        if e.ename == "StaleUpstreamError":
+            raise StaleUpstreamError(e.evalue) from None
+        raise StageFailed(_failure_line(name, out, e)) from None
+    if (run.manifest(name) or {}).get("status") != "done":
+        raise StageFailed(f"stage {name}: its notebook {out} finished without running it")
+    if STAGES[name].after_notebook is not None:
+        STAGES[name].after_notebook(out, run)
 
 
 def _with(text: str) -> str:

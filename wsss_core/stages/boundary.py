@@ -13,7 +13,7 @@ from .. import runtime
 from ..artifacts import IR_LABELS, model_path, read_kept_ids
 from ..config import BoundaryConfig, Config, ConfigError
 from ..evaluate import boundary_scores
-from ..store import Run, StageResult, read_json
+from ..store import Run, StageResult, read_json, write_json
 from .inputs import dataset
 from .registry import register
 
@@ -63,6 +63,7 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
     if model_file.is_file():  # trained with these parameters: evaluate only
         model = load_boundary(model_file, device)
         history = read_json(folder / "history.json")
+        checksums = read_json(folder / "fit.json")["param_checksums"] if (folder / "fit.json").is_file() else []
     else:
         runtime.seed_everything(cfg.seed)  # the branch's initialisation is part of the run
         model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride))
@@ -76,14 +77,17 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
                                num_workers=runtime.loader_workers(b.num_workers, device), amp=b.amp,
                                schedule=b.schedule, desc="boundary"),
                      folder, device)
-        history = result.history
-        if run.is_main:
+        history, checksums = result.history, result.param_checksums
+        if run.is_main:  # model.pt last: its presence means training is complete
+            write_json(folder / "fit.json", {"param_checksums": checksums})
             save_boundary(model_file, model, b.backbone, b.output_stride, b.weights)
     metrics: dict[str, Any] = {
         "epochs": len(history),
         "loss": history[-1]["loss"] if history else None,
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "train_images": len(read_kept_ids(run)),
+        "world_size": len(checksums),
+        "param_checksums": checksums,  # of the trained weights on each process (DDP keeps them equal)
     }
     val = cfg.data.val_split
     if run.is_main and val in ds.splits and ds.has_masks(val):
