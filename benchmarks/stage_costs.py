@@ -2,7 +2,7 @@
 this machine, without the dataset: the numbers `docs/SCALING.md` multiplies
 out for VOC 2012 and LID.
 
-Random weights and a random 500x375 photo (`--size`) with `--classes`
+Random weights and a real photo resized to 500x375 (`--size`) with `--classes`
 labelled classes; the real code of every stage, one image at a time:
 - classifier, boundary, segmentation(s): one optimizer step on a batch of
   `--batch` crops of the configured size (per image = step / batch);
@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -42,6 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--size", type=int, nargs=2, default=[375, 500], metavar=("H", "W"))
+    ap.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "shared/data/msrc-voc/JPEGImages/10_10_s.jpg"),
+                    help="a photo, resized to --size (default: an msrc photo)")
     ap.add_argument("--classes", type=int, default=2, help="labelled classes of the photo")
     ap.add_argument("--num-classes", type=int, default=21, help="classes of the dataset (with background)")
     ap.add_argument("--batch", type=int, default=2, help="crops per training step measured")
@@ -64,8 +67,12 @@ def main() -> None:
     cfg = load_config(args.config, {"data.root": "."})  # the data is not read: a preset's $ROOT may be unset
     g = torch.Generator().manual_seed(0)
     h, w = args.size
-    image = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-    x = torch.randn(3, h, w, generator=g)
+    from PIL import Image
+
+    # a real photo (a random one would make the CRF's lattice, and its time, many times larger)
+    with Image.open(args.image) as im:
+        image = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
+    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).sub(0.45).div(0.225)
     keys = np.arange(1, args.classes + 1)
     cpu = torch.device("cpu")
     out: dict[str, float] = {}

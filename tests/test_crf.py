@@ -96,6 +96,9 @@ def test_crf_accepts_non_contiguous_image_and_labels():
     np.testing.assert_array_equal(dense_crf_labels(wide_image[:, ::2], wide_labels[:, ::2], 3, CFG), expected)
     np.testing.assert_array_equal(dense_crf_labels(np.asfortranarray(image), labels.astype(np.int32), 3, CFG),
                                   expected)
+    frozen = image.copy()
+    frozen.flags.writeable = False  # as np.asarray(PIL image) gives
+    np.testing.assert_array_equal(dense_crf_labels(frozen, labels, 3, CFG), expected)
 
 
 def test_crf_single_label_is_identity():

@@ -66,7 +66,7 @@ def _inference(image: np.ndarray, unary: np.ndarray, n_labels: int, cfg: CrfConf
     crf.addPairwiseBilateral(
         sxy=float(cfg.bilateral_sxy),
         srgb=float(cfg.bilateral_srgb),
-        rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+        rgbim=np.require(image, np.uint8, ["C", "W"]),  # pydensecrf needs a writable buffer (np.asarray(PIL) is not)
         compat=float(cfg.bilateral_compat),
     )
     q = crf.inference(int(cfg.iterations))
