@@ -403,7 +403,7 @@ def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
         deadline = time.monotonic() + 120
         while not _status_running(manifest) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert lock.exists() and _status_running(manifest), first.communicate()
+        assert lock.exists() and _status_running(manifest), "the first run did not start its classifier"
         second = wsss("run", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "r"))
         assert second.returncode == 2, second.stderr
         assert second.stderr.strip().splitlines() == [
@@ -411,7 +411,11 @@ def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
             f"{yaml.safe_load(lock.read_text())['started']} (wsss run); wait for it to finish or stop it"]
     finally:
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group (the kernel too)
-        out, err = first.communicate(timeout=120)
+        try:
+            out, err = first.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # never left running (it would train 100,000 epochs)
+            os.killpg(first.pid, signal.SIGKILL)
+            raise
     # Ctrl-C: one line saying what is kept and how to resume, exit 130; the lock is released
     assert first.returncode == 130, err
     assert err.strip().splitlines() == ["wsss: interrupted. Finished stages and the finished files of the "

@@ -161,7 +161,7 @@ def test_stored_cams_of_the_trained_classifier_equal_the_peer(ci_run, tmp_path):
             up = F.interpolate(torch.from_numpy(raw * cells)[None].float(), size=image.shape[:2], mode="bilinear",
                                align_corners=False)[0, 0].numpy()
             expected = up / (up.max() + 1e-5)
-            assert np.abs(stored.high_res[j] - expected).max() < 1e-3, (sid, int(k))  # float16 on disk
+            assert np.abs(stored.high_res[j] - expected).max() < 1e-4, (sid, int(k))  # float32 maps on disk
         checked += 1
         if checked == 3:
             break

@@ -105,7 +105,7 @@ class CamResult:
     upsampled bilinearly, summed, ReLU, divided by the max (+1e-5); both in
     [0, 1]. Storing the scale maps instead of the full-size map keeps a CAM
     file at a few KB per class (a 500x375 image: ~12 KB per class at two
-    scales) and gives the same maps bit for bit.
+    scales); a file gives back exactly the maps of the result it was saved from.
     """
 
     def __init__(self, keys: Any, scale_maps: Sequence[Any], image_size: Sequence[int],

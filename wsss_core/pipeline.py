@@ -288,60 +288,84 @@ def run_pipeline(
     distributed = runtime.world_size() > 1  # under torchrun: every process runs the stage functions
     if distributed and not runtime.is_main():
         echo = lambda s: None  # noqa: E731  (one line per stage, from rank 0)
-    ran: list[str] = []
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
         if distributed:
             runtime.init_distributed(runtime.resolve_device(cfg.device))
             runtime.barrier()  # every process has read the run folder before rank 0 changes it
         # Reasons are taken before anything runs, so a downstream stage names the root cause
         # ("00_data was made from other data") rather than "00_data was rerun since".
-        for name in (n for n in force if n in stages):  # a damaged manifest of a forced stage: forcing repairs it
-            if run.forget_damaged_manifest(name):
+        for name in (n for n in force if n in stages and run.is_main):  # a damaged manifest of a forced stage:
+            if run.forget_damaged_manifest(name):  # forcing repairs it (rank 0 only, before the others look)
                 echo(f"[wsss] {run.folder(name) / 'manifest.json'}: unreadable, removed (the stage is forced)")
+        runtime.barrier()
         reasons = {name: run.why_not_done(name) for name in stages}
         done_before = {name for name in stages if name not in force and run.is_done(name)}
         runtime.barrier()
-        for k, name in enumerate(stages, 1):
-            if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
-                raise KeyboardInterrupt
-            tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
-            if name not in force and run.is_done(name):
-                m = run.manifest(name) or {}
-                did = "skipped (done)" if name in done_before else \
-                    f"done in {m.get('seconds') or 0:.0f} s (same notebook)"
-                echo(f"{tag} {did}{_with(headline(name, m.get('metrics', {})))}")
-                continue
-            run.check_upstream(name)
-            why = "forced" if name in force else \
-                (reasons[name] or run.why_not_done(name) or "evaluation parameters changed")
-            if name in force and not distributed:
-                run.begin(name, fresh=True)  # checked above: a bad value does not cost the previous results
-            echo(f"{tag} running ({why})")
-            t0 = time.perf_counter()
+        try:
+            _run_stages(stages, force, reasons, done_before, distributed, config, run, cfg, overrides, log_output,
+                        ctrl_c, echo)
+        except BaseException:
             if distributed:
-                run_stage(name, cfg, run, force=name in force)
-                runtime.barrier()  # rank 0 has written the manifest before any process reads it
-                ran.append(name)
-            else:
-                _stage_notebook(name, config, run, overrides, log_output, ctrl_c)
-            m = run.manifest(name) or {}
-            # a notebook serving several stages: each line gets its stage's own time
-            shared = any(s.notebook == STAGES[name].notebook for n, s in STAGES.items() if n != name)
-            took = (m.get("seconds") or 0) if shared or distributed else time.perf_counter() - t0
-            echo(f"{tag} done in {took:.0f} s{_with(headline(name, m.get('metrics', {})))}")
+                runtime.leave_distributed(wait=False)  # an undestroyed gloo group aborts the exit
+            raise
         if distributed:
             runtime.leave_distributed(wait=True)
-            if runtime.is_main() and ran:  # the pictures: each notebook finds its stage done and draws
-                first: dict[str, str] = {}  # notebook -> the first stage that ran of those it serves
-                for n in ran:
-                    first.setdefault(STAGES[n].notebook, n)  # type: ignore[arg-type]
-                echo(f"[wsss] the pictures: executing {len(first)} notebooks in this process")
-                with _env(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"):  # the kernels are not torchrun processes
-                    for n in first.values():
-                        _stage_notebook(n, config, run, overrides, log_output, ctrl_c)
+            if run.is_main:  # the pictures: each notebook finds its stages done and draws
+                _draw_notebooks(stages, config, run, overrides, log_output, ctrl_c, echo)
         if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish
             raise KeyboardInterrupt
     return run.root
+
+
+def _run_stages(stages: list[str], force: Sequence[str], reasons: dict[str, str | None], done_before: set[str],
+                distributed: bool, config: Path, run: Run, cfg: Config, overrides: Mapping[str, Any] | None,
+                log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
+    """The stages in order: each one's notebook, or under torchrun its function in every process."""
+    for k, name in enumerate(stages, 1):
+        if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
+            raise KeyboardInterrupt
+        tag = f"[wsss] ({k}/{len(stages)}) {name:<18}"
+        if name not in force and run.is_done(name):
+            m = run.manifest(name) or {}
+            did = "skipped (done)" if name in done_before else \
+                f"done in {m.get('seconds') or 0:.0f} s (same notebook)"
+            echo(f"{tag} {did}{_with(headline(name, m.get('metrics', {})))}")
+            continue
+        run.check_upstream(name)
+        why = "forced" if name in force else \
+            (reasons[name] or run.why_not_done(name) or "evaluation parameters changed")
+        if name in force and not distributed:
+            run.begin(name, fresh=True)  # checked above: a bad value does not cost the previous results
+        echo(f"{tag} running ({why})")
+        t0 = time.perf_counter()
+        if distributed:
+            run_stage(name, cfg, run, force=name in force)
+            runtime.barrier()  # rank 0 has written the manifest before any process reads it
+        else:
+            _stage_notebook(name, config, run, overrides, log_output, ctrl_c)
+        m = run.manifest(name) or {}
+        # a notebook serving several stages: each line gets its stage's own time
+        shared = any(s.notebook == STAGES[name].notebook for n, s in STAGES.items() if n != name)
+        took = (m.get("seconds") or 0) if shared or distributed else time.perf_counter() - t0
+        echo(f"{tag} done in {took:.0f} s{_with(headline(name, m.get('metrics', {})))}")
+
+
+def _draw_notebooks(stages: list[str], config: Path, run: Run, overrides: Mapping[str, Any] | None,
+                    log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
+    """After a torchrun run: execute (in this process) each notebook whose executed copy is missing or older
+    than one of its stages' manifests, so stages done by an earlier, failed run get their pictures too."""
+    todo: dict[str, str] = {}  # notebook -> the first of its stages
+    for name in stages:
+        nb = STAGES[name].notebook
+        out = run.root / "notebooks" / notebook_path(nb).name  # type: ignore[arg-type]
+        manifest = run.folder(name) / "manifest.json"
+        if nb and run.is_done(name) and (not out.is_file() or out.stat().st_mtime < manifest.stat().st_mtime):
+            todo.setdefault(nb, name)
+    if todo:
+        echo(f"[wsss] the pictures: executing {len(todo)} notebooks in this process")
+    with _env(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"):  # the kernels are not torchrun processes
+        for name in todo.values():
+            _stage_notebook(name, config, run, overrides, log_output, ctrl_c)
 
 
 def _stage_notebook(name: str, config: Path, run: Run, overrides: Mapping[str, Any] | None, log_output: bool,

@@ -86,7 +86,7 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
         "loss": history[-1]["loss"] if history else None,
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "train_images": len(read_kept_ids(run)),
-        "world_size": len(checksums),
+        "world_size": len(checksums) or None,  # None: trained before the checksums were recorded
         "param_checksums": checksums,  # of the trained weights on each process (DDP keeps them equal)
     }
     val = cfg.data.val_split
