@@ -13,8 +13,8 @@ one line naming the notebook, the cell and the error.
 Under torchrun (`torchrun --nproc_per_node N -m wsss_core.cli run ...`),
 every process runs the stage functions in order (per-image stages share the
 images, trained stages train with DDP; a barrier after each stage), then
-rank 0 executes the notebooks of the stages that ran, which find them done
-and draw their pictures.
+rank 0 executes the notebooks that are missing or older than their stages'
+manifests, which find their stages done and draw the pictures.
 """
 
 from __future__ import annotations
