@@ -177,4 +177,4 @@ def test_a_new_stage_version_redoes_that_stage_and_says_why(finished):
         did, run = rerun(finished, {})
         assert did == {**dict.fromkeys(ORDER, "skipped"), "crf": "ran"}
         assert run.manifest("crf")["version"] == 2 and run.is_done("crf")
-    assert "version" not in before.manifest("cams")  # version 1 is not written: old manifests still hold
+    assert "version" not in before.manifest("classifier")  # version 1 is not written: old manifests still hold
