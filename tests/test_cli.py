@@ -396,7 +396,9 @@ def test_two_concurrent_runs_the_second_refuses(finished, tmp_path):
     shutil.copytree(finished, tmp_path / "r")
     first = subprocess.Popen([sys.executable, "-m", "wsss_core.cli", "run", "--config", str(CI_YAML), "--run-dir",
                               str(tmp_path / "r"), "--set", "classifier.epochs=100000"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             # as from a terminal: a background job (`... &`, as CI may start us) ignores SIGINT
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lock = tmp_path / "r" / ".wsss.lock"
     manifest = tmp_path / "r" / "01_classifier" / "manifest.json"
     try:

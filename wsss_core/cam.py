@@ -103,9 +103,8 @@ class CamResult:
     from them on first use, exactly as IRNet's `make_cam` does:
     `cam` (K, ceil(H/4), ceil(W/4)) and `high_res` (K, H, W): the scale maps
     upsampled bilinearly, summed, ReLU, divided by the max (+1e-5); both in
-    [0, 1]. Storing the scale maps instead of the full-size map keeps a CAM
-    file at a few KB per class (a 500x375 image: ~12 KB per class at two
-    scales); a file gives back exactly the maps of the result it was saved from.
+    [0, 1]. A file holds the scale maps: ~12 KB per class for a 500x375 image
+    at two scales; it gives back exactly the maps of the result it came from.
     """
 
     def __init__(self, keys: Any, scale_maps: Sequence[Any], image_size: Sequence[int],
