@@ -152,23 +152,19 @@ class CamResult:
     @classmethod
     def from_npz(cls, source: str | Path | Mapping[str, Any]) -> "CamResult":
         """Load from an .npz path or a mapping (e.g. `np.load(...)`)."""
+        from .store import FileError, read_npz
+
         what = "CAM file"
         if isinstance(source, (str, Path)):
-            from .store import FileError, read_npz
-
             what, source = f"{source}: CAM file", read_npz(source, "CAM file")
         names = sorted((k for k in source if k.startswith("scale")), key=lambda k: int(k[5:]) if k[5:].isdigit() else -1)
         if "high_res" in source or not {"keys", "image_size", "per_class"} <= set(source) or not names:
-            from .store import FileError
-
             raise FileError(f"{what} is not in this version's format (keys, image_size, per_class, scale0, ...); "
                             "rerun the cams stage (--force)")
         try:
             return cls(source["keys"], [source[k] for k in names], [int(v) for v in np.asarray(source["image_size"])],
                        "per_class" if bool(source["per_class"]) else "global")
         except (ValueError, TypeError, IndexError) as e:
-            from .store import FileError
-
             raise FileError(f"{what}: {e}; rerun the cams stage (--force)") from None
 
 
