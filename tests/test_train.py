@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from wsss_core.data.sampling import EpochSampler, sample_weights
-from wsss_core.train import FitConfig, fit, lr_lambda, param_checksum
+from wsss_core.train import FitConfig, build_optimizer, fit, lr_lambda, param_checksum
 
 
 class Toy(torch.utils.data.Dataset):
@@ -124,6 +124,24 @@ def test_class_aware_weights_give_each_class_equal_mass():
     y = np.array([[1, 0]] * 8 + [[0, 1]] * 2 + [[0, 0]] * 2)
     w = sample_weights(y, "class_aware")
     assert w[:8].sum() == pytest.approx(w[8:10].sum()) == pytest.approx(w[10:].sum()) == pytest.approx(1 / 3)
+
+
+def test_adamw_decays_weights_apart_from_the_gradient_adam_through_it():
+    """With a zero loss gradient, AdamW's step is the decoupled decay w * (1 - lr * wd) alone; Adam's L2
+    penalty goes through the adaptive step instead, which moves every weight by about lr towards 0."""
+    w0 = torch.tensor([2.0, -0.5, 0.25])
+    lr, wd = 0.1, 0.01
+    moved = {}
+    for name in ("adamw", "adam"):
+        w = nn.Parameter(w0.clone())
+        opt = build_optimizer([{"params": [w]}], name, lr, wd)
+        w.grad = torch.zeros_like(w)
+        opt.step()
+        moved[name] = w.detach()
+    torch.testing.assert_close(moved["adamw"], w0 * (1 - lr * wd))
+    torch.testing.assert_close(moved["adam"], w0 - lr * torch.sign(w0), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="adamw"):
+        build_optimizer([{"params": [nn.Parameter(w0.clone())]}], "lamb", lr, wd)
 
 
 def test_param_checksum_detects_change():

@@ -44,11 +44,14 @@ def lr_lambda(schedule: str, total_steps: int, steps_per_epoch: int, step_size: 
 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9), Adam (L2 penalty in the gradient) or AdamW (decoupled weight decay)."""
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r} (adam | sgd)")
+    raise ValueError(f"unknown optimizer {name!r} (adam | adamw | sgd)")
 
 
 # --------------------------------------------------------------------------- fit
