@@ -135,7 +135,7 @@ def test_the_whole_pipeline_under_torchrun(ci_full_run, tmp_path):
     shutil.copytree(root, again)
     kept = read_kept_ids(two)
     for stage, folders in (("predict", ("07_predict/train", "07_predict/val", "07_predict/full")),
-                           ("pseudo_masks", ("05_pseudo_masks/masks", "05_pseudo_masks/boundary")),
+                           ("pseudo_masks", ("05_pseudo_masks/masks", "05_pseudo_masks/walk", "05_pseudo_masks/boundary")),
                            ("crf", ("03_crf/ir_labels",)), ("cams", ("02_cams/cams",))):
         torchrun("stage", stage, "--force", "--config", str(CONFIG), "--run-dir", str(again), nproc=1)
         for folder in folders:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from wsss_core import stages
-from wsss_core.artifacts import BOUNDARY_MAPS, CAMS, PSEUDO_MASKS, model_path, predictions, read_kept_ids
+from wsss_core.artifacts import BOUNDARY_MAPS, CAMS, PSEUDO_MASKS, WALK_MASKS, model_path, predictions, read_kept_ids
+from wsss_core.crf import dense_crf_labels
 from wsss_core.metrics import ConfusionMatrix
 from wsss_core.affinity import AffinityTargets
 from wsss_core.models.boundary import boundary_map, load_boundary
@@ -76,12 +77,16 @@ def reference_pseudo_mask(rw: np.ndarray, keys, image_size, bg_threshold: float)
     return np.where(best == 0, 0, class_ids[np.maximum(best - 1, 0)]).astype(np.uint8)
 
 
-def test_pseudo_masks_equal_the_dense_random_walk(ci_full_run):
+def test_pseudo_masks_are_the_dense_random_walk_refined_by_the_crf(ci_full_run):
+    """walk/<id>.png is the dense reference walk's mask; masks/<id>.png is that mask through the label-unary
+    dense CRF at pseudo_masks.crf_gt_prob with the crf section's pairwise terms (on local label indices)."""
     cfg, run = ci_full_run
     kept = read_kept_ids(run)
-    assert PSEUDO_MASKS.ids(run) == BOUNDARY_MAPS.ids(run) == sorted(kept)
+    assert cfg.pseudo_masks.crf_gt_prob == 0.95
+    assert PSEUDO_MASKS.ids(run) == BOUNDARY_MAPS.ids(run) == WALK_MASKS.ids(run) == sorted(kept)
     p = cfg.pseudo_masks
-    checked = 0
+    images = stages.dataset(cfg).labelled("train")
+    checked = changed = 0
     for sid in kept:
         cam = CAMS.read(run, sid)
         if not len(cam.keys):
@@ -89,14 +94,20 @@ def test_pseudo_masks_equal_the_dense_random_walk(ci_full_run):
         b = BOUNDARY_MAPS.read(run, sid)
         rw = dense_random_walk(cam.cam.astype(np.float64), b.astype(np.float64), p.radius, p.beta, p.exp_times)
         expected = reference_pseudo_mask(rw, cam.keys, cam.image_size, p.sem_seg_bg_thres)
-        stored = PSEUDO_MASKS.read(run, sid)
-        assert stored.shape == cam.image_size
+        walked, stored = WALK_MASKS.read(run, sid), PSEUDO_MASKS.read(run, sid)
+        assert walked.shape == stored.shape == cam.image_size
         assert set(np.unique(stored)) <= {0, *cam.keys.tolist()}
-        assert (stored == expected).mean() > 0.999, sid  # float32 vs float64 may flip a tie-level pixel
+        assert (walked == expected).mean() > 0.999, sid  # float32 vs float64 may flip a tie-level pixel
+        lut = np.array([0, *cam.keys.tolist()])
+        crf = cfg.crf.__class__(**{**cfg.crf.__dict__, "gt_prob": p.crf_gt_prob})
+        refined = lut[dense_crf_labels(images.image(images.position(sid)), np.searchsorted(lut, walked),
+                                       lut.size, crf)]
+        np.testing.assert_array_equal(stored, refined)
+        changed += int((stored != walked).any())
         checked += 1
         if checked == 3:
             break
-    assert checked == 3
+    assert checked == 3 and changed >= 1  # the CRF moved some pixels
 
 
 def test_pseudo_mask_scores_are_recomputed_from_the_files(ci_full_run):
@@ -108,6 +119,10 @@ def test_pseudo_mask_scores_are_recomputed_from_the_files(ci_full_run):
     for sid in read_kept_ids(run):
         cm.update(PSEUDO_MASKS.read(run, sid), masks.mask(sid))
     assert m["miou"] == pytest.approx(cm.miou(), abs=1e-12)
+    walked = ConfusionMatrix(ds.num_classes)
+    for sid in read_kept_ids(run):
+        walked.update(WALK_MASKS.read(run, sid), masks.mask(sid))
+    assert m["walk_miou"] == pytest.approx(walked.miou(), abs=1e-12) and m["walk_miou"] != m["miou"]
     assert m["cam_miou"] == pytest.approx(run.manifest("cams")["metrics"]["miou_best"], abs=1e-12)
     assert m["ir_labels_miou"] == pytest.approx(run.manifest("crf")["metrics"]["quality"]["miou"], abs=1e-12)
 
@@ -140,12 +155,14 @@ def test_segmenters_and_predictions(ci_full_run):
 def test_report_collects_every_stage(ci_full_run):
     cfg, run = ci_full_run
     report = json.loads((run.folder("report") / "report.json").read_text())
-    assert list(report["miou"]) == ["CAM (train)", "confident labels (train)", "pseudo masks (train)",
+    assert list(report["miou"]) == ["CAM (train)", "confident labels (train)", "random-walk masks (train)",
+                                    "pseudo masks (train)",
                                     "segmenter (train)", "fully supervised (train)", "segmenter (val)",
                                     "fully supervised (val)"]
     # each split's lift on its own: the segmenter beside the pseudo masks it was trained on (the same images)
     assert {split: list(lift) for split, lift in report["lift"].items()} == {
-        "train": ["CAM", "pseudo masks", "segmenter", "fully supervised"], "val": ["segmenter", "fully supervised"]}
+        "train": ["CAM", "random-walk masks", "pseudo masks", "segmenter", "fully supervised"],
+        "val": ["segmenter", "fully supervised"]}
     assert report["miou"]["pseudo masks (train)"] == run.manifest("pseudo_masks")["metrics"]["miou"]
     masks, cm = stages.dataset(cfg).masks("train"), ConfusionMatrix(len(report["classes"]))
     for sid in read_kept_ids(run):  # the segmenter's train score, recomputed from its prediction files

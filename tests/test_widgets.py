@@ -83,17 +83,18 @@ def test_widget_opens_on_the_runs_cam_settings(inspector, ci_run):
 
 
 def test_second_half_panels_come_from_the_stored_outputs(ci_full_run):
-    from wsss_core.artifacts import BOUNDARY_MAPS, IR_LABELS, PSEUDO_MASKS, read_kept_ids
+    from wsss_core.artifacts import BOUNDARY_MAPS, IR_LABELS, PSEUDO_MASKS, WALK_MASKS, read_kept_ids
 
     cfg, run = ci_full_run
     insp = CamInspector(cfg, run)
     kept = read_kept_ids(run)
     panels = dict(insp.second_half(kept[0]))
     assert list(panels) == ["CAM (stride 4, max)", "confident labels", "boundary", "random walk (max)",
-                            "pseudo mask", "ground truth"]
+                            "walk's mask", "pseudo mask", "ground truth"]
     assert np.array_equal(panels["confident labels"], IR_LABELS.read(run, kept[0]))
     assert np.array_equal(panels["boundary"], BOUNDARY_MAPS.read(run, kept[0]))
-    assert np.array_equal(panels["pseudo mask"], PSEUDO_MASKS.read(run, kept[0]))  # the walk repeats the stage
+    assert np.array_equal(panels["walk's mask"], WALK_MASKS.read(run, kept[0]))  # the walk repeats the stage
+    assert np.array_equal(panels["pseudo mask"], PSEUDO_MASKS.read(run, kept[0]))
     dropped = [i for i in insp.ids if i not in set(kept)]
     assert dropped and insp.second_half(dropped[0]) is None
     panel = insp.widget()

@@ -150,6 +150,7 @@ CAMS = CamFiles("cams", "cams", ".npz")
 IR_LABELS = LabelMaps("crf", "ir_labels", ".png")
 BOUNDARY_MAPS = BoundaryMaps("pseudo_masks", "boundary", ".png")
 PSEUDO_MASKS = LabelMaps("pseudo_masks", "masks", ".png")
+WALK_MASKS = LabelMaps("pseudo_masks", "walk", ".png")  # the walk's masks before the CRF refinement
 
 
 def predictions(split: str, layout: str = "voc") -> LabelMaps:

@@ -8,7 +8,7 @@ foreground in the second are unconfident (255) and are ignored when IRNet's
 affinity labels are built.
 
 Only numpy and pydensecrf are used here (no torch), so the worker processes of
-`confident_labels_many` start quickly.
+`crf_many` start quickly.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ __all__ = [
     "confident_labels",
     "confident_label_parts",
     "confident_labels_many",
+    "crf_many",
+    "refined_mask",
     "confident_label_scores",
 ]
 
@@ -187,34 +189,53 @@ def confident_labels(image: np.ndarray, cams: np.ndarray, keys: np.ndarray, cfg:
     return confident_label_parts(image, cams, keys, cfg)[2]
 
 
-def _confident_job(image_id: str, image: np.ndarray, cams: np.ndarray, keys: np.ndarray,
-                   cfg: CrfConfig) -> tuple[str, np.ndarray]:
+def refined_mask(image: np.ndarray, mask: np.ndarray, keys: np.ndarray, cfg: CrfConfig) -> np.ndarray:
+    """A pseudo mask (0 background, class ids from `keys`) refined by a dense CRF
+    whose unary trusts each pixel's label with probability `cfg.gt_prob`: edges
+    snap to the image's colour edges. HxW uint8 with the same label set."""
+    image = _check_image(image)
+    mask, keys = np.asarray(mask), np.asarray(keys)
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} does not match image height x width {image.shape[:2]}")
+    lut = np.concatenate([[0], keys]).astype(np.uint8)  # local label -> class id
+    local = np.full(256, -1, np.int64)
+    local[lut] = np.arange(lut.size)
+    indices = local[mask.astype(np.uint8)]
+    if (indices < 0).any() or not np.array_equal(mask, lut[np.maximum(indices, 0)]):
+        raise ValueError(f"mask holds labels {sorted(set(np.unique(mask).tolist()) - set(lut.tolist()))} "
+                         f"that are neither background nor the image's classes {keys.tolist()}")
+    return lut[dense_crf_labels(image, indices, lut.size, cfg)]
+
+
+def _job(fn: Callable[..., np.ndarray], image_id: str, args: tuple, cfg: CrfConfig) -> tuple[str, np.ndarray]:
     """One image; top level so 'spawn' workers can import it. Input errors name the image."""
     try:
-        return image_id, confident_labels(image, cams, keys, cfg)
+        return image_id, fn(*args, cfg)
     except ValueError as e:
         raise ValueError(f"{image_id}: {e}") from None
 
 
-def confident_labels_many(
-    items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+def crf_many(
+    fn: Callable[..., np.ndarray],
+    items: Iterable[tuple],
     cfg: CrfConfig,
     workers: int,
     on_result: Callable[[str, np.ndarray], Any] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Confident labels for many images, yielded as (id, label map) as they finish.
+    """`fn(*args, cfg)` for many images, yielded as (id, result) as they finish.
 
-    `items` yields (id, image, cams, keys) and is read lazily: at most
-    2 * workers images are in flight, so a whole split is never in memory.
-    workers == 0 runs in this process, in input order; otherwise results come
-    in completion order from 'spawn' worker processes (safe next to torch and
-    CUDA). `on_result(id, labels)` is called for each result before it is yielded.
+    `items` yields (id, *args) and is read lazily: at most 2 * workers images
+    are in flight, so a whole split is never in memory. `fn` must be a module's
+    top-level function. workers == 0 runs in this process, in input order;
+    otherwise results come in completion order from 'spawn' worker processes
+    (safe next to torch and CUDA). `on_result(id, result)` is called for each
+    result before it is yielded.
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if workers == 0:
-        for image_id, image, cams, keys in items:
-            result = _confident_job(image_id, image, cams, keys, cfg)
+        for image_id, *args in items:
+            result = _job(fn, image_id, tuple(args), cfg)
             if on_result is not None:
                 on_result(*result)
             yield result
@@ -230,11 +251,11 @@ def confident_labels_many(
         while True:
             while not exhausted and len(pending) < window:
                 try:
-                    image_id, image, cams, keys = next(source)
+                    image_id, *args = next(source)
                 except StopIteration:
                     exhausted = True
                     break
-                pending.add(pool.submit(_confident_job, image_id, image, cams, keys, cfg))
+                pending.add(pool.submit(_job, fn, image_id, tuple(args), cfg))
             if not pending:
                 break
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -245,6 +266,16 @@ def confident_labels_many(
                 yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def confident_labels_many(
+    items: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    cfg: CrfConfig,
+    workers: int,
+    on_result: Callable[[str, np.ndarray], Any] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Confident labels of many (id, image, cams, keys) items (see `crf_many`)."""
+    return crf_many(confident_labels, items, cfg, workers, on_result)
 
 
 # --------------------------------------------------------------------------- metrics

@@ -257,7 +257,8 @@ def plot_class_deltas(c: Any, evaluation: str, ax: Any = None) -> Any:
 
 
 _SECOND_HALF_TITLES = {"image": "image", "cam": "CAM (stride 4, max)", "confident_labels": "confident labels",
-                       "boundary": "boundary", "walk": "random walk (max)", "pseudo_mask": "pseudo mask",
+                       "boundary": "boundary", "walk": "random walk (max)", "walk_mask": "walk's mask",
+                       "pseudo_mask": "pseudo mask",
                        "ground_truth": "ground truth"}
 
 

@@ -56,6 +56,11 @@ def unit(v: Any) -> str | None:
     return None if 0.0 <= v <= 1.0 else f"must be in [0, 1], got {v!r}"
 
 
+def probability(v: Any) -> str | None:
+    """Strictly inside (0, 1): a probability a log can be taken of, and of its complement."""
+    return None if 0.0 < v < 1.0 else f"must be strictly between 0 and 1, got {v!r}"
+
+
 def non_empty(v: Any) -> str | None:
     return None if len(v) > 0 else "must not be empty"
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 from .fields import (
     BATCH, COUNT, EPOCHS, LR, LR_MULT, OUTPUT_STRIDE, PIXELS, SCALE, SEED, WEIGHT, WEIGHT_DECAY, WORKERS, all_of,
-    each, in_range, non_empty, optional, ordered_pair, param, positive_upto, subsection, unit,
+    each, in_range, non_empty, optional, ordered_pair, param, positive_upto, probability, subsection, unit,
 )
 
 Weights = Literal["imagenet", "random"] | Path  # a weights spec: a word, or the path of a state-dict file
@@ -85,7 +85,7 @@ class ClassifierConfig:
     lr: float = param(1e-3, LR, "head learning rate; the backbone gets lr * backbone_lr_mult")
     backbone_lr_mult: float = param(0.1, LR_MULT)
     weight_decay: float = param(1e-5, WEIGHT_DECAY)
-    optimizer: Literal["adam", "sgd"] = param("adam")
+    optimizer: Literal["adam", "adamw", "sgd"] = param("adam")
     schedule: Literal["step", "poly", "constant"] = param("step")
     step_size: int = param(3, EPOCHS)
     gamma: float = param(0.2, unit)
@@ -132,7 +132,7 @@ class CamsConfig:
 
 @dataclass(frozen=True)
 class CrfConfig:
-    gt_prob: float = param(0.7, in_range(0.0, 1.0))
+    gt_prob: float = param(0.7, probability, "the CRF's trust in a pixel's initial label")
     gauss_sxy: float = param(3.0, PIXELS)
     gauss_compat: float = param(3.0, WEIGHT)
     bilateral_sxy: float = param(50.0, PIXELS)
@@ -170,7 +170,7 @@ class BoundaryConfig:
     batch_size: int = param(8, BATCH)
     lr: float = param(0.1, LR)
     weight_decay: float = param(1e-4, WEIGHT_DECAY)
-    optimizer: Literal["adam", "sgd"] = param("sgd")
+    optimizer: Literal["adam", "adamw", "sgd"] = param("sgd")
     schedule: Literal["step", "poly", "constant"] = param("poly")
     augment: AugmentConfig = subsection(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.0)
     num_workers: int | None = param(None, optional(WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
@@ -189,6 +189,10 @@ class PseudoMasksConfig:
     exp_times: int = param(8, in_range(0, 12), "the transition is applied 2^exp_times times (IRNet: 8)")
     sem_seg_bg_thres: float = param(0.25, unit, "background score after the walk (IRNet: 0.25)")
     flip: bool = param(True, doc="boundary map averaged with that of the flipped image")
+    crf_gt_prob: float | None = param(
+        0.95, optional(probability),
+        "the walk's mask refined by a dense CRF (crf section's pairwise terms) trusting each label this much; "
+        "null: the walk's mask as it is (IRNet)")
     sweep_bg_thresholds: tuple[float, ...] = param((0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6), each(unit),
                                                    "sem_seg_bg_thres values of the mIoU sweep", kind="eval")
     sweep_betas: tuple[float, ...] = param((3.0, 5.0, 10.0, 15.0), each(positive_upto(1000.0)),
@@ -210,7 +214,7 @@ class SegmentationConfig:
     lr: float = param(0.01, LR, "head learning rate; the encoder gets lr * backbone_lr_mult")
     backbone_lr_mult: float = param(0.1, LR_MULT)
     weight_decay: float = param(1e-4, WEIGHT_DECAY)
-    optimizer: Literal["adam", "sgd"] = param("sgd")
+    optimizer: Literal["adam", "adamw", "sgd"] = param("sgd")
     schedule: Literal["step", "poly", "constant"] = param("poly")
     augment: AugmentConfig = subsection(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.2)
     checkpoint: Literal["last", "best"] = param(

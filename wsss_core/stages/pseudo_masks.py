@@ -1,19 +1,22 @@
 """Stage `pseudo_masks` (05_pseudo_masks): IRNet's random walk. For every kept
 train image: the boundary map (with flip), the stride-4 CAMs times
 (1 - boundary) propagated by the sparse random walk, upsampled, background
-at `sem_seg_bg_thres`, argmax -> masks/<id>.png (and boundary/<id>.png).
-Scored against the masks (evaluation only), beside the CAMs and the
-confident labels of the same images."""
+at `sem_seg_bg_thres`, argmax; then (`crf_gt_prob`) a dense CRF snaps the
+walk's mask to the image's edges -> masks/<id>.png (and boundary/<id>.png,
+walk/<id>.png: the mask before the CRF). Scored against the masks
+(evaluation only), beside the CAMs and the confident labels of the same images."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .. import runtime
-from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, model_path, read_scores, write_scores
-from ..config import Config, PseudoMasksConfig
+from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_scores, write_scores
+from ..config import Config, CrfConfig, PseudoMasksConfig
+from ..crf import crf_many, refined_mask
 from ..metrics import ConfusionMatrix, ImageScores, segmentation_scores
 from ..store import Run, StageResult
 from .inputs import dataset, stage_images
@@ -32,12 +35,20 @@ def walk(cfg: Config, cam: Any, boundary: np.ndarray, image_size: tuple[int, int
     return rw, mask
 
 
+def refine_crf(cfg: Config) -> CrfConfig | None:
+    """The dense CRF that refines the walk's masks (the crf section's pairwise
+    terms, the label trust `pseudo_masks.crf_gt_prob`); None: no refinement."""
+    p = cfg.pseudo_masks.crf_gt_prob
+    return None if p is None else dataclasses.replace(cfg.crf, gt_prob=p)
+
+
 def _headline(m: dict) -> str:
-    return f"pseudo-mask mIoU {100 * m['miou']:.1f} (CAM {100 * m['cam_miou']:.1f})" if "miou" in m else \
+    walked = f"walk {100 * m['walk_miou']:.1f}, " if "walk_miou" in m else ""
+    return f"pseudo-mask mIoU {100 * m['miou']:.1f} ({walked}CAM {100 * m['cam_miou']:.1f})" if "miou" in m else \
         f"{m['images']} images"
 
 
-@register("pseudo_masks", "05_pseudo_masks", sections=("pseudo_masks",), upstream=("data", "cams", "boundary"),
+@register("pseudo_masks", "05_pseudo_masks", sections=("pseudo_masks", "crf"), upstream=("data", "cams", "boundary"),
           config=PseudoMasksConfig, notebook="05_pseudo_masks.ipynb", headline=_headline, reads_metrics=("cams",),
           version=2)  # 2: boundary maps of odd-sized images no longer shifted by TF-SAME padding
 def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
@@ -49,17 +60,28 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     ds = dataset(cfg)
     split = cfg.cams.split
     images, ids = stage_images(cfg, run, split)
+    crf = refine_crf(cfg)
 
-    def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    def walked(todo: list[str]) -> Iterator[tuple[Any, ...]]:
         for sid in todo:
             image = images.image(images.position(sid))
             # the walk uses the boundary map as stored (8 bits), so the notebook's sweeps repeat it exactly
             b = BOUNDARY_MAPS.quantize(boundary_map(model, image, device, cfg.pseudo_masks.flip))
             BOUNDARY_MAPS.write(run, sid, b)
+            cam = CAMS.read(run, sid)
             try:
-                yield sid, walk(cfg, CAMS.read(run, sid), b, image.shape[:2])[1]
+                mask = walk(cfg, cam, b, image.shape[:2])[1]
             except ValueError as e:  # name the image
                 raise ValueError(f"{sid}: {e}") from None
+            if crf is None:
+                yield sid, mask
+            else:
+                WALK_MASKS.write(run, sid, mask)
+                yield sid, image, mask, cam.keys
+
+    def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        # the CRF runs in worker processes while the walk goes on here
+        return walked(todo) if crf is None else crf_many(refined_mask, walked(todo), crf, cfg.crf.workers)
 
     def evaluate() -> dict[str, Any]:
         if not ds.has_masks(split):
@@ -69,24 +91,32 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
         for sid in ids:
             scores.add(sid, PSEUDO_MASKS.read(run, sid), masks.mask(sid))
         write_scores(run, "pseudo_masks", "pseudo_masks", scores)
+        walk_miou = {}
+        if crf is not None:  # the masks before the CRF, on the same images
+            walked_scores = ImageScores("random-walk masks", split, ds.classes)
+            for sid in ids:
+                walked_scores.add(sid, WALK_MASKS.read(run, sid), masks.mask(sid))
+            write_scores(run, "pseudo_masks", "before_crf", walked_scores)  # sorts before pseudo_masks in the report
+            walk_miou = {"walk_miou": walked_scores.miou()}
         p = cfg.pseudo_masks  # the sweep always holds the configured values, so the chart shows where the run stands
         n = min(p.sweep_images, len(ids))
         sweep = pseudo_mask_sweep(cfg, run, ids[:n], sorted({*p.sweep_bg_thresholds, p.sem_seg_bg_thres}),
                                   sorted({*p.sweep_betas, p.beta})) if n else []
         # the masks the walk started from, on the same images (their stages' own evaluations)
-        return {"miou": scores.miou(), "cam_miou": read_scores(run, "cams", "cam").miou(),
+        return {"miou": scores.miou(), **walk_miou, "cam_miou": read_scores(run, "cams", "cam").miou(),
                 "ir_labels_miou": read_scores(run, "crf", "confident_labels").miou(),
                 "quality": segmentation_scores(scores.confusion, ds.classes), "sweep": sweep, "sweep_images": n}
 
-    metrics = for_each_image(run, PSEUDO_MASKS, ids, compute, "random walk", device, evaluate)
-    return StageResult(metrics=metrics, paths={"masks": str(PSEUDO_MASKS.dir(run)),
-                                               "boundary": str(BOUNDARY_MAPS.dir(run))})
+    metrics = for_each_image(run, PSEUDO_MASKS, ids, compute, "random walk" if crf is None else "random walk + CRF",
+                             device, evaluate)
+    paths = {"masks": str(PSEUDO_MASKS.dir(run)), "boundary": str(BOUNDARY_MAPS.dir(run))}
+    return StageResult(metrics=metrics, paths=paths if crf is None else {**paths, "walk": str(WALK_MASKS.dir(run))})
 
 
 def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: Sequence[float],
                       betas: Sequence[float]) -> list[dict[str, Any]]:
-    """mIoU of pseudo masks for every (beta, sem_seg_bg_thres) on the images
-    `ids`, from their stored boundary maps (evaluation: reads masks)."""
+    """mIoU of the walk's masks (before any CRF) for every (beta, sem_seg_bg_thres)
+    on the images `ids`, from their stored boundary maps (evaluation: reads masks)."""
     from ..random_walk import pseudo_mask, random_walk
 
     ds = dataset(cfg)
@@ -109,7 +139,8 @@ def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: 
 def second_half_maps(cfg: Config, run: Run, image_id: str) -> dict[str, np.ndarray]:
     """The second half's maps of one image, from the stored outputs: image, CAM
     (stride 4, max over classes), confident labels, boundary map, random-walk
-    scores (max over classes, scaled to 1), pseudo mask, and the ground truth
+    scores (max over classes, scaled to 1), the walk's mask where a CRF refines
+    it, the pseudo mask (as stored), and the ground truth
     where the split has masks (evaluation only). Drawn by `viz.second_half_panels`."""
     ds = dataset(cfg)
     images = ds.labelled(cfg.cams.split)
@@ -123,7 +154,8 @@ def second_half_maps(cfg: Config, run: Run, image_id: str) -> dict[str, np.ndarr
             "confident_labels": IR_LABELS.read(run, image_id),
             "boundary": b,
             "walk": (rw.max(0) / max(float(rw.max()), 1e-12) if len(cam.keys) else zeros).astype(np.float32),
-            "pseudo_mask": mask}
+            **({"walk_mask": mask} if refine_crf(cfg) is not None else {}),
+            "pseudo_mask": PSEUDO_MASKS.read(run, image_id)}
     if ds.has_masks(cfg.cams.split):
         maps["ground_truth"] = ds.masks(cfg.cams.split).mask(image_id)
     return maps
