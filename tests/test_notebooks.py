@@ -210,6 +210,31 @@ def test_wsss_run_reruns_everything_after_a_label_edit_and_says_why(tmp_path, ca
                      r"00_data was made from other data \(image_labels_train\.csv changed\)\)$", lines[1]), lines
 
 
+def test_a_parameter_file_edited_during_a_run_does_not_reach_its_later_stages(tmp_path):
+    """The notebooks of one `wsss run` load the run's snapshot of the config (overrides applied), not the
+    YAML: a file edited while the data stage runs (the next experiment being set up) leaves the classifier
+    at the parameters the run was started with."""
+    config = tmp_path / "ci.yaml"
+    text = (REPO / "params" / "ci.yaml").read_text()
+    config.write_text(text)
+    edited = []
+
+    def echo(line: str) -> None:
+        if " data " in line and " done " in line:
+            config.write_text(text.replace("  image_size: 64\n  epochs: 1\n", "  image_size: 64\n  epochs: 3\n", 1))
+            edited.append(line)
+
+    run_pipeline(config, tmp_path / "run", to_stage="classifier", overrides={"classifier.batch_size": 4},
+                 log_output=False, echo=echo)
+    assert edited and "epochs: 3" in config.read_text()
+    m = json.loads((tmp_path / "run" / "01_classifier" / "manifest.json").read_text())["metrics"]
+    assert m["epochs"] == 1
+    snapshot = load_config(tmp_path / "run" / "notebooks" / "config.yaml")
+    assert snapshot.classifier.epochs == 1 and snapshot.classifier.batch_size == 4  # the override, applied
+    nb = nbformat.read(tmp_path / "run" / "notebooks" / "01_classifier.ipynb", as_version=4)
+    assert str(tmp_path / "run" / "notebooks" / "config.yaml") in "".join(c.source for c in nb.cells)
+
+
 @pytest.mark.slow
 def test_a_pseudo_mask_change_reruns_the_segmenter_and_skips_its_bound(ci_full_run, tmp_path, capsys):
     """06_segmentation.ipynb serves two stages; the bound does not read pseudo

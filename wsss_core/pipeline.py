@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
 from . import runtime
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, dump_config, load_config
 from .stages import STAGES, check_stage, dataset, headline, open_run, pipeline_order, run_stage
 from .store import LOCK_TOKEN_ENV, FileError, Run, StaleUpstreamError, describe_os_error, file_errors, write_text
 
@@ -289,6 +289,8 @@ def run_pipeline(
     if distributed and not runtime.is_main():
         echo = lambda s: None  # noqa: E731  (one line per stage, from rank 0)
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
+        if run.is_main:  # every notebook of this run reads this copy: editing the YAML mid-run changes nothing
+            config, overrides = _config_snapshot(run, cfg), None
         if distributed:
             runtime.init_distributed(runtime.resolve_device(cfg.device))
             runtime.barrier()  # every process has read the run folder before rank 0 changes it
@@ -366,6 +368,16 @@ def _draw_notebooks(stages: list[str], config: Path, run: Run, overrides: Mappin
     with _env(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"):  # the kernels are not torchrun processes
         for name in todo.values():
             _stage_notebook(name, config, run, overrides, log_output, ctrl_c)
+
+
+def _config_snapshot(run: Run, cfg: Config) -> Path:
+    """The resolved config (overrides applied, paths absolute) as <run>/notebooks/config.yaml: what the
+    notebooks of a `wsss run` load, so a parameter file edited while the run goes on (another experiment
+    being set up) does not reach the stages still to come; also what an executed notebook names."""
+    path = run.inside(run.root / "notebooks" / "config.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, dump_config(cfg))
+    return path
 
 
 def _stage_notebook(name: str, config: Path, run: Run, overrides: Mapping[str, Any] | None, log_output: bool,
