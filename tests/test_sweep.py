@@ -149,6 +149,10 @@ def test_the_sweep_computes_each_stage_once(sweep, ci_run):
     _, first = ci_run
     names = ["beta=3", "beta=5", "beta=10"]
     assert json.loads((folder / "sweep.json").read_text())["grid"] == {"pseudo_masks.beta": [3, 5, 10]}
+    # the variants ran from the sweep's copy of the parameter file, each with its own value applied
+    assert load_config(folder / "base-config.yaml") == load_config(CI_YAML)
+    for n in names:
+        assert load_config(folder / n / "notebooks" / "config.yaml").pseudo_masks.beta == float(n[5:])
     for stage_file in ("01_classifier/model.pt", "03_crf/ir_labels/train_0000.png"):  # the reused first half
         assert {os.stat(folder / n / stage_file).st_ino for n in names} == {os.stat(first.root / stage_file).st_ino}
     boundary = {os.stat(folder / n / "04_boundary" / "model.pt").st_ino for n in names}
@@ -171,7 +175,8 @@ def test_compare_names_the_one_difference_and_gives_intervals(sweep, capsys):
     c = compare_runs([folder], resamples=200)
     assert list(c.differs) == ["pseudo_masks.beta"]
     assert c.differs["pseudo_masks.beta"] == {"beta=3": "3.0", "beta=5": "5.0", "beta=10": "10.0"}
-    assert c.evaluations == ["cams/cam", "crf/confident_labels", "pseudo_masks/pseudo_masks"]
+    assert c.evaluations == ["cams/cam", "crf/confident_labels", "pseudo_masks/before_crf",
+                             "pseudo_masks/pseudo_masks"]
     pm = c.miou["pseudo_masks/pseudo_masks"]
     assert set(pm) == {"beta=3", "beta=5", "beta=10"} and all(i.low <= i.value <= i.high for i in pm.values())
     same = c.delta["cams/cam"]  # the shared CAMs: a difference of exactly 0 from the baseline

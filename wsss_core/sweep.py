@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import ConfigError, config_class, flow_yaml, kind_of, load_config, parse_override_value
+from .config import ConfigError, config_class, dump_config, flow_yaml, kind_of, load_config, parse_override_value
 from .stages import STAGES, open_run, pipeline_order
-from .store import FileError, FolderLock, Run, file_errors, read_json, write_json
+from .store import FileError, FolderLock, Run, file_errors, read_json, write_json, write_text
 
 SWEEP_FILE = "sweep.json"
+BASE_CONFIG = "base-config.yaml"  # the parameter file as the sweep started (not "config.yaml": not a run)
 VARIANT_LOG = "sweep.log"  # a variant's whole output (its tracebacks too), in its folder
 
 
@@ -212,9 +213,13 @@ def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[st
             raise ConfigError(f"{sweep_dir}: holds another sweep ({SWEEP_FILE} differs: config, --set, --grid or "
                               "--to); choose another folder")
         write_json(sweep_dir / SWEEP_FILE, record)
-        runs = [open_run(sweep_dir / v.name, load_config(config, v.overrides)) for v in todo]
+        # every variant starts from this copy of the file as it was now: a parameter file edited while the
+        # sweep goes on (the next experiment being set up) does not reach the variants still to come
+        base = sweep_dir / BASE_CONFIG
+        write_text(base, dump_config(load_config(config)))
+        runs = [open_run(sweep_dir / v.name, load_config(base, v.overrides)) for v in todo]
         owners = _owners(runs, to_stage, reused)
-        _schedule(todo, runs, owners, reused, config, to_stage, jobs, echo)
+        _schedule(todo, runs, owners, reused, base, to_stage, jobs, echo)
     echo(f"[wsss] sweep finished: {len(todo)} variants in {sweep_dir} (wsss compare {sweep_dir})")
     return sweep_dir
 
