@@ -213,6 +213,9 @@ def test_refined_mask_refuses_labels_the_image_does_not_have():
     image, _, truth = _rectangles()
     with pytest.raises(ValueError, match=r"labels \[2\] that are neither background nor the image's classes \[1\]"):
         refined_mask(image, truth.astype(np.uint8), np.array([1]), CrfConfig(gt_prob=0.9))
+    for keys in ([0, 1, 2], [1, 1, 2], [1, 2, 255]):
+        with pytest.raises(ValueError, match="keys must be distinct class ids in 1..254"):
+            refined_mask(image, truth.astype(np.uint8), np.array(keys), CrfConfig(gt_prob=0.9))
     with pytest.raises(ValueError, match="mask shape"):
         refined_mask(image, truth[:10].astype(np.uint8), np.array([1, 2]), CrfConfig(gt_prob=0.9))
 

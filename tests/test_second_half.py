@@ -99,6 +99,7 @@ def test_pseudo_masks_are_the_dense_random_walk_refined_by_the_crf(ci_full_run):
         assert set(np.unique(stored)) <= {0, *cam.keys.tolist()}
         assert (walked == expected).mean() > 0.999, sid  # float32 vs float64 may flip a tie-level pixel
         lut = np.array([0, *cam.keys.tolist()])
+        assert np.all(np.diff(lut) > 0)  # class ids ascending (select_classes), so searchsorted inverts lut
         crf = cfg.crf.__class__(**{**cfg.crf.__dict__, "gt_prob": p.crf_gt_prob})
         refined = lut[dense_crf_labels(images.image(images.position(sid)), np.searchsorted(lut, walked),
                                        lut.size, crf)]

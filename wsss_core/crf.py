@@ -195,6 +195,10 @@ def refined_mask(image: np.ndarray, mask: np.ndarray, keys: np.ndarray, cfg: Crf
     snap to the image's colour edges. HxW uint8 with the same label set."""
     image = _check_image(image)
     mask, keys = np.asarray(mask), np.asarray(keys)
+    if keys.ndim != 1 or (keys.size and not np.issubdtype(keys.dtype, np.integer)):
+        raise ValueError(f"keys must be a 1-D array of integer class ids, got {keys.dtype} of shape {keys.shape}")
+    if keys.size and (int(keys.min()) < 1 or int(keys.max()) > 254 or np.unique(keys).size != keys.size):
+        raise ValueError(f"keys must be distinct class ids in 1..254 (0 is background, 255 void), got {keys.tolist()}")
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image height x width {image.shape[:2]}")
     lut = np.concatenate([[0], keys]).astype(np.uint8)  # local label -> class id

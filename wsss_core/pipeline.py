@@ -289,8 +289,6 @@ def run_pipeline(
     if distributed and not runtime.is_main():
         echo = lambda s: None  # noqa: E731  (one line per stage, from rank 0)
     with run.lock("wsss run"), _env(**{LOCK_TOKEN_ENV: run.lock_token}), _ctrl_c_reaches_kernels() as ctrl_c:
-        if run.is_main:  # every notebook of this run reads this copy: editing the YAML mid-run changes nothing
-            config, overrides = _config_snapshot(run, cfg), None
         if distributed:
             runtime.init_distributed(runtime.resolve_device(cfg.device))
             runtime.barrier()  # every process has read the run folder before rank 0 changes it
@@ -304,8 +302,7 @@ def run_pipeline(
         done_before = {name for name in stages if name not in force and run.is_done(name)}
         runtime.barrier()
         try:
-            _run_stages(stages, force, reasons, done_before, distributed, config, run, cfg, overrides, log_output,
-                        ctrl_c, echo)
+            _run_stages(stages, force, reasons, done_before, distributed, run, cfg, log_output, ctrl_c, echo)
         except BaseException:
             if distributed:
                 runtime.leave_distributed(wait=False)  # an undestroyed gloo group aborts the exit
@@ -313,15 +310,14 @@ def run_pipeline(
         if distributed:
             runtime.leave_distributed(wait=True)
             if run.is_main:  # the pictures: each notebook finds its stages done and draws
-                _draw_notebooks(stages, config, run, overrides, log_output, ctrl_c, echo)
+                _draw_notebooks(stages, run, cfg, log_output, ctrl_c, echo)
         if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish
             raise KeyboardInterrupt
     return run.root
 
 
 def _run_stages(stages: list[str], force: Sequence[str], reasons: dict[str, str | None], done_before: set[str],
-                distributed: bool, config: Path, run: Run, cfg: Config, overrides: Mapping[str, Any] | None,
-                log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
+                distributed: bool, run: Run, cfg: Config, log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
     """The stages in order: each one's notebook, or under torchrun its function in every process."""
     for k, name in enumerate(stages, 1):
         if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
@@ -344,7 +340,7 @@ def _run_stages(stages: list[str], force: Sequence[str], reasons: dict[str, str 
             run_stage(name, cfg, run, force=name in force)
             runtime.barrier()  # rank 0 has written the manifest before any process reads it
         else:
-            _stage_notebook(name, config, run, overrides, log_output, ctrl_c)
+            _stage_notebook(name, cfg, run, log_output, ctrl_c)
         m = run.manifest(name) or {}
         # a notebook serving several stages: each line gets its stage's own time
         shared = any(s.notebook == STAGES[name].notebook for n, s in STAGES.items() if n != name)
@@ -352,8 +348,7 @@ def _run_stages(stages: list[str], force: Sequence[str], reasons: dict[str, str 
         echo(f"{tag} done in {took:.0f} s{_with(headline(name, m.get('metrics', {})))}")
 
 
-def _draw_notebooks(stages: list[str], config: Path, run: Run, overrides: Mapping[str, Any] | None,
-                    log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
+def _draw_notebooks(stages: list[str], run: Run, cfg: Config, log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
     """After a torchrun run: execute (in this process) each notebook whose executed copy is missing or older
     than one of its stages' manifests, so stages done by an earlier, failed run get their pictures too."""
     todo: dict[str, str] = {}  # notebook -> the first of its stages
@@ -367,20 +362,21 @@ def _draw_notebooks(stages: list[str], config: Path, run: Run, overrides: Mappin
         echo(f"[wsss] the pictures: executing {len(todo)} notebooks in this process")
     with _env(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"):  # the kernels are not torchrun processes
         for name in todo.values():
-            _stage_notebook(name, config, run, overrides, log_output, ctrl_c)
+            _stage_notebook(name, cfg, run, log_output, ctrl_c)
 
 
 def _config_snapshot(run: Run, cfg: Config) -> Path:
     """The resolved config (overrides applied, paths absolute) as <run>/notebooks/config.yaml: what the
     notebooks of a `wsss run` load, so a parameter file edited while the run goes on (another experiment
-    being set up) does not reach the stages still to come; also what an executed notebook names."""
+    being set up) does not reach the stages still to come; also what an executed notebook names. Written
+    just before a notebook executes (its stage's checks passed), never by a refused run."""
     path = run.inside(run.root / "notebooks" / "config.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, dump_config(cfg))
     return path
 
 
-def _stage_notebook(name: str, config: Path, run: Run, overrides: Mapping[str, Any] | None, log_output: bool,
+def _stage_notebook(name: str, cfg: Config, run: Run, log_output: bool,
                     ctrl_c: threading.Event) -> None:
     """Execute stage `name`'s notebook into the run's notebooks/ folder (which
     runs the stage, or finds it done and draws its pictures), then the stage's
@@ -389,9 +385,7 @@ def _stage_notebook(name: str, config: Path, run: Run, overrides: Mapping[str, A
 
     nb = notebook_path(STAGES[name].notebook)  # type: ignore[arg-type]
     out = run.root / "notebooks" / nb.name
-    params: dict[str, Any] = {"config": str(config), "run_dir": str(run.root)}
-    if overrides:
-        params["overrides"] = dict(overrides)
+    params: dict[str, Any] = {"config": str(_config_snapshot(run, cfg)), "run_dir": str(run.root)}
     try:
         execute_notebook(nb, out, params, log_output=log_output)
     except papermill.PapermillExecutionError as e:

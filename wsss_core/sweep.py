@@ -213,10 +213,11 @@ def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[st
             raise ConfigError(f"{sweep_dir}: holds another sweep ({SWEEP_FILE} differs: config, --set, --grid or "
                               "--to); choose another folder")
         write_json(sweep_dir / SWEEP_FILE, record)
-        # every variant starts from this copy of the file as it was now: a parameter file edited while the
-        # sweep goes on (the next experiment being set up) does not reach the variants still to come
+        # every variant starts from this copy of the file as the sweep first started (a resumed sweep keeps
+        # it): a parameter file edited while the sweep goes on does not reach the variants still to come
         base = sweep_dir / BASE_CONFIG
-        write_text(base, dump_config(load_config(config)))
+        if not base.is_file():
+            write_text(base, dump_config(load_config(config)))
         runs = [open_run(sweep_dir / v.name, load_config(base, v.overrides)) for v in todo]
         owners = _owners(runs, to_stage, reused)
         _schedule(todo, runs, owners, reused, base, to_stage, jobs, echo)
