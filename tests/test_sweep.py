@@ -305,7 +305,8 @@ def test_the_compare_notebook_draws_the_same(sweep, tmp_path):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
     assert "pseudo_masks.beta: beta=3 3.0, beta=5 5.0, beta=10 10.0" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2 * 3  # intervals + heat map per evaluation
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2 * 4  # intervals + heat map per evaluation:
+    # CAM, confident labels, the walk's masks before the CRF, pseudo masks
 
 
 def test_one_run_alone_gets_its_intervals(sweep, capsys):
