@@ -317,7 +317,8 @@ def run_pipeline(
 
 
 def _run_stages(stages: list[str], force: Sequence[str], reasons: dict[str, str | None], done_before: set[str],
-                distributed: bool, run: Run, cfg: Config, log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
+                distributed: bool, run: Run, cfg: Config, log_output: bool, ctrl_c: threading.Event,
+                echo: Callable[[str], None]) -> None:
     """The stages in order: each one's notebook, or under torchrun its function in every process."""
     for k, name in enumerate(stages, 1):
         if ctrl_c.is_set():  # a Ctrl-C the kernel client swallowed still stops the run here
@@ -348,7 +349,8 @@ def _run_stages(stages: list[str], force: Sequence[str], reasons: dict[str, str 
         echo(f"{tag} done in {took:.0f} s{_with(headline(name, m.get('metrics', {})))}")
 
 
-def _draw_notebooks(stages: list[str], run: Run, cfg: Config, log_output: bool, ctrl_c: threading.Event, echo: Callable[[str], None]) -> None:
+def _draw_notebooks(stages: list[str], run: Run, cfg: Config, log_output: bool, ctrl_c: threading.Event,
+                    echo: Callable[[str], None]) -> None:
     """After a torchrun run: execute (in this process) each notebook whose executed copy is missing or older
     than one of its stages' manifests, so stages done by an earlier, failed run get their pictures too."""
     todo: dict[str, str] = {}  # notebook -> the first of its stages
