@@ -153,6 +153,23 @@ def test_section_hash_tracks_only_its_sections():
     assert section_hash(a, ["cams"]) != section_hash(b, ["cams"])
 
 
+def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed():
+    """cams.storage came after runs were made: at float32 (what the code before it wrote) the cams
+    fingerprint is the one of the section without the key, so finished runs stay usable; uint8 changes it."""
+    from dataclasses import fields
+
+    from wsss_core.config import section_values
+
+    a = config_from_dict({})
+    before = {f.name: getattr(a.cams, f.name) for f in fields(a.cams)
+              if f.name != "storage" and f.metadata.get("kind", "output") == "output"}
+    assert section_values(a, ["cams"]) == {"cams": {k: list(v) if isinstance(v, tuple) else v
+                                                    for k, v in before.items()}}
+    b = config_from_dict({}, {"cams.storage": "uint8"})
+    assert section_values(b, ["cams"])["cams"]["storage"] == "uint8"
+    assert section_hash(a, ["cams"]) != section_hash(b, ["cams"])
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

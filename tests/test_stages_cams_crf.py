@@ -166,3 +166,31 @@ def test_stored_cams_of_the_trained_classifier_equal_the_peer(ci_run, tmp_path):
         if checked == 3:
             break
     assert checked == 3
+
+
+def test_cams_stored_as_uint8_are_the_float32_cams_rounded(ci_run, tmp_path):
+    """`cams.storage: uint8`: the stage writes 8-bit codes, and every map it gives back is the
+    float32 run's map (same classifier) within half a step of its class's range."""
+    import shutil
+
+    from wsss_core.artifacts import CAMS
+    from wsss_core.config import load_config
+
+    from conftest import REPO
+
+    _, first = ci_run
+    shutil.copytree(first.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"cams.storage": "uint8"})
+    run = stages.open_run(tmp_path / "run", cfg)
+    stages.run_stage("cams", cfg, run)
+    checked = 0
+    for sid in read_kept_ids(run):
+        small, full = CAMS.read(run, sid), CAMS.read(first, sid)
+        assert small.storage == "uint8" and full.storage == "float32"
+        with np.load(CAMS.path(run, sid)) as z:  # ci's maps are a few cells: the npz headers outweigh them
+            assert {z[f"scale{i}"].dtype for i in range(len(cfg.cams.scales))} == {np.dtype(np.uint8)}
+        for q, m in zip(small.scale_maps, full.scale_maps):
+            step = (m.max((1, 2)) - m.min((1, 2))) / 255 if m.size else np.zeros(0)
+            assert (np.abs(q - m).max((1, 2), initial=0) <= step / 2 * (1 + 1e-4) + 1e-7).all()
+        checked += len(small.keys) > 0
+    assert checked >= 5

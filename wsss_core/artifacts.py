@@ -8,7 +8,7 @@ format is written and read in exactly one place:
 | classifier val scores | 01_classifier/val_scores.npz | write_val_scores / read_val_scores |
 | kept train ids | 01_label_filter/kept.txt | write_kept_ids / read_kept_ids |
 | filter scores | 01_label_filter/scores.csv | write_filter_scores / read_filter_scores |
-| CAMs | 02_cams/cams/<id>.npz | CAMS.write / CAMS.read (CamResult: per-scale maps at feature resolution, float32) |
+| CAMs | 02_cams/cams/<id>.npz | CAMS.write / CAMS.read (CamResult: per-scale maps at feature resolution, float32 or uint8 + range) |
 | confident labels | 03_crf/ir_labels/<id>.png | IR_LABELS (0 bg, k class, 255 unconfident) |
 | boundary maps | 05_pseudo_masks/boundary/<id>.png | BOUNDARY_MAPS (uint8 = round(255 b)) |
 | pseudo masks | 05_pseudo_masks/masks/<id>.png | PSEUDO_MASKS (class ids, palette PNG) |
@@ -107,13 +107,13 @@ class PerImage:
 
 class CamFiles(PerImage):
     """CamResult per image: keys, image size, the per-scale maps at feature resolution
-    (float32); the stride-4 and full-size maps are made from them when read."""
+    (float32, or uint8 codes and ranges: `cams.storage`); the stride-4 and full-size maps are made from them when read."""
 
     def write(self, run: Run, image_id: str, value: Any) -> Path:
         return save_npz(self.path(run, image_id), **value.to_npz_dict())
 
     def read(self, run: Run, image_id: str) -> Any:
-        from .cam import CamResult
+        from .cam_maps import CamResult
 
         return CamResult.from_npz(self.path(run, image_id))
 

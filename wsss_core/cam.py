@@ -42,20 +42,21 @@ linear head sums exactly IRNet's W_c . A over scales); the maps are upsampled bi
 (ceil(H / 4), ceil(W / 4)) and to the full size (H, W) and summed over scales
 and flips; then ReLU and division by the max (+1e-5) of each class map
 ("per_class", IRNet) or of all class maps together ("global"), separately for
-each of the two resolutions. `CamResult` keeps the per-scale maps at feature
-resolution (what the CAM files store: a few KB per class) and makes the two
-resolutions from them on first use.
+each of the two resolutions. `CamResult` (`cam_maps.py`) keeps the per-scale
+maps at feature resolution (what the CAM files store: a few KB per class) and
+makes the two resolutions from them on first use.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cam_maps import CamResult, Normalize, stride4_size
 
 __all__ = [
     "CamModel",
@@ -71,11 +72,9 @@ __all__ = [
 
 Method = Literal["gradcam", "gradcam++", "gradcam++exp"]
 METHODS = ("gradcam", "gradcam++", "gradcam++exp")
-Normalize = Literal["per_class", "global"]
 
 GRADCAM_PP_EPS = 1e-6  # same as pytorch-grad-cam's GradCAMPlusPlus
 GRADCAM_PP_EXP_EPS = 1e-5  # the NoPeopleAllowed seed's CamGradPlusPlus
-NORM_EPS = 1e-5  # IRNet: cam / (max + 1e-5)
 _GRAD_BUDGET = 16 * 1024 * 1024  # max gradient values alive at once on the autograd path (64 MB in float32)
 
 
@@ -92,88 +91,7 @@ class CamModel(Protocol):
         ...
 
 
-# --------------------------------------------------------------------------- results
-class CamResult:
-    """CAMs of one image, kept in the form the extraction computed them.
-
-    keys: (K,) int64 1-based class ids. scale_maps: one (K, h_s, w_s) float32
-    map per input scale, at the classifier's feature resolution, flips folded
-    in and in plain-CAM units (see the module docstring); image_size: (H, W);
-    normalize: "per_class" or "global". The two maps the stages use are made
-    from them on first use, exactly as IRNet's `make_cam` does:
-    `cam` (K, ceil(H/4), ceil(W/4)) and `high_res` (K, H, W): the scale maps
-    upsampled bilinearly, summed, ReLU, divided by the max (+1e-5); both in
-    [0, 1]. A file holds the scale maps: ~12 KB per class for a 500x375 image
-    at two scales; it gives back exactly the maps of the result it came from.
-    """
-
-    def __init__(self, keys: Any, scale_maps: Sequence[Any], image_size: Sequence[int],
-                 normalize: Normalize = "per_class") -> None:
-        self.keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-        self.scale_maps = [np.ascontiguousarray(m, dtype=np.float32) for m in scale_maps]
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.normalize = normalize
-        k = len(self.keys)
-        if normalize not in ("per_class", "global"):
-            raise ValueError(f"CamResult: normalize must be 'per_class' or 'global', got {normalize!r}")
-        if not self.scale_maps or any(m.ndim != 3 or m.shape[0] != k or 0 in m.shape[1:] for m in self.scale_maps):
-            raise ValueError(f"CamResult: expected one or more (K, h, w) scale maps with K = {k}, "
-                             f"got {[m.shape for m in self.scale_maps]}")
-        if min(self.image_size) < 1:
-            raise ValueError(f"CamResult: image size must be positive, got {self.image_size}")
-        self._maps: dict[tuple[int, int], np.ndarray] = {}
-
-    @property
-    def cam(self) -> np.ndarray:
-        """(K, ceil(H/4), ceil(W/4)) float32 in [0, 1]: the random walk's seeds."""
-        return self.resized(stride4_size(*self.image_size))
-
-    @property
-    def high_res(self) -> np.ndarray:
-        """(K, H, W) float32 in [0, 1]: the full-size maps (CRF, scores, pictures)."""
-        return self.resized(self.image_size)
-
-    def resized(self, size: tuple[int, int]) -> np.ndarray:
-        """The scale maps upsampled to `size`, summed, ReLU, normalised (cached)."""
-        if size not in self._maps:
-            total = torch.zeros((1, len(self.keys), *size))
-            for m in self.scale_maps if len(self.keys) else ():  # no classes: nothing to upsample
-                total += F.interpolate(torch.from_numpy(m)[None], size=size, mode="bilinear", align_corners=False)
-            self._maps[size] = _normalise(total[0], self.normalize).numpy()
-        return self._maps[size]
-
-    def to_npz_dict(self) -> dict[str, np.ndarray]:
-        """Arrays for `store.save_npz`: keys, image size, normalisation, scale maps (float32)."""
-        out = {"keys": self.keys, "image_size": np.asarray(self.image_size, np.int64),
-               "per_class": np.asarray(self.normalize == "per_class")}
-        out.update({f"scale{i}": m for i, m in enumerate(self.scale_maps)})
-        return out
-
-    @classmethod
-    def from_npz(cls, source: str | Path | Mapping[str, Any]) -> "CamResult":
-        """Load from an .npz path or a mapping (e.g. `np.load(...)`)."""
-        from .store import FileError, read_npz
-
-        what = "CAM file"
-        if isinstance(source, (str, Path)):
-            what, source = f"{source}: CAM file", read_npz(source, "CAM file")
-        names = sorted((k for k in source if k.startswith("scale")), key=lambda k: int(k[5:]) if k[5:].isdigit() else -1)
-        if "high_res" in source or not {"keys", "image_size", "per_class"} <= set(source) or not names:
-            raise FileError(f"{what} is not in this version's format (keys, image_size, per_class, scale0, ...); "
-                            "rerun the cams stage (--force)")
-        try:
-            return cls(source["keys"], [source[k] for k in names], [int(v) for v in np.asarray(source["image_size"])],
-                       "per_class" if bool(source["per_class"]) else "global")
-        except (ValueError, TypeError, IndexError) as e:
-            raise FileError(f"{what}: {e}; rerun the cams stage (--force)") from None
-
-
 # --------------------------------------------------------------------------- helpers
-def stride4_size(height: int, width: int) -> tuple[int, int]:
-    """Size of the stride-4 map: (ceil(H / 4), ceil(W / 4)), as IRNet's strided size."""
-    return (height + 3) // 4, (width + 3) // 4
-
-
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """Input size at scale s: (round(H s), round(W s)) (Python rounding), at least 1."""
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
@@ -484,13 +402,3 @@ def class_activation_maps(
         return CamResult(keys, scale_maps, (height, width), normalize)
     finally:
         model.train(was_training)
-
-
-def _normalise(maps: torch.Tensor, normalize: str) -> torch.Tensor:
-    """ReLU, then divide by the per-class max (K, 1, 1) or the global max, + NORM_EPS."""
-    maps = maps.clamp(min=0)
-    if normalize == "per_class":
-        top = maps.flatten(1).amax(1)[:, None, None]
-    else:
-        top = maps.amax()
-    return maps / (top + NORM_EPS)

@@ -6,7 +6,10 @@ Every field says what changing it does (`kind` in the field metadata):
 - "eval": only the evaluation of the outputs changes (a threshold sweep); the
   stage re-evaluates its existing outputs without recomputing them.
 - "runtime": neither (worker counts, device, cache folder); never stale.
-Fingerprints (`store`) hash only "output" fields. A field typed `Path` is a
+Fingerprints (`store`) hash only "output" fields. A field added after runs
+were made names its `neutral` value: the value at which it computes what the
+code before it did; at that value it is left out of the fingerprints, so a
+new parameter does not make finished runs stale. A field typed `Path` is a
 user path, resolved against the parameter file's folder.
 
 Every number has a range: a value that passes the config layer can never
@@ -33,16 +36,20 @@ class ConfigError(ValueError):
 
 KINDS = ("output", "eval", "runtime")
 Check = Callable[[Any], "str | None"]
+_NONE = object()  # no neutral value
 
 
-def param(default: Any, check: Check | None = None, doc: str = "", kind: str = "output") -> Any:
-    """A parameter with a default value, an optional check, a short doc and
-    its kind (what changing it makes stale, see the module docstring)."""
+def param(default: Any, check: Check | None = None, doc: str = "", kind: str = "output",
+          neutral: Any = _NONE) -> Any:
+    """A parameter with a default value, an optional check, a short doc, its
+    kind (what changing it makes stale) and, for a field added after runs were
+    made, its `neutral` value (see the module docstring)."""
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults")
     if kind not in KINDS:
         raise TypeError(f"kind must be one of {KINDS}")
-    return field(default=default, metadata={"check": check, "doc": doc, "kind": kind})
+    meta = {"check": check, "doc": doc, "kind": kind}
+    return field(default=default, metadata=meta if neutral is _NONE else {**meta, "neutral": neutral})
 
 
 def subsection(cls: type, **defaults: Any) -> Any:

@@ -121,6 +121,9 @@ class CamsConfig:
     scales: tuple[float, ...] = param((1.0, 0.5, 0.75, 2.0), all_of(non_empty, each(SCALE)))
     flip: bool = param(True)
     normalize: Literal["per_class", "global"] = param("per_class")
+    storage: Literal["float32", "uint8"] = param(
+        "float32", doc="how CAM files hold each scale's map: uint8 codes with a per-class range are 4x smaller",
+        neutral="float32")
     classes: Literal["labels", "predicted"] = param("labels")
     pred_threshold: float = param(0.5, unit)
     bg_thresholds: tuple[float, ...] = param(

@@ -66,7 +66,7 @@ def flow_yaml(value: Any) -> str:
 
 def values_of_kind(v: Any, kind: str) -> Any:
     """Plain values of the fields of one kind, recursively (sub-sections kept
-    when they hold any such field)."""
+    when they hold any such field; fields at their neutral value left out)."""
     if not dataclasses.is_dataclass(v):
         return plain(v)
     out = {}
@@ -76,7 +76,8 @@ def values_of_kind(v: Any, kind: str) -> Any:
             sub = values_of_kind(value, kind)
             if sub:
                 out[f.name] = sub
-        elif f.metadata.get("kind", "output") == kind:
+        elif f.metadata.get("kind", "output") == kind and \
+                not ("neutral" in f.metadata and plain(value) == plain(f.metadata["neutral"])):
             out[f.name] = plain(value)
     return out
 

@@ -76,7 +76,7 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
                     logits = trained.model(x[None])[0]
                 class_ids = select_classes(logits, "predicted", c.pred_threshold, head_class_ids=trained.class_ids)
             yield sid, class_activation_maps(cam_model, x, class_ids, scales=c.scales, flip=c.flip, method=c.method,
-                                             normalize=c.normalize, head_class_ids=trained.class_ids)
+                                             normalize=c.normalize, head_class_ids=trained.class_ids).stored(c.storage)
 
     def evaluate() -> dict[str, Any]:
         if not ds.has_masks(c.split):
