@@ -220,6 +220,17 @@ def test_refined_mask_refuses_labels_the_image_does_not_have():
         refined_mask(image, truth[:10].astype(np.uint8), np.array([1, 2]), CrfConfig(gt_prob=0.9))
 
 
+def test_confident_labels_check_their_class_ids_as_the_refinement_does():
+    image, _, _ = _rectangles()
+    cams = np.zeros((2, *image.shape[:2]), np.float32)
+    for keys, why in (([1, 1], "keys must be distinct class ids in 1..254 (0 is background, 255 void), got [1, 1]"),
+                      ([0, 3], "keys must be distinct class ids in 1..254 (0 is background, 255 void), got [0, 3]"),
+                      ([1.0, 2.0], "keys must be a 1-D array of integer class ids, got float64 of shape (2,)")):
+        with pytest.raises(ValueError) as e:
+            confident_labels(image, cams, np.array(keys), CrfConfig())
+        assert str(e.value) == why
+
+
 def test_crf_many_runs_any_top_level_function_in_workers():
     image, _, truth = _rectangles()
     items = [(f"img{i}", image, np.roll(truth, i, 1).astype(np.uint8), np.array([1, 2])) for i in range(3)]

@@ -131,23 +131,26 @@ def cam_label_indices(cams: np.ndarray, threshold: float) -> np.ndarray:
     return stack.argmax(axis=0)
 
 
+def _check_keys(keys: np.ndarray) -> np.ndarray:
+    """An image's class ids: 1-D, integer, distinct, in 1..254 (0 is background, 255 void)."""
+    keys = np.asarray(keys)
+    if keys.ndim != 1 or (keys.size and not np.issubdtype(keys.dtype, np.integer)):
+        raise ValueError(f"keys must be a 1-D array of integer class ids, got {keys.dtype} of shape {keys.shape}")
+    if keys.size and (int(keys.min()) < 1 or int(keys.max()) > 254 or np.unique(keys).size != keys.size):
+        raise ValueError(f"keys must be distinct class ids in 1..254 (0 is background, 255 void), got {keys.tolist()}")
+    return keys
+
+
 def _check_cams(image: np.ndarray, cams: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     image = _check_image(image)
     cams = np.asarray(cams)
-    keys = np.asarray(keys)
-    if keys.ndim != 1:
-        raise ValueError(f"keys must be a 1-D array of class ids, got shape {keys.shape}")
+    keys = _check_keys(keys)
     if cams.ndim != 3:
         raise ValueError(f"cams must be (K, H, W), got shape {cams.shape}")
     if cams.shape[1:] != image.shape[:2]:
         raise ValueError(f"cams height x width {cams.shape[1:]} does not match image height x width {image.shape[:2]}")
     if cams.shape[0] != keys.shape[0]:
         raise ValueError(f"cams have {cams.shape[0]} class planes but keys has {keys.shape[0]} class ids")
-    if keys.size:
-        if not np.issubdtype(keys.dtype, np.integer):
-            raise ValueError(f"keys must be integer class ids, got dtype {keys.dtype}")
-        if int(keys.min()) < 1 or int(keys.max()) > 254:
-            raise ValueError(f"keys must be class ids in 1..254 (0 is background, 255 void), got {keys.tolist()}")
     cams = np.ascontiguousarray(cams, dtype=np.float32)
     if not np.isfinite(cams).all():
         raise ValueError("cams contain NaN or infinite values")
@@ -193,12 +196,7 @@ def refined_mask(image: np.ndarray, mask: np.ndarray, keys: np.ndarray, cfg: Crf
     """A pseudo mask (0 background, class ids from `keys`) refined by a dense CRF
     whose unary trusts each pixel's label with probability `cfg.gt_prob`: edges
     snap to the image's colour edges. HxW uint8 with the same label set."""
-    image = _check_image(image)
-    mask, keys = np.asarray(mask), np.asarray(keys)
-    if keys.ndim != 1 or (keys.size and not np.issubdtype(keys.dtype, np.integer)):
-        raise ValueError(f"keys must be a 1-D array of integer class ids, got {keys.dtype} of shape {keys.shape}")
-    if keys.size and (int(keys.min()) < 1 or int(keys.max()) > 254 or np.unique(keys).size != keys.size):
-        raise ValueError(f"keys must be distinct class ids in 1..254 (0 is background, 255 void), got {keys.tolist()}")
+    image, mask, keys = _check_image(image), np.asarray(mask), _check_keys(keys)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image height x width {image.shape[:2]}")
     lut = np.concatenate([[0], keys]).astype(np.uint8)  # local label -> class id
