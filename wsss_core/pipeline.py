@@ -338,7 +338,7 @@ def _run_stages(stages: list[str], force: Sequence[str], reasons: dict[str, str 
         echo(f"{tag} running ({why})")
         t0 = time.perf_counter()
         if distributed:
-            run_stage(name, cfg, run, force=name in force)
+            run_stage(name, cfg, run, force=name in force, quiet=True)  # the lines are this loop's
             runtime.barrier()  # rank 0 has written the manifest before any process reads it
         else:
             _stage_notebook(name, cfg, run, log_output, ctrl_c)

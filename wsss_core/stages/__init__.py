@@ -51,15 +51,16 @@ def check_stage(name: str, cfg: Config, ds: Any = None) -> None:
         s.check(cfg, dataset(cfg) if ds is None else ds)
 
 
-def run_stage(name: str, cfg: Config, run: Run, force: bool = False) -> StageResult:
+def run_stage(name: str, cfg: Config, run: Run, force: bool = False, quiet: bool = False) -> StageResult:
     """Run one stage unless it is already done with the same inputs.
 
     Refuses (StaleUpstreamError) when an upstream stage is missing or stale;
     `force` reruns it from scratch. Evaluation-only parameter changes
-    re-evaluate the kept outputs.
+    re-evaluate the kept outputs. `quiet`: no "running / done" lines (`wsss run`
+    under torchrun prints its own).
     """
     s = stage(name)
-    say = print if run.is_main else (lambda *a, **k: None)  # one line per stage, not one per torchrun process
+    say = print if run.is_main and not quiet else (lambda *a, **k: None)  # not one line per torchrun process
     run.check_folder(write=False)
     run.check_upstream(name)
     if not force and run.is_done(name):
