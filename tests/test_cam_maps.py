@@ -93,3 +93,29 @@ def test_an_unknown_storage_is_refused():
     res = CamResult([1], [np.zeros((1, 2, 2), np.float32)], (8, 8))
     with pytest.raises(ValueError, match="storage must be one of float32, uint8, got 'float16'"):
         res.stored("float16")
+
+
+@pytest.mark.slow
+def test_the_cam_storage_benchmark_scores_the_run_as_its_stages_did(ci_full_run):
+    """benchmarks/cam_storage.py on the ci run: its "run" figures are the stages' own (file sizes, the
+    CRF-refined pseudo masks' mIoU), and the uint8 CAMs change the pseudo masks by few pixels."""
+    import re
+    import subprocess
+    import sys
+
+    from wsss_core.artifacts import CAMS, read_kept_ids
+
+    cfg, run = ci_full_run
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cam_storage.py"), "--config",
+                          str(REPO / "params" / "ci.yaml"), "--run-dir", str(run.root), "--against", "uint8"],
+                         capture_output=True, text=True, check=True).stdout
+    ids = read_kept_ids(run)
+    pixels = int(re.search(r"images: (\d+), pixels: (\d+)", out)[2])
+    assert re.search(r"images: (\d+)", out)[1] == str(len(ids))
+    per_image = sum(CAMS.path(run, i).stat().st_size for i in ids) / len(ids)
+    assert f"run (float32) {per_image:,.0f}," in out
+    m = re.search(r"pseudo masks \(CRF-refined\): (\d+) of (\d+) pixels differ; mIoU run ([\d.]+), uint8 ([\d.]+)",
+                  out)
+    assert m, out
+    assert int(m[2]) == pixels and int(m[1]) < 0.01 * pixels
+    assert float(m[3]) == round(100 * run.manifest("pseudo_masks")["metrics"]["miou"], 2)
