@@ -18,8 +18,12 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from wsss_core.cam_maps import CamResult
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> int:
@@ -28,7 +32,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> int:
     return buf.getbuffer().nbytes
 
 
-def other_form(cam, against: str) -> tuple[np.ndarray, np.ndarray, int]:
+def other_form(cam: "CamResult", against: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(full-size maps, stride-4 maps, file bytes) of `cam` held the other way."""
     if against == "uint8":
         small = cam.stored("uint8")

@@ -4,7 +4,7 @@ BatchNorm statistics untouched), flip inference, save / load."""
 import pytest
 import torch
 
-from wsss_core.cam import stride4_size
+from wsss_core.cam_maps import stride4_size
 from wsss_core.models import BoundaryNet, WeightsError, boundary_with_flip, build_backbone, load_boundary, save_boundary
 
 LITE0 = "efficientnet_lite0"

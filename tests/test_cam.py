@@ -11,15 +11,14 @@ from torch import nn
 
 from wsss_core.store import FileError, save_npz
 from wsss_core.cam import (
-    CamResult,
     class_activation_maps,
     has_gap_linear_head,
     head_indices,
     raw_cams,
     scaled_size,
     select_classes,
-    stride4_size,
 )
+from wsss_core.cam_maps import CamResult, stride4_size
 
 try:  # the test-only peer (`grad-cam` on PyPI, a dev dependency)
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus

@@ -77,9 +77,15 @@ def test_bad_uint8_cam_files_are_one_line(tmp_path):
     codes = np.zeros((2, 3, 4), np.uint8)
     head = {"keys": np.array([1, 2]), "image_size": np.array([9, 12]), "per_class": np.array(True)}
     for name, extra, why in (
-            ("no_range", {"scale0": codes}, "uint8 scale maps need a (K, 2) range<i> each"),
+            ("no_range", {"scale0": codes}, "uint8 scale maps need to be (K, h, w), each with a (K, 2) range<i>"),
             ("bad_range", {"scale0": codes, "range0": np.zeros((3, 2), np.float32)},
-             "uint8 scale maps need a (K, 2) range<i> each"),
+             "uint8 scale maps need to be (K, h, w), each with a (K, 2) range<i>"),
+            ("flat_codes", {"scale0": codes[:, 0], "range0": np.zeros((2, 2), np.float32)},
+             "uint8 scale maps need to be (K, h, w), each with a (K, 2) range<i>"),
+            ("nan_range", {"scale0": codes, "range0": np.array([[0, 1], [np.nan, 1]], np.float32)},
+             "the ranges of uint8 scale maps must be finite float32 (lo, step >= 0)"),
+            ("negative_step", {"scale0": codes, "range0": np.array([[0, 1], [0, -1]], np.float32)},
+             "the ranges of uint8 scale maps must be finite float32 (lo, step >= 0)"),
             ("mixed", {"scale0": codes, "range0": np.zeros((2, 2), np.float32),
                        "scale1": codes.astype(np.float32)},
              "scale maps must be all float32 or all uint8, got ['uint8', 'float32']")):
@@ -89,10 +95,12 @@ def test_bad_uint8_cam_files_are_one_line(tmp_path):
         assert str(e.value) == f"{path}: CAM file: {why}; rerun the cams stage (--force)"
 
 
-def test_an_unknown_storage_is_refused():
+def test_an_unknown_storage_and_non_finite_maps_are_refused():
     res = CamResult([1], [np.zeros((1, 2, 2), np.float32)], (8, 8))
     with pytest.raises(ValueError, match="storage must be one of float32, uint8, got 'float16'"):
         res.stored("float16")
+    with pytest.raises(ValueError, match=r"expected finite \(K, h, w\) maps"):
+        encode_uint8(np.array([[[0.0, np.nan]]], np.float32))
 
 
 @pytest.mark.slow

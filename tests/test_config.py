@@ -170,6 +170,23 @@ def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_ex
     assert section_hash(a, ["cams"]) != section_hash(b, ["cams"])
 
 
+def test_a_change_from_a_neutral_value_is_named_with_it(tmp_path):
+    """A run made at the neutral value, asked for another: the reason names both values, not None."""
+    from wsss_core.stages import open_run
+    from wsss_core.store import StageResult
+
+    def reason(made_with, asked):
+        root = tmp_path / made_with
+        run = open_run(root, config_from_dict({}, {"cams.storage": made_with}))
+        for name in ("data", "classifier", "label_filter", "cams"):  # manifests only: what staleness reads
+            run.begin(name)
+            run.finish(name, StageResult(metrics={}), "2026-12-03T00:00:00")
+        return open_run(root, config_from_dict({}, {"cams.storage": asked})).why_not_done("cams")
+
+    assert reason("float32", "uint8") == "02_cams was made with other parameters (cams.storage: 'float32' -> 'uint8')"
+    assert reason("uint8", "float32") == "02_cams was made with other parameters (cams.storage: 'uint8' -> 'float32')"
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -112,7 +112,7 @@ def test_the_whole_pipeline_under_torchrun(ci_full_run, tmp_path):
     assert [n for n in names if not two.is_done(n)] == []
     for k, name in enumerate(names, 1):  # rank 0 speaks: one line per stage
         assert out.count(f"[wsss] ({k}/{len(names)}) {name:<18} done in") == 1, out[-3000:]
-    assert [STAGES[n].folder for n in names if f"[wsss] {STAGES[n].folder}: " in out] == []  # nor run_stage's
+    assert [n for n in names if f"[wsss] {STAGES[n].spec.folder}: " in out] == []  # nor run_stage's
     assert out.count("[wsss] finished. Outputs:") == 1 and out.count("weak / full (val)") == 1
     assert not (root / ".wsss.lock").exists()
     for nb in {s.notebook for s in STAGES.values() if s.notebook}:  # the pictures, from rank 0

@@ -6,7 +6,7 @@ from PIL import Image
 
 from wsss_core import stages
 from wsss_core.artifacts import read_kept_ids
-from wsss_core.cam import CamResult
+from wsss_core.cam_maps import CamResult
 from wsss_core.data import open_dataset
 
 

@@ -204,7 +204,7 @@ def downsize_labels(label_map: np.ndarray, stride: int = 4) -> np.ndarray:
     (min(s*y + s//2, H-1), min(s*x + s//2, W-1)): the pixel just after the
     cell centre, as PIL's nearest rescale by 1/s (IRNet) picks when H, W are
     multiples of s; the last, partial cell is clamped to the image. The size
-    matches the stride-4 CAMs (`wsss_core.cam.stride4_size`).
+    matches the stride-4 CAMs (`wsss_core.cam_maps.stride4_size`).
     """
     lab = np.asarray(label_map)
     if lab.ndim != 2:

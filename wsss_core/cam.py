@@ -60,12 +60,10 @@ from .cam_maps import CamResult, Normalize, stride4_size
 
 __all__ = [
     "CamModel",
-    "CamResult",
     "class_activation_maps",
     "raw_cams",
     "select_classes",
     "head_indices",
-    "stride4_size",
     "scaled_size",
     "has_gap_linear_head",
 ]

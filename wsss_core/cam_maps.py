@@ -37,7 +37,7 @@ class CamResult:
     [0, 1]. A file holds the scale maps: ~12 KB per class for a 500x375 image
     at two scales; it gives back exactly the maps of the result it came from.
     `stored("uint8")` is the same result with each class's map of each scale
-    held as 8-bit codes and its range (4x smaller files, every value within
+    held as 8-bit codes and its range (maps 4x smaller, every value within
     half a step of (max - min) / 255 of the float32 one).
     """
 
@@ -131,8 +131,10 @@ class CamResult:
             normalize = "per_class" if bool(source["per_class"]) else "global"
             if all(m.dtype == np.uint8 for m in maps):
                 ranges = [np.asarray(source.get(f"range{k[5:]}", np.zeros(0))) for k in names]
-                if any(r.shape != (m.shape[0] if m.ndim else -1, 2) for r, m in zip(ranges, maps)):
-                    raise ValueError("uint8 scale maps need a (K, 2) range<i> each")
+                if any(m.ndim != 3 or r.shape != (m.shape[0], 2) for r, m in zip(ranges, maps)):
+                    raise ValueError("uint8 scale maps need to be (K, h, w), each with a (K, 2) range<i>")
+                if not all(r.dtype == np.float32 and np.isfinite(r).all() and (r[:, 1] >= 0).all() for r in ranges):
+                    raise ValueError("the ranges of uint8 scale maps must be finite float32 (lo, step >= 0)")
                 return cls._from_codes(source["keys"], list(zip(maps, ranges)), size, normalize)
             if any(m.dtype != np.float32 for m in maps):
                 raise ValueError(f"scale maps must be all float32 or all uint8, got {[str(m.dtype) for m in maps]}")
@@ -150,6 +152,8 @@ def encode_uint8(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(K, h, w) float32 -> (uint8 codes (K, h, w), (K, 2) float32 [lo, step]):
     each class map's min .. max in 255 equal steps, rounded to the nearest."""
     maps = np.asarray(maps, np.float32)
+    if maps.ndim != 3 or not np.isfinite(maps).all():
+        raise ValueError(f"encode_uint8: expected finite (K, h, w) maps, got shape {maps.shape}")
     k = maps.shape[0]
     lo = maps.reshape(k, -1).min(1) if maps.size else np.zeros(k, np.float32)
     step = ((maps.reshape(k, -1).max(1) - lo) / np.float32(255) if maps.size else lo).astype(np.float32)

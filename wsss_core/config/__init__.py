@@ -41,6 +41,7 @@ from .values import (
     section_hash,
     section_values,
     values_of_kind,
+    with_neutral,
 )
 
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "SegmentationConfig", "SyntheticConfig", "Weights", "add_section", "apply_overrides", "cache_root",
     "config_class", "config_from_dict", "config_to_dict", "dump_config", "field_kind", "flow_yaml", "kind_of", "load_config", "param",
     "parse_override_value", "parse_yaml", "plain", "section_hash", "section_values", "subsection", "values_of_kind",
+    "with_neutral",
 ]

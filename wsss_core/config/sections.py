@@ -122,7 +122,7 @@ class CamsConfig:
     flip: bool = param(True)
     normalize: Literal["per_class", "global"] = param("per_class")
     storage: Literal["float32", "uint8"] = param(
-        "float32", doc="how CAM files hold each scale's map: uint8 codes with a per-class range are 4x smaller",
+        "float32", doc="how CAM files hold each scale's map: uint8 codes with a per-class range take 1/4 of the bytes",
         neutral="float32")
     classes: Literal["labels", "predicted"] = param("labels")
     pred_threshold: float = param(0.5, unit)

@@ -103,6 +103,25 @@ def section_values(cfg: Any, sections: tuple[str, ...] | list[str], kind: str = 
     return out
 
 
+def with_neutral(values: dict[str, Any], cfg: Any, sections: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`section_values` output with the fields left out at their neutral value
+    put back (for saying what changed: `cams.storage: 'float32' -> 'uint8'`)."""
+    def fill(out: dict[str, Any], v: Any) -> dict[str, Any]:
+        out = dict(out)
+        for f in dataclasses.fields(v):
+            value = getattr(v, f.name)
+            if dataclasses.is_dataclass(value):
+                sub = fill(out.get(f.name, {}), value)
+                if sub:
+                    out[f.name] = sub
+            elif "neutral" in f.metadata and f.name not in out:
+                out[f.name] = plain(f.metadata["neutral"])
+        return out
+
+    return {**values, **{s: fill(values.get(s, {}), getattr(cfg, s)) for s in sections
+                         if dataclasses.is_dataclass(getattr(cfg, s)) and s in values}}
+
+
 def section_hash(cfg: Any, sections: tuple[str, ...] | list[str], kind: str = "output",
                  ignore: tuple[str, ...] | list[str] = ()) -> str:
     """Stable hash of the `kind` fields of the named sections (what a stage depends on)."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cam import stride4_size
+from ..cam_maps import stride4_size
 from ..data.transforms import to_normalized_tensor
 from .backbone import Backbone, WeightsError, _check_fit, read_model_file, rebuilding
 from .factory import build_backbone

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..config import Config, section_hash, section_values
+from ..config import Config, section_hash, section_values, with_neutral
 from .files import read_json
 from .lock import process_alive
 
@@ -159,7 +159,8 @@ class Staleness:
         if m.get("version", 1) != spec.version:
             return (f"{folder} was made by version {m.get('version', 1)} of the stage's code, which gives other "
                     f"outputs than version {spec.version}")
-        changes = config_diff(m.get("config", {}), section_values(self.cfg, spec.sections, ignore=spec.ignore))
+        old, new = m.get("config", {}), section_values(self.cfg, spec.sections, ignore=spec.ignore)
+        changes = config_diff(with_neutral(old, self.cfg, spec.sections), with_neutral(new, self.cfg, spec.sections))
         if changes:
             return f"{folder} was made with other parameters ({'; '.join(changes)})"
         content = self.content(name)
