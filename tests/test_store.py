@@ -240,3 +240,22 @@ def test_a_file_with_the_longest_name_a_folder_allows_is_written(tmp_path):
         write_text(path, "mask")
         assert path.read_text() == "mask" and [p.name for p in tmp_path.iterdir()] == [path.name]
         path.unlink()
+
+
+def test_a_killed_process_not_yet_reaped_holds_no_lock():
+    """A zombie (exited, its parent has not waited for it) does not run: its lock is stale."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from wsss_core.store import process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[-1][0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)  # exited, not reaped: Popen waits only when asked
+    assert not process_alive(child.pid, socket.gethostname())
+    assert process_alive(os.getpid(), socket.gethostname())
+    child.wait()
+    assert not process_alive(child.pid, socket.gethostname())

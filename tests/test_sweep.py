@@ -266,6 +266,13 @@ def test_a_killed_sweep_resumes_with_nothing_finished_redone(ci_run, tmp_path):
         time.sleep(0.5)
     os.killpg(p.pid, signal.SIGKILL)  # the sweep and the variant it runs
     p.wait()
+    gone = time.monotonic() + 60  # the variant's process too (its lock is rightly "in use" while it exits)
+    while time.monotonic() < gone:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
     assert '"done"' in done.read_text()
     finished = {str(q): q.stat().st_mtime_ns for q in (folder / "beta=3").rglob("*") if q.is_file()
                 and "notebooks" not in q.parts and q.name not in (".wsss.lock", "sweep.log")}

@@ -226,10 +226,13 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     if clash:  # never, not even with --overwrite
         raise DataError(f"{clash[0]}: is one of the input images; refusing to replace it with a mask "
                         "(choose another --out)")
-    existing = [t for t in targets if os.path.lexists(t)]  # a dangling link too: it is in the way
-    if existing and not overwrite:
-        raise DataError(f"{out}: {len(existing)} output file(s) exist, e.g. {existing[0].name} "
-                        "(--overwrite to replace them)")
+    def check_free() -> None:
+        existing = [t for t in targets if os.path.lexists(t)]  # a dangling link too: it is in the way
+        if existing and not overwrite:
+            raise DataError(f"{out}: {len(existing)} output file(s) exist, e.g. {existing[0].name} "
+                            "(--overwrite to replace them)")
+
+    check_free()
     layout = layout or cfg.predict.layout
     dev = resolve_device(device or cfg.device)
     model = load_segmenter(model_path(run, "segmentation"), dev)
@@ -237,6 +240,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     # One `wsss predict` per output folder; each mask is created only if absent (unless --overwrite),
     # so a clash with another writer is reported, never a silently lost mask.
     with FolderLock(out, PREDICT_LOCK).hold("wsss predict"):
+        check_free()  # again: another `wsss predict` may have written them and left since the first look
         for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
             labels = segment(model, read_image(p), scales, flip, dev, cfg.predict.max_side)
             try:

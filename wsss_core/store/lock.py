@@ -34,7 +34,8 @@ def now_iso() -> str:
 
 
 def process_alive(pid: int, host: str) -> bool:
-    """Whether process `pid` on `host` still runs (another host: assumed alive)."""
+    """Whether process `pid` on `host` still runs (another host: assumed alive;
+    a zombie, killed and not yet reaped by its parent, does not run)."""
     if host != socket.gethostname():
         return True
     if pid <= 0:
@@ -45,7 +46,16 @@ def process_alive(pid: int, host: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Linux: the process's state in /proc is Z (elsewhere: False)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].startswith("Z")  # the name, in parentheses, may hold anything
 
 
 class FolderLock:
