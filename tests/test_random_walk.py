@@ -178,3 +178,17 @@ def test_pseudo_mask_degenerate_inputs():
         pseudo_mask(np.zeros((2, 3, 4)), [1], (12, 16))
     with pytest.raises(ValueError):
         pseudo_mask(np.zeros((1, 3, 4)), [1], (13, 16))
+
+
+def test_agreed_labels_ignore_where_another_labelling_disagrees():
+    from wsss_core.random_walk import agreed_labels
+
+    mask = np.array([[1, 1, 0, 0], [2, 2, 0, 255]], np.uint8)
+    walk = np.array([[1, 0, 0, 0], [2, 2, 0, 0]], np.uint8)          # (0,1) disagrees
+    confident = np.array([[255, 1, 2, 255], [2, 255, 0, 1]], np.uint8)  # (0,2) disagrees; 255 says nothing
+    out = agreed_labels(mask, walk, confident)
+    assert out.tolist() == [[1, 255, 255, 0], [2, 2, 0, 255]]
+    assert mask.tolist() == [[1, 1, 0, 0], [2, 2, 0, 255]]  # the input is not changed
+    assert agreed_labels(mask).tolist() == mask.tolist()
+    with pytest.raises(ValueError, match=r"label maps differ in size: \(2, 3\) against \(2, 4\)"):
+        agreed_labels(mask, walk[:, :3])

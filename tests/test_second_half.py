@@ -153,6 +153,34 @@ def test_segmenters_and_predictions(ci_full_run):
     assert m["weak_over_full"] == round(cm_weak.miou() / cm_full.miou(), 4)
 
 
+def test_weak_segmenter_ignores_the_pixels_its_label_sources_disagree_on(ci_full_run, tmp_path):
+    """`segmentation.ignore_disagreement`: the weak segmenter trains on the pseudo masks with 255 where
+    the walk's mask or the confident labels say otherwise; only it is redone, the bound is not."""
+    from wsss_core.artifacts import IR_LABELS
+    from wsss_core.config import load_config
+    from wsss_core.stages.segmentation import _AgreedPseudoMasks
+
+    _, first = ci_full_run
+    shutil.copytree(first.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.ignore_disagreement": True})
+    run = stages.open_run(tmp_path / "run", cfg)
+    assert not run.is_done("segmentation") and run.is_done("segmentation_full")
+    ids = read_kept_ids(run)
+    pairs = _AgreedPseudoMasks(stages.dataset(cfg).labelled(cfg.data.train_split), ids, run, refined=True)
+    ignored = total = 0
+    for i, sid in enumerate(ids):
+        mask, walk, sure = PSEUDO_MASKS.read(run, sid), WALK_MASKS.read(run, sid), IR_LABELS.read(run, sid)
+        expected = np.where((walk != mask) | ((sure != 255) & (sure != mask)), 255, mask)
+        assert np.array_equal(pairs[i][1], expected)
+        ignored, total = ignored + int((expected == 255).sum()), total + expected.size
+    assert 0 < ignored < total  # the ci run's sources do disagree somewhere
+    stages.run_stage("segmentation", cfg, run)
+    m = run.manifest("segmentation")["metrics"]
+    assert m["ignored_share"] == round(ignored / total, 5)
+    assert m["param_checksums"][0] != first.manifest("segmentation")["metrics"]["param_checksums"][0]
+    assert run.is_done("segmentation_full") and not run.is_done("predict")  # predict uses the new segmenter
+
+
 def test_report_collects_every_stage(ci_full_run):
     cfg, run = ci_full_run
     report = json.loads((run.folder("report") / "report.json").read_text())

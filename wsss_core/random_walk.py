@@ -169,3 +169,16 @@ def pseudo_mask(rw: torch.Tensor | np.ndarray, keys: Sequence[int] | np.ndarray 
         idx = scores.argmax(0).cpu().numpy()
     lut = np.concatenate([[0], ids]).astype(np.uint8)
     return lut[idx]
+
+
+def agreed_labels(mask: np.ndarray, *others: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """`mask` with `ignore_index` wherever another labelling of the same image
+    disagrees with it (a pixel `ignore_index` in another says nothing there):
+    the pixels the walk, its CRF and the confident labels agree on, for training
+    a segmenter that should not fit the least certain borders (#19 item 4)."""
+    out = np.array(mask, dtype=np.uint8, copy=True)
+    for other in others:
+        if other.shape != out.shape:
+            raise ValueError(f"label maps differ in size: {other.shape} against {out.shape}")
+        out[(other != ignore_index) & (other != mask)] = ignore_index
+    return out

@@ -34,9 +34,12 @@ class ImagesWithLabels:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def labels(self, sid: str) -> np.ndarray:
+        return self.artifact.read(self.run, sid)
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         sid = self.ids[i]
-        return self.images.image(self.images.position(sid)), self.artifact.read(self.run, sid)
+        return self.images.image(self.images.position(sid)), self.labels(sid)
 
 
 def _headline(m: dict) -> str:

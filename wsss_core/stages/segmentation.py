@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .. import runtime
-from ..artifacts import PSEUDO_MASKS, model_path, read_kept_ids
+from ..artifacts import IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_kept_ids
 from ..config import Config, ConfigError, SegmentationConfig
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..store import Run, StageResult, read_json, read_torch, save_torch, write_json
@@ -63,6 +63,52 @@ class _MaskPairs:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.masks.image(self.ids[i]), self.masks.mask(self.ids[i])
+
+
+class _AgreedPseudoMasks(ImagesWithLabels):
+    """(image, pseudo mask) with 255 where the walk's mask before the CRF (when
+    a CRF refined it) or the confident labels disagree with the pseudo mask
+    (`segmentation.ignore_disagreement`). Both are read from stages upstream of
+    pseudo_masks, so a redo of either makes this stage stale through it."""
+
+    def __init__(self, images: Any, ids: list[str], run: Run, refined: bool):
+        super().__init__(images, ids, run, PSEUDO_MASKS)
+        self.refined = refined
+
+    def labels(self, sid: str) -> np.ndarray:
+        from ..random_walk import agreed_labels
+
+        others = [IR_LABELS.read(self.run, sid)] + ([WALK_MASKS.read(self.run, sid)] if self.refined else [])
+        try:
+            return agreed_labels(PSEUDO_MASKS.read(self.run, sid), *others)
+        except ValueError as e:  # name the image
+            raise ValueError(f"{sid}: {e}") from None
+
+    def ignored_share(self) -> float:
+        """Share of the training pixels left out (255) by the disagreement rule."""
+        ignored = total = 0
+        for sid in self.ids:
+            lab = self.labels(sid)
+            ignored += int((lab == 255).sum())
+            total += lab.size
+        return ignored / max(total, 1)
+
+
+def weak_training_pairs(cfg: Config, run: Run, ids: list[str]) -> ImagesWithLabels:
+    """(image, label map) the weak segmenter trains on: the pseudo masks, with
+    the disagreement pixels ignored when `segmentation.ignore_disagreement`."""
+    images = dataset(cfg).labelled(cfg.data.train_split)
+    if cfg.segmentation.ignore_disagreement:
+        return _AgreedPseudoMasks(images, ids, run, cfg.pseudo_masks.crf_gt_prob is not None)
+    return ImagesWithLabels(images, ids, run, PSEUDO_MASKS)
+
+
+def weak_training_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
+    """Per train image: the image, its pseudo mask and what the weak segmenter
+    trains on (ignored pixels in the void colour), for pictures."""
+    pairs = weak_training_pairs(cfg, run, ids)
+    return [[(sid, pairs[i][0]), ("pseudo mask", PSEUDO_MASKS.read(run, sid)), ("trained on", pairs[i][1])]
+            for i, sid in enumerate(ids)]
 
 
 def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) -> dict[str, Any]:
@@ -163,14 +209,15 @@ def _headline(m: dict) -> str:
           check=check_segmentation, headline=_headline, ignore=("segmentation.upper_bound",))
 def segmentation_stage(cfg: Config, run: Run) -> StageResult:
     """DeepLabV3+ on the pseudo masks of the kept train images."""
-    pairs = ImagesWithLabels(dataset(cfg).labelled(cfg.data.train_split), read_kept_ids(run), run, PSEUDO_MASKS)
-    metrics = train_segmenter(cfg, run, "segmentation", pairs, "segmenter")
+    pairs = weak_training_pairs(cfg, run, read_kept_ids(run))
+    ignored = {"ignored_share": round(pairs.ignored_share(), 5)} if isinstance(pairs, _AgreedPseudoMasks) else {}
+    metrics = {**train_segmenter(cfg, run, "segmentation", pairs, "segmenter"), **ignored}
     return StageResult(metrics=metrics, paths={"model": str(model_path(run, "segmentation"))})
 
 
 @register("segmentation_full", "06_segmentation_full", sections=("seed", "segmentation"),
           upstream=("data", "label_filter"), notebook="06_segmentation.ipynb", check=check_segmentation,
-          headline=_headline)
+          headline=_headline, ignore=("segmentation.ignore_disagreement",))
 def segmentation_full_stage(cfg: Config, run: Run) -> StageResult:
     """The fully supervised bound: the same segmenter on the real masks of the same images."""
     if not cfg.segmentation.upper_bound:
