@@ -4,6 +4,7 @@ recomputed independently."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,7 +159,8 @@ def test_weak_segmenter_ignores_the_pixels_its_label_sources_disagree_on(ci_full
     the walk's mask or the confident labels say otherwise; only it is redone, the bound is not."""
     from wsss_core.artifacts import IR_LABELS
     from wsss_core.config import load_config
-    from wsss_core.stages.segmentation import _AgreedPseudoMasks
+    from wsss_core.stages.segmentation import (_AgreedPseudoMasks, weak_training_examples,
+                                               weak_training_pairs)
 
     _, first = ci_full_run
     shutil.copytree(first.root, tmp_path / "run")
@@ -179,6 +181,26 @@ def test_weak_segmenter_ignores_the_pixels_its_label_sources_disagree_on(ci_full
     assert m["ignored_share"] == round(ignored / total, 5)
     assert m["param_checksums"][0] != first.manifest("segmentation")["metrics"]["param_checksums"][0]
     assert run.is_done("segmentation_full") and not run.is_done("predict")  # predict uses the new segmenter
+    rows = weak_training_examples(cfg, run, ids[:2])  # the notebook's pictures: image, pseudo mask, trained on
+    assert [[t for t, _ in row] for row in rows] == [[ids[0], "pseudo mask", "trained on"],
+                                                     [ids[1], "pseudo mask", "trained on"]]
+    assert all(np.array_equal(row[2][1], pairs[i][1]) for i, row in enumerate(rows))
+    # no CRF on the walk (crf_gt_prob: null): the pseudo masks are the walk's, only the confident labels count
+    shutil.rmtree(WALK_MASKS.dir(run))
+    plain = load_config(REPO / "params" / "ci.yaml", {"segmentation.ignore_disagreement": True,
+                                                      "pseudo_masks.crf_gt_prob": None})
+    pairs = weak_training_pairs(plain, run, ids)
+    for i, sid in enumerate(ids):
+        mask, sure = PSEUDO_MASKS.read(run, sid), IR_LABELS.read(run, sid)
+        assert np.array_equal(pairs[i][1], np.where((sure != 255) & (sure != mask), 255, mask))
+    # a confident-label file of another size: one line naming both files
+    from PIL import Image
+
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(IR_LABELS.path(run, ids[0]))
+    h, w = PSEUDO_MASKS.read(run, ids[0]).shape
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(IR_LABELS.path(run, ids[0])))}: 7x5 label map, but the "
+                       rf"pseudo mask {re.escape(str(PSEUDO_MASKS.path(run, ids[0])))} is {w}x{h}$"):
+        pairs[0]
 
 
 def test_report_collects_every_stage(ci_full_run):

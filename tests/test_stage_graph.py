@@ -178,3 +178,21 @@ def test_a_new_stage_version_redoes_that_stage_and_says_why(finished):
         assert did == {**dict.fromkeys(ORDER, "skipped"), "crf": "ran"}
         assert run.manifest("crf")["version"] == 2 and run.is_done("crf")
     assert "version" not in before.manifest("classifier")  # version 1 is not written: old manifests still hold
+
+
+def test_a_stage_refuses_when_a_stage_further_up_was_redone_and_those_between_were_not(ci_full_run, tmp_path):
+    """crf redone with --force, boundary and pseudo_masks not: the weak segmenter (which reads the
+    confident labels beside the pseudo masks) and predict refuse, naming the first stale stage."""
+    _, full = ci_full_run
+    shutil.copytree(full.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.ignore_disagreement": True})
+    run = stages.open_run(tmp_path / "run", cfg)
+    assert not stages.run_stage("crf", cfg, run, force=True).skipped
+    assert run.why_not_done("pseudo_masks") is None  # its direct input, the boundary model, was not redone
+    plain = load_config(REPO / "params" / "ci.yaml")
+    for name, c in (("segmentation", cfg), ("predict", plain)):
+        with pytest.raises(StaleUpstreamError, match=r"^stage '" + name + r"' refuses to run on stale inputs: "
+                           r"04_boundary is stale because its input was redone since: 03_crf\. "
+                           r"Rerun from 'boundary' first \(wsss run --from boundary\)\.$"):
+            stages.run_stage(name, c, stages.open_run(tmp_path / "run", c))
+    assert stages.run_stage("segmentation_full", cfg, run).skipped  # the bound reads only the real masks

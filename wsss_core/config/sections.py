@@ -224,8 +224,8 @@ class SegmentationConfig:
         "last", doc="best: the epoch with the best val mIoU (a choice made on the val masks: report test numbers)")
     upper_bound: bool = param(False, doc="also train on the real masks of the same images (stage segmentation_full)")
     ignore_disagreement: bool = param(
-        False, doc="the weak segmenter ignores (255) pixels where the walk's mask, the refined pseudo mask and the "
-        "confident labels disagree", neutral=False)
+        False, doc="the weak segmenter ignores (255) pixels where the walk's mask or the confident labels (where "
+        "confident) disagree with the refined pseudo mask", neutral=False)
     num_workers: int | None = param(None, optional(WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
                                  kind="runtime")
     amp: bool = param(True, doc="mixed precision (used on CUDA only)")

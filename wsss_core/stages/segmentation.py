@@ -67,9 +67,9 @@ class _MaskPairs:
 
 class _AgreedPseudoMasks(ImagesWithLabels):
     """(image, pseudo mask) with 255 where the walk's mask before the CRF (when
-    a CRF refined it) or the confident labels disagree with the pseudo mask
-    (`segmentation.ignore_disagreement`). Both are read from stages upstream of
-    pseudo_masks, so a redo of either makes this stage stale through it."""
+    a CRF refined it, pseudo_masks' own walk/) or the confident labels (crf,
+    two stages up: a crf redone alone makes the stage refuse, `check_upstream`)
+    disagree with the pseudo mask (`segmentation.ignore_disagreement`)."""
 
     def __init__(self, images: Any, ids: list[str], run: Run, refined: bool):
         super().__init__(images, ids, run, PSEUDO_MASKS)
@@ -78,11 +78,14 @@ class _AgreedPseudoMasks(ImagesWithLabels):
     def labels(self, sid: str) -> np.ndarray:
         from ..random_walk import agreed_labels
 
-        others = [IR_LABELS.read(self.run, sid)] + ([WALK_MASKS.read(self.run, sid)] if self.refined else [])
-        try:
-            return agreed_labels(PSEUDO_MASKS.read(self.run, sid), *others)
-        except ValueError as e:  # name the image
-            raise ValueError(f"{sid}: {e}") from None
+        mask = PSEUDO_MASKS.read(self.run, sid)
+        for art in (IR_LABELS, WALK_MASKS) if self.refined else (IR_LABELS,):
+            other = art.read(self.run, sid)
+            if other.shape != mask.shape:  # name the files
+                raise ValueError(f"{art.path(self.run, sid)}: {other.shape[1]}x{other.shape[0]} label map, but the "
+                                 f"pseudo mask {PSEUDO_MASKS.path(self.run, sid)} is {mask.shape[1]}x{mask.shape[0]}")
+            mask = agreed_labels(mask, other)
+        return mask
 
     def ignored_share(self) -> float:
         """Share of the training pixels left out (255) by the disagreement rule."""

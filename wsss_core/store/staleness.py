@@ -181,9 +181,26 @@ class Staleness:
         return "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "") \
             if changes else "the dataset changed"
 
+    def ancestors(self, name: str) -> list[str]:
+        """Every stage `name` depends on, directly or through others, in pipeline order."""
+        seen: set[str] = set()
+        todo = list(self.specs[name].upstream)
+        while todo:
+            u = todo.pop()
+            if u not in seen:
+                seen.add(u)
+                todo.extend(self.specs[u].upstream)
+        return [s for s in self.specs if s in seen]
+
     def check_upstream(self, name: str) -> None:
-        """Raise StaleUpstreamError naming each unusable upstream stage and why."""
-        problems = [(u, r) for u in self.specs[name].upstream if (r := self.why_not_done(u))]
+        """Raise StaleUpstreamError naming each unusable upstream stage and why; when
+        those are usable, the first unusable stage further up (a stage redone with
+        --force whose downstream was not: a stage reading files of both would mix them)."""
+        direct = self.specs[name].upstream
+        problems = [(u, r) for u in direct if (r := self.why_not_done(u))]
+        if not problems:
+            problems = next(([(u, r)] for u in self.ancestors(name) if u not in direct and (r := self.why_not_done(u))),
+                            [])
         if problems:
             first = problems[0][0]
             raise StaleUpstreamError(
