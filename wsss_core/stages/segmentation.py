@@ -110,8 +110,11 @@ def weak_training_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[t
     """Per train image: the image, its pseudo mask and what the weak segmenter
     trains on (ignored pixels in the void colour), for pictures."""
     pairs = weak_training_pairs(cfg, run, ids)
-    return [[(sid, pairs[i][0]), ("pseudo mask", PSEUDO_MASKS.read(run, sid)), ("trained on", pairs[i][1])]
-            for i, sid in enumerate(ids)]
+    rows = []
+    for i, sid in enumerate(ids):
+        image, target = pairs[i]  # one read of the image and one agreement pass per row
+        rows.append([(sid, image), ("pseudo mask", PSEUDO_MASKS.read(run, sid)), ("trained on", target)])
+    return rows
 
 
 def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) -> dict[str, Any]:
