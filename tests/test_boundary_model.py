@@ -126,3 +126,62 @@ def test_an_odd_size_changes_no_logit_at_the_top_or_left_edge(lite0_backbone_sta
     common = tuple(min(x, y) for x, y in zip(a.shape[-2:], b.shape[-2:]))
     a, b = a[..., : common[0], : common[1]], b[..., : common[0], : common[1]]
     assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+# --------------------------------------------------------------------------- the stem input (IRNet's first edge input)
+def test_resnet50_stem_input_is_irnets_first_edge_input():
+    """With stem_input, ResNet-50's branch reads IRNet's five edge inputs: x1 = maxpool(relu(bn1(conv1)))
+    at stride 4, then layer1..layer4. Computed here from torchvision's modules by hand, each through its
+    branch layer, upsampled to the stride-4 grid and fused: the model must give the same logits."""
+    torch.manual_seed(0)
+    model = BoundaryNet(build_backbone("resnet50", "random", 16), stem_input=True).eval()
+    bb, br = model.backbone, model.branch
+    assert len(br.stages) == 5 and br.stages[0][0].in_channels == 64
+    x = torch.randn(1, 3, 64, 96)  # a multiple of 32: no padding
+    with torch.no_grad():
+        x1 = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
+        x2 = bb.layer1(x1)
+        x3 = bb.layer2(x2)
+        x4 = bb.layer3(x3)
+        x5 = bb.layer4(x4)
+        up = torch.nn.functional.interpolate
+        maps = [br.stages[0](x1), br.stages[1](x2)] + [
+            up(br.stages[i](f), scale_factor=k, mode="bilinear", align_corners=False)
+            for i, f, k in [(2, x3, 2), (3, x4, 4), (4, x5, 4)]]
+        expected = br.fuse(torch.cat(maps, dim=1))
+        assert x1.shape[-2:] == expected.shape[-2:] == (16, 24)
+        assert torch.allclose(model.forward_logits(x), expected, atol=1e-5)
+
+
+def test_stem_input_adds_one_trained_stage_and_survives_save_load(tmp_path, lite0_backbone_state):
+    backbone = build_backbone(LITE0, "random", 16)
+    backbone.load_state_dict(lite0_backbone_state)
+    torch.manual_seed(0)
+    model = BoundaryNet(backbone, stem_input=True).train()
+    assert [s[0].in_channels for s in model.branch.stages] == [16, 24, 40, 112, 1280]
+    assert model.branch.fuse.in_channels == 5 * 32
+    loss = model(torch.randn(2, 3, 64, 64)).mean()
+    loss.backward()
+    assert float(model.branch.stages[0][0].weight.grad.abs().sum()) > 0  # the stem's layer learns
+    path = save_boundary(tmp_path / "boundary.pt", model.eval(), LITE0, 16)
+    assert torch.load(path, weights_only=True)["stem_input"] is True
+    loaded = load_boundary(path)
+    assert loaded.stem_input and len(loaded.branch.stages) == 5
+    x = torch.randn(1, 3, 61, 47)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    without = _lite0_net(lite0_backbone_state)  # the default reads the stages from stride 4 on
+    assert [s[0].in_channels for s in without.branch.stages] == [24, 40, 112, 1280]
+
+
+def test_a_model_saved_before_the_stem_input_loads_without_it(tmp_path, lite0_backbone_state):
+    model = _lite0_net(lite0_backbone_state, seed=3).eval()
+    path = save_boundary(tmp_path / "boundary.pt", model, LITE0, 16)
+    blob = torch.load(path, weights_only=True)
+    del blob["stem_input"]  # what save_boundary wrote before the key existed
+    torch.save(blob, path)
+    loaded = load_boundary(path)
+    assert not loaded.stem_input
+    x = torch.randn(1, 3, 45, 38)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

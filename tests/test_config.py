@@ -153,21 +153,27 @@ def test_section_hash_tracks_only_its_sections():
     assert section_hash(a, ["cams"]) != section_hash(b, ["cams"])
 
 
-def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed():
-    """cams.storage came after runs were made: at float32 (what the code before it wrote) the cams
-    fingerprint is the one of the section without the key, so finished runs stay usable; uint8 changes it."""
-    from dataclasses import fields
+@pytest.mark.parametrize("section, key, neutral, other", [("cams", "storage", "float32", "uint8"),
+                                                        ("boundary", "stem_input", False, True)])
+def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed(section, key, neutral, other):
+    """cams.storage and boundary.stem_input came after runs were made: at their neutral values (what the
+    code before them computed) the section's fingerprint is the one of the section without the key, so
+    finished runs stay usable; another value changes it."""
+    from dataclasses import asdict, fields
 
     from wsss_core.config import section_values
 
-    a = config_from_dict({})
-    before = {f.name: getattr(a.cams, f.name) for f in fields(a.cams)
-              if f.name != "storage" and f.metadata.get("kind", "output") == "output"}
-    assert section_values(a, ["cams"]) == {"cams": {k: list(v) if isinstance(v, tuple) else v
-                                                    for k, v in before.items()}}
-    b = config_from_dict({}, {"cams.storage": "uint8"})
-    assert section_values(b, ["cams"])["cams"]["storage"] == "uint8"
-    assert section_hash(a, ["cams"]) != section_hash(b, ["cams"])
+    def plain(v):
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v
+
+    a = config_from_dict({}, {f"{section}.{key}": neutral})
+    values = asdict(getattr(a, section))
+    before = {f.name: plain(values[f.name]) for f in fields(getattr(a, section))
+              if f.name != key and f.metadata.get("kind", "output") == "output"}
+    assert section_values(a, [section]) == {section: before}
+    b = config_from_dict({}, {f"{section}.{key}": other})
+    assert section_values(b, [section])[section][key] == other
+    assert section_hash(a, [section]) != section_hash(b, [section])
 
 
 def test_a_change_from_a_neutral_value_is_named_with_it(tmp_path):

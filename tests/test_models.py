@@ -127,7 +127,7 @@ def test_output_stride_and_stage_channels(name, output_stride):
     assert [tuple(s.shape[2:]) for s in stages] == [(64 // k, 64 // k) for k in backbone.stage_strides]
     assert backbone.out_channels == backbone.stage_channels[-1]
     assert last.shape == (1, backbone.out_channels, 64 // output_stride, 64 // output_stride)
-    assert backbone.stage_strides[:2] == (4, 8)
+    assert backbone.stage_strides[:3] == (2, 4, 8)  # the stem, then IRNet's stride-4 and stride-8 stages
 
 
 @pytest.mark.parametrize("output_stride, size", [(8, 28), (16, 14)])

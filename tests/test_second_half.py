@@ -40,6 +40,25 @@ def test_boundary_stage_saves_a_model_that_reloads(ci_full_run):
     assert e["best_f"] == max(e["f"])
 
 
+def test_boundary_stage_with_the_stem_input(ci_full_run, tmp_path):
+    """`boundary.stem_input`: only the boundary net is redone, its branch reads five stages (the stem
+    first), the saved file says so, and the stages that read its maps go stale."""
+    from wsss_core.config import load_config
+
+    _, first = ci_full_run
+    shutil.copytree(first.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"boundary.stem_input": True})
+    run = stages.open_run(tmp_path / "run", cfg)
+    assert run.is_done("crf") and not run.is_done("boundary")
+    stages.run_stage("boundary", cfg, run)
+    model = load_boundary(model_path(run, "boundary"))
+    assert model.stem_input and [s[0].in_channels for s in model.branch.stages] == [16, 24, 40, 112, 1280]
+    assert len(load_boundary(model_path(first, "boundary")).branch.stages) == 4
+    assert run.is_done("boundary") and not run.is_done("pseudo_masks")
+    assert run.manifest("boundary")["metrics"]["param_checksums"] != \
+        first.manifest("boundary")["metrics"]["param_checksums"]
+
+
 def test_affinity_targets_of_a_label_crop():
     labels = torch.full((8, 8), 255, dtype=torch.int64)
     labels[:, :4] = 0

@@ -72,9 +72,10 @@ def test_lite0_imagenet_encoder_equals_the_classifier_backbone(timm_named_state)
     with torch.no_grad():
         stages = backbone.forward_stages(x)
         feats = model.encoder_features(x)
-    assert feats[2].shape == stages[0].shape == (1, 24, 16, 24)
-    for i in range(3):  # strides 4, 8, 16: the classifier's first three stages
-        assert torch.equal(feats[i + 2], stages[i])
+    assert feats[1].shape == stages[0].shape == (1, 16, 32, 48)
+    assert feats[2].shape == stages[1].shape == (1, 24, 16, 24)
+    for i in range(4):  # strides 2, 4, 8, 16: the classifier's first four stages
+        assert torch.equal(feats[i + 1], stages[i])
 
 
 def test_encoder_weights_must_fit_exactly(tmp_path, timm_named_state):

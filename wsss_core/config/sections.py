@@ -167,6 +167,8 @@ class BoundaryConfig:
         "the boundary backbone is frozen, so it needs trained weights ('imagenet' or a state-dict file), not 'random'"),
         "imagenet | path to a state-dict file; the backbone stays frozen")
     output_stride: int = param(16, OUTPUT_STRIDE)
+    stem_input: bool = param(False, doc="the branch also reads the backbone's stride-2 stem, max-pooled to stride 4 "
+                             "(IRNet's shallowest edge input)", neutral=False)
     crop_size: int = param(256, in_range(32, 2048), "training crop in pixels (IRNet: 512)")
     radius: int = param(10, in_range(2, 32), "pairs within this radius (stride-4 cells) are affinity labels")
     epochs: int = param(3, EPOCHS)

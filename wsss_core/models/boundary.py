@@ -1,11 +1,18 @@
 """IRNet's boundary network: a frozen ImageNet backbone and a small trainable branch.
 
-The branch reads every stage of the backbone (`Backbone.forward_stages`):
+The branch reads the stages of the backbone (`Backbone.forward_stages`):
 
-    per stage s:  1x1 conv (C_s -> 32, no bias) -> GroupNorm(4, 32) -> ReLU
+    per stage s:  [stride 2 only: 3x3 max pool, stride 2, to the stride-4 grid]
+                  1x1 conv (C_s -> 32, no bias) -> GroupNorm(4, 32) -> ReLU
                   -> bilinear upsampling by stride_s / 4 to the stride-4 grid
     concatenate the stages -> 1x1 conv (32 * n_stages -> 1, with bias) = logit
     boundary = sigmoid(logit), shape (B, 1, ceil(H / 4), ceil(W / 4))
+
+Every backbone's first stage is its stride-2 stem. IRNet reads it (its first
+edge input is ResNet-50's stem after the 3x3 max pool, which is what the pool
+above computes for ResNet-50; for EfficientNet-Lite0 it is the first block's
+output): `stem_input=True`. Without it (the default, and every model saved
+before it existed) the branch reads the stages from stride 4 on.
 
 Upsampling uses the scale factor (not a target size) so that the grids of all
 stages stay aligned at the top-left corner, then each map is cropped (or, for a
@@ -51,8 +58,8 @@ class BoundaryBranch(nn.Module):
         if len(stage_channels) != len(stage_strides):
             raise ValueError("stage_channels and stage_strides differ in length")
         for s in stage_strides:
-            if s % 4:
-                raise ValueError(f"stage strides must be multiples of 4, got {tuple(stage_strides)}")
+            if s % 4 and s != 2:
+                raise ValueError(f"stage strides must be 2 or multiples of 4, got {tuple(stage_strides)}")
         self.stage_strides = tuple(stage_strides)
         self.stages = nn.ModuleList(
             nn.Sequential(
@@ -69,7 +76,7 @@ class BoundaryBranch(nn.Module):
         if len(features) != len(self.stages):
             raise ValueError(f"expected {len(self.stages)} stage outputs, got {len(features)}")
         maps = [
-            _to_grid(layer(f), stride // 4, size)
+            _to_grid(layer(F.max_pool2d(f, 3, 2, 1) if stride == 2 else f), max(stride // 4, 1), size)
             for layer, f, stride in zip(self.stages, features, self.stage_strides)
         ]
         return self.fuse(torch.cat(maps, dim=1))
@@ -91,13 +98,16 @@ class BoundaryNet(nn.Module):
     """Frozen backbone + trainable boundary branch; `forward(x)` -> boundary in [0, 1],
     (B, 1, ceil(H / 4), ceil(W / 4)). Inputs normalised with `normalization`."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, stem_input: bool = False):
         super().__init__()
         self.backbone = backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.backbone.eval()
-        self.branch = BoundaryBranch(backbone.stage_channels, backbone.stage_strides)
+        self.stem_input = stem_input
+        self.first_stage = 0 if stem_input else 1  # stage 0: the stride-2 stem
+        self.branch = BoundaryBranch(backbone.stage_channels[self.first_stage:],
+                                     backbone.stage_strides[self.first_stage:])
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -124,7 +134,7 @@ class BoundaryNet(nn.Module):
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         with torch.no_grad():
-            features = self.backbone.forward_stages(x)
+            features = self.backbone.forward_stages(x)[self.first_stage:]
         h4, w4 = stride4_size(h, w)
         return self.branch(features, stride4_size(x.shape[-2], x.shape[-1]))[..., :h4, :w4]
 
@@ -171,9 +181,9 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
 
 def save_boundary(path: str | Path, model: BoundaryNet, backbone_name: str, output_stride: int,
                   backbone_weights: str = "imagenet") -> Path:
-    """Store the branch's state dict and what rebuilds the frozen backbone: its name,
-    output stride, weights spec ('imagenet' or a state-dict path, not stored itself),
-    normalisation and a fingerprint of its tensors."""
+    """Store the branch's state dict, whether it reads the stem, and what rebuilds the
+    frozen backbone: its name, output stride, weights spec ('imagenet' or a state-dict
+    path, not stored itself), normalisation and a fingerprint of its tensors."""
     from ..store import save_torch
 
     if backbone_name != model.backbone.name or output_stride != model.backbone.stride:
@@ -191,6 +201,7 @@ def save_boundary(path: str | Path, model: BoundaryNet, backbone_name: str, outp
         "backbone_weights": str(backbone_weights),  # a path is stored as text: the file loads with weights_only
         "normalization": [list(v) for v in model.normalization],
         "backbone_fingerprint": backbone_fingerprint(model.backbone),
+        "stem_input": model.stem_input,
     })
 
 
@@ -206,7 +217,7 @@ def load_boundary(path: str | Path, device: torch.device | str = "cpu") -> Bound
                 f"{path}: the backbone rebuilt from {blob['backbone_weights']!r} differs from the one the "
                 f"boundary branch was trained on"
             )
-        model = BoundaryNet(backbone)
+        model = BoundaryNet(backbone, stem_input=blob.get("stem_input", False))  # absent: saved before it existed
         _check_fit(blob["branch"], model.branch.state_dict(), (), f"{path}: does not fit the boundary branch")
         model.branch.load_state_dict(blob["branch"], strict=True)
     return model.to(device).eval()

@@ -113,19 +113,22 @@ def imagenet_lite0(output_stride: int = 32) -> nn.Module:
 
 
 def build_efficientnet_lite0(output_stride: int) -> Backbone:
-    """Random-init backbone: stages at strides 4, 8, 16, 16 (OS 16) or 4, 8, 8, 8 (OS 8)."""
+    """Random-init backbone: stages at strides 2, 4, 8, 16, 16 (OS 16) or 2, 4, 8, 8, 8 (OS 8).
+    The stride-2 stage (stem and the first block, timm's first feature level) is the
+    boundary net's optional shallowest input."""
     net = create_timm_lite0(output_stride, with_classifier=False)
     modules = {key: getattr(net, key) for key in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")}
     info = BackboneInfo(
         name="efficientnet_lite0",
         stage_plan=(
-            ("conv_stem", "bn1", "blocks.0", "blocks.1"),
+            ("conv_stem", "bn1", "blocks.0"),
+            ("blocks.1",),
             ("blocks.2",),
             ("blocks.3", "blocks.4"),
             ("blocks.5", "blocks.6", "conv_head", "bn2"),
         ),
-        stage_channels=(24, 40, 112, 1280),
-        stage_strides=(4, 8, min(16, output_stride), output_stride),
+        stage_channels=(16, 24, 40, 112, 1280),
+        stage_strides=(2, 4, 8, min(16, output_stride), output_stride),
         mean=MEAN_STD,
         std=MEAN_STD,
         source_head_prefixes=("classifier.",),

@@ -38,9 +38,9 @@ def build_resnet50(output_stride: int) -> Backbone:
     keys = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
     info = BackboneInfo(
         name="resnet50",
-        stage_plan=(("conv1", "bn1", "relu", "maxpool", "layer1"), ("layer2",), ("layer3",), ("layer4",)),
-        stage_channels=(256, 512, 1024, 2048),
-        stage_strides=(4, 8, output_stride, output_stride),
+        stage_plan=(("conv1", "bn1", "relu"), ("maxpool", "layer1"), ("layer2",), ("layer3",), ("layer4",)),
+        stage_channels=(64, 256, 512, 1024, 2048),
+        stage_strides=(2, 4, 8, output_stride, output_stride),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         source_head_prefixes=("fc.",),
@@ -87,13 +87,14 @@ def build_vgg16_gap(output_stride: int) -> Backbone:
     info = BackboneInfo(
         name="vgg16_gap",
         stage_plan=(
-            tuple(f"features.{i}" for i in range(0, 14)),  # conv1-2 + pool1-2
+            tuple(f"features.{i}" for i in range(0, 7)),  # conv1 + pool1
+            tuple(f"features.{i}" for i in range(7, 14)),  # conv2 + pool2
             tuple(f"features.{i}" for i in range(14, 24)),  # conv3 + pool3
             tuple(f"features.{i}" for i in range(24, 34)),  # conv4 + pool4
             tuple(f"features.{i}" for i in range(34, n)) + ("extra",),  # conv5 + new layers
         ),
-        stage_channels=(128, 256, 512, 512),
-        stage_strides=(4, 8, output_stride, output_stride),
+        stage_channels=(64, 128, 256, 512, 512),
+        stage_strides=(2, 4, 8, output_stride, output_stride),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         source_head_prefixes=("classifier.",),

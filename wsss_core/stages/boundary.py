@@ -69,7 +69,7 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
         checksums = read_json(folder / "fit.json")["param_checksums"] if (folder / "fit.json").is_file() else []
     else:
         runtime.seed_everything(cfg.seed)  # the branch's initialisation is part of the run
-        model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride))
+        model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride), stem_input=b.stem_input)
         mean, std = model.normalization
         pairs = ImagesWithLabels(ds.labelled(cfg.data.train_split), read_kept_ids(run), run)
         train = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), cfg.seed,
