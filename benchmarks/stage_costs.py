@@ -106,7 +106,7 @@ def main() -> None:
     out["crf per image"] = best_seconds(lambda: confident_labels(image, cams.high_res, keys, cfg.crf), args.repeats)
 
     b = cfg.boundary
-    bnet = BoundaryNet(build_backbone(b.backbone, "random", b.output_stride))
+    bnet = BoundaryNet(build_backbone(b.backbone, "random", b.output_stride), stem_input=b.stem_input)
     bcrop = torch.randn(args.batch, 3, b.crop_size, b.crop_size, generator=g)
     lab = torch.randint(0, 3, (b.crop_size, b.crop_size), generator=g, dtype=torch.uint8)
     targets = [torch.stack(t) for t in zip(*[AffinityTargets(b.radius)(lab) for _ in range(args.batch)])]

@@ -185,3 +185,28 @@ def test_a_model_saved_before_the_stem_input_loads_without_it(tmp_path, lite0_ba
     x = torch.randn(1, 3, 45, 38)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def _support_centre(x: torch.Tensor, out: torch.Tensor, r: int, c: int) -> tuple[float, float]:
+    """Midpoint (row, column) of the input pixels that reach output cell (r, c): the gradient's support."""
+    (g,) = torch.autograd.grad(out[0, :, r, c].sum(), x, retain_graph=True)
+    rows = torch.nonzero(g[0].abs().sum((0, 2)) > 0)[:, 0]
+    cols = torch.nonzero(g[0].abs().sum((0, 1)) > 0)[:, 0]
+    return (float(rows.min() + rows.max()) / 2, float(cols.min() + cols.max()) / 2)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50", "vgg16_gap"])
+def test_the_pooled_stem_is_centred_on_the_backbones_own_stride4_cells(name):
+    """Each cell of the pooled stem must see the image around the same point as the cell of the stride-4
+    stage it is fused with. A 3x3 pool padded on both sides puts Lite0's cells (TF "same" convolutions pad
+    the bottom and right only) 2 pixels up and left of the grid, and VGG's (2x2 pools) 1 pixel."""
+    torch.manual_seed(0)
+    backbone = build_backbone(name, "random", 16).eval()
+    pool = BoundaryNet(backbone, stem_input=True).branch.stem_pool
+    x = torch.randn(1, 3, 96, 96, requires_grad=True)
+    stem, stride4 = backbone.forward_stages(x)[:2]
+    from wsss_core.models.boundary import pool_stem
+
+    pooled = pool_stem(stem, pool)
+    assert pooled.shape[-2:] == stride4.shape[-2:] == (24, 24)
+    assert _support_centre(x, pooled, 12, 12) == _support_centre(x, stride4, 12, 12)

@@ -3,7 +3,7 @@
     build_backbone(name, weights="imagenet", output_stride=16) -> Backbone
     MultiLabelClassifier(backbone, num_classes); build_classifier(cfg, num_classes)
     param_groups(model, lr, backbone_lr_mult, weight_decay) -> list[dict]
-    BoundaryNet(backbone); boundary_with_flip(model, x); save_boundary / load_boundary
+    BoundaryNet(backbone, stem_input=False); boundary_with_flip(model, x); save_boundary / load_boundary
     build_segmenter(backbone, num_classes, output_stride, atrous_rates, weights) -> Segmenter
     save_segmenter / load_segmenter
 """

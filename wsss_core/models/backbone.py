@@ -46,6 +46,10 @@ class BackboneInfo:
     source_head_prefixes: tuple[str, ...] = ()  # pretrained-file keys that are dropped (ImageNet head)
     new_prefixes: tuple[str, ...] = ()  # backbone keys no pretrained file has (new layers)
     convert: Callable[[StateDict], StateDict] | None = None  # foreign key names -> ours
+    # how the stride-2 stem is max-pooled onto the stride-4 grid, centred as the backbone's own stride-4
+    # cells are: "centred" 3x3 pad 1 (ResNet's max pool), "same" 3x3 padded bottom / right (TF "same"
+    # convolutions), "pair" 2x2 (VGG's pools)
+    stem_pool: str = "centred"
 
 
 class Backbone(nn.Module):

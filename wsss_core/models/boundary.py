@@ -2,16 +2,18 @@
 
 The branch reads the stages of the backbone (`Backbone.forward_stages`):
 
-    per stage s:  [stride 2 only: 3x3 max pool, stride 2, to the stride-4 grid]
+    per stage s:  [stride 2 only: max pool to the stride-4 grid (`pool_stem`)]
                   1x1 conv (C_s -> 32, no bias) -> GroupNorm(4, 32) -> ReLU
                   -> bilinear upsampling by stride_s / 4 to the stride-4 grid
     concatenate the stages -> 1x1 conv (32 * n_stages -> 1, with bias) = logit
     boundary = sigmoid(logit), shape (B, 1, ceil(H / 4), ceil(W / 4))
 
 Every backbone's first stage is its stride-2 stem. IRNet reads it (its first
-edge input is ResNet-50's stem after the 3x3 max pool, which is what the pool
+edge input is ResNet-50's stem after its 3x3 max pool, which is what the pool
 above computes for ResNet-50; for EfficientNet-Lite0 it is the first block's
-output): `stem_input=True`. Without it (the default, and every model saved
+output): `stem_input=True`. The pool is centred on the cells of the backbone's
+own stride-4 stage (TF "same" convolutions pad the bottom and right only, so
+Lite0's pool does too). Without it (the default, and every model saved
 before it existed) the branch reads the stages from stride 4 on.
 
 Upsampling uses the scale factor (not a target size) so that the grids of all
@@ -47,14 +49,18 @@ from .factory import build_backbone
 BRANCH_CHANNELS = 32
 PAD_MULTIPLE = 32  # the backbones' largest stride: every stride-2 layer then sees an even size
 GROUPS = 4
+STEM_POOLS = ("centred", "same", "pair")
 FORMAT = "wsss-boundary-1"
 
 
 class BoundaryBranch(nn.Module):
     """Per-stage 1x1 conv + GN + ReLU, upsampled to stride 4, fused by a 1x1 conv to one logit."""
 
-    def __init__(self, stage_channels: tuple[int, ...], stage_strides: tuple[int, ...]):
+    def __init__(self, stage_channels: tuple[int, ...], stage_strides: tuple[int, ...], stem_pool: str = "centred"):
         super().__init__()
+        if stem_pool not in STEM_POOLS:
+            raise ValueError(f"stem_pool must be one of {STEM_POOLS}, got {stem_pool!r}")
+        self.stem_pool = stem_pool
         if len(stage_channels) != len(stage_strides):
             raise ValueError("stage_channels and stage_strides differ in length")
         for s in stage_strides:
@@ -76,10 +82,23 @@ class BoundaryBranch(nn.Module):
         if len(features) != len(self.stages):
             raise ValueError(f"expected {len(self.stages)} stage outputs, got {len(features)}")
         maps = [
-            _to_grid(layer(F.max_pool2d(f, 3, 2, 1) if stride == 2 else f), max(stride // 4, 1), size)
+            _to_grid(layer(pool_stem(f, self.stem_pool) if stride == 2 else f), max(stride // 4, 1), size)
             for layer, f, stride in zip(self.stages, features, self.stage_strides)
         ]
         return self.fuse(torch.cat(maps, dim=1))
+
+
+def pool_stem(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Max-pool a stride-2 map to stride 4, each output cell centred where the backbone's own
+    stride-4 cell is: 'centred' 3x3 pad 1 (ResNet), 'same' 3x3 padded at the bottom / right
+    (TF "same"), 'pair' 2x2 (VGG)."""
+    if kind == "centred":
+        return F.max_pool2d(x, 3, 2, 1)
+    if kind == "same":
+        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 3, 2)
+    if kind == "pair":
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+    raise ValueError(f"unknown stem pool {kind!r}")
 
 
 def _to_grid(x: torch.Tensor, factor: int, size: tuple[int, int]) -> torch.Tensor:
@@ -105,9 +124,11 @@ class BoundaryNet(nn.Module):
             p.requires_grad_(False)
         self.backbone.eval()
         self.stem_input = stem_input
+        if backbone.stage_strides[0] != 2:
+            raise ValueError(f"backbone {backbone.name!r}: its first stage must be the stride-2 stem")
         self.first_stage = 0 if stem_input else 1  # stage 0: the stride-2 stem
         self.branch = BoundaryBranch(backbone.stage_channels[self.first_stage:],
-                                     backbone.stage_strides[self.first_stage:])
+                                     backbone.stage_strides[self.first_stage:], backbone.info.stem_pool)
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -133,6 +133,7 @@ def build_efficientnet_lite0(output_stride: int) -> Backbone:
         std=MEAN_STD,
         source_head_prefixes=("classifier.",),
         convert=to_timm_names,
+        stem_pool="same",
     )
     return Backbone(info, modules)
 

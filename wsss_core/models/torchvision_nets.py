@@ -99,5 +99,6 @@ def build_vgg16_gap(output_stride: int) -> Backbone:
         std=IMAGENET_STD,
         source_head_prefixes=("classifier.",),
         new_prefixes=("extra.",),
+        stem_pool="pair",
     )
     return Backbone(info, {"features": nn.Sequential(*layers), "extra": _extra_layers()})
