@@ -49,7 +49,6 @@ from .factory import build_backbone
 BRANCH_CHANNELS = 32
 PAD_MULTIPLE = 32  # the backbones' largest stride: every stride-2 layer then sees an even size
 GROUPS = 4
-STEM_POOLS = ("centred", "same", "pair")
 FORMAT = "wsss-boundary-1"
 
 
@@ -58,8 +57,6 @@ class BoundaryBranch(nn.Module):
 
     def __init__(self, stage_channels: tuple[int, ...], stage_strides: tuple[int, ...], stem_pool: str = "centred"):
         super().__init__()
-        if stem_pool not in STEM_POOLS:
-            raise ValueError(f"stem_pool must be one of {STEM_POOLS}, got {stem_pool!r}")
         self.stem_pool = stem_pool
         if len(stage_channels) != len(stage_strides):
             raise ValueError("stage_channels and stage_strides differ in length")
