@@ -52,10 +52,9 @@ def main() -> None:
     from wsss_core.config import load_config
     from wsss_core.crf import confident_labels, refined_mask
     from wsss_core.metrics import ConfusionMatrix
-    from wsss_core.random_walk import pseudo_mask, random_walk
     from wsss_core.stages import open_run
     from wsss_core.stages.inputs import dataset, stage_images
-    from wsss_core.stages.pseudo_masks import refine_crf
+    from wsss_core.stages.pseudo_masks import refine_crf, walk
 
     cfg = load_config(args.config)
     run = open_run(args.run_dir, cfg)
@@ -83,8 +82,7 @@ def main() -> None:
         crf_diff += int((run_labels != other_labels).sum())
         for cm, lab in zip(labelled, (run_labels, other_labels)):
             cm.update(lab, np.where(lab == 255, 255, gt).astype(np.uint8))
-        rw = random_walk(stride4, BOUNDARY_MAPS.read(run, sid), p.radius, p.beta, p.exp_times)
-        other_mask = pseudo_mask(rw, cam.keys, gt.shape, p.sem_seg_bg_thres)
+        other_mask = walk(p, stride4, cam.keys, BOUNDARY_MAPS.read(run, sid), gt.shape)[1]
         if refine is not None:
             other_mask = refined_mask(image, other_mask, cam.keys, refine)
         run_mask = PSEUDO_MASKS.read(run, sid)

@@ -62,7 +62,7 @@ def main() -> None:
     from wsss_core.models.segmenter import build_segmenter, pixel_loss
     from wsss_core.multilabel import multilabel_loss
     from wsss_core.predict import segment
-    from wsss_core.random_walk import pseudo_mask, random_walk
+    from wsss_core.stages.pseudo_masks import walk
 
     cfg = load_config(args.config, {"data.root": "."})  # the data is not read: a preset's $ROOT may be unset
     g = torch.Generator().manual_seed(0)
@@ -115,11 +115,9 @@ def main() -> None:
     bnet.eval()
     p = cfg.pseudo_masks
 
-    def walk() -> object:
-        bmap = boundary_map(bnet, image, cpu, p.flip)
-        return pseudo_mask(random_walk(cams.cam, bmap, p.radius, p.beta, p.exp_times), keys, (h, w),
-                           p.sem_seg_bg_thres)
-    out["pseudo_masks per image"] = best_seconds(walk, args.repeats)
+    def walked() -> object:
+        return walk(p, cams.cam, keys, boundary_map(bnet, image, cpu, p.flip), (h, w))
+    out["pseudo_masks per image"] = best_seconds(walked, args.repeats)
 
     s = cfg.segmentation
     seg = build_segmenter(s.backbone, args.num_classes, s.output_stride, s.atrous_rates, "random")

@@ -153,12 +153,15 @@ def test_section_hash_tracks_only_its_sections():
     assert section_hash(a, ["cams"]) != section_hash(b, ["cams"])
 
 
-@pytest.mark.parametrize("section, key, neutral, other", [("cams", "storage", "float32", "uint8"),
-                                                        ("boundary", "stem_input", False, True)])
-def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed(section, key, neutral, other):
-    """cams.storage and boundary.stem_input came after runs were made: at their neutral values (what the
-    code before them computed) the section's fingerprint is the one of the section without the key, so
-    finished runs stay usable; another value changes it."""
+@pytest.mark.parametrize("section, key, neutral, other, kind", [
+    ("cams", "storage", "float32", "uint8", "output"), ("boundary", "stem_input", False, True, "output"),
+    ("pseudo_masks", "bg_power", None, 4.0, "output"),
+    ("pseudo_masks", "sweep_bg_powers", (2.0, 3.0, 4.0, 5.0, 6.0, 8.0), (4.0,), "eval")])
+def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed(section, key, neutral, other,
+                                                                                      kind):
+    """cams.storage, boundary.stem_input, pseudo_masks.bg_power (and the eval-only sweep_bg_powers) came after
+    runs were made: at their neutral values (what the code before them computed) the section's fingerprint is
+    the one of the section without the key, so finished runs stay usable; another value changes it."""
     from dataclasses import asdict, fields
 
     from wsss_core.config import section_values
@@ -169,11 +172,11 @@ def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_ex
     a = config_from_dict({}, {f"{section}.{key}": neutral})
     values = asdict(getattr(a, section))
     before = {f.name: plain(values[f.name]) for f in fields(getattr(a, section))
-              if f.name != key and f.metadata.get("kind", "output") == "output"}
-    assert section_values(a, [section]) == {section: before}
+              if f.name != key and f.metadata.get("kind", "output") == kind}
+    assert section_values(a, [section], kind) == {section: before}
     b = config_from_dict({}, {f"{section}.{key}": other})
-    assert section_values(b, [section])[section][key] == other
-    assert section_hash(a, [section]) != section_hash(b, [section])
+    assert section_values(b, [section], kind)[section][key] == plain(other)
+    assert section_hash(a, [section], kind) != section_hash(b, [section], kind)
 
 
 def test_a_change_from_a_neutral_value_is_named_with_it(tmp_path):

@@ -180,6 +180,34 @@ def test_pseudo_mask_degenerate_inputs():
         pseudo_mask(np.zeros((1, 3, 4)), [1], (13, 16))
 
 
+def test_cams_with_background_is_one_minus_the_top_cam_to_the_power():
+    from wsss_core.random_walk import cams_with_background
+
+    cams = np.array([[[0.2, 0.9, 0.0]], [[0.5, 0.0, 0.0]]], np.float32)  # 2 classes on a 1 x 3 grid
+    x = cams_with_background(cams, 2.0)
+    assert x.shape == (3, 1, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], [[0.25, 0.01, 1.0]], rtol=1e-6)  # (1 - 0.5)^2, (1 - 0.9)^2, (1 - 0)^2
+    np.testing.assert_array_equal(x[1:], cams)
+    np.testing.assert_allclose(cams_with_background(cams, 4.0)[0], [[0.0625, 1e-4, 1.0]], rtol=1e-5)
+    np.testing.assert_array_equal(cams_with_background(np.zeros((0, 2, 2)), 4.0), np.ones((1, 2, 2)))
+
+
+def test_pseudo_mask_with_a_walked_background():
+    """bg_threshold None: channel 0 is the background's own walked score, compared as it is (no global max,
+    no constant): the same class score is foreground beside a weak background, background beside a strong one."""
+    rw = np.zeros((2, 2, 2), np.float32)
+    rw[1] = 0.3  # class 7 everywhere
+    rw[0, 0] = 0.2  # top row: background below the class
+    rw[0, 1] = 0.4  # bottom row: above it
+    m = pseudo_mask(rw, [7], (8, 8), None)
+    assert np.all(m[:2] == 7) and np.all(m[-2:] == 0)  # rows 0-1 and 6-7 sample one map row only
+    # IRNet's rule on the class channel alone: 0.3 / 0.3 = 1 beats any threshold < 1 everywhere
+    assert np.all(pseudo_mask(rw[1:], [7], (8, 8), 0.5) == 7)
+    np.testing.assert_array_equal(pseudo_mask(rw * 10, [7], (8, 8), None), m)  # a common scale changes nothing
+    with pytest.raises(ValueError, match="1 \\+ K = 2"):
+        pseudo_mask(rw[1:], [7], (8, 8), None)  # no background channel
+
+
 def test_agreed_labels_ignore_where_another_labelling_disagrees():
     from wsss_core.random_walk import agreed_labels
 

@@ -131,6 +131,44 @@ def test_pseudo_masks_are_the_dense_random_walk_refined_by_the_crf(ci_full_run):
     assert checked == 3 and changed >= 1  # the CRF moved some pixels
 
 
+def test_pseudo_masks_with_a_walked_background(ci_full_run, tmp_path):
+    """`pseudo_masks.bg_power`: only the pseudo masks are redone; each walk's mask is the dense reference walk
+    of [(1 - max CAM) ** bg_power, CAMs] (written here in numpy), upsampled, argmax with no threshold; the
+    sweep runs over bg_power, and its point at the run's settings on all images is the walk's mIoU."""
+    from wsss_core.config import load_config
+    from wsss_core.stages.pseudo_masks import pseudo_mask_sweep
+
+    _, first = ci_full_run
+    shutil.copytree(first.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"pseudo_masks.bg_power": 3.0})
+    run = stages.open_run(tmp_path / "run", cfg)
+    assert run.is_done("boundary") and not run.is_done("pseudo_masks")
+    m = stages.run_stage("pseudo_masks", cfg, run).metrics
+    p = cfg.pseudo_masks
+    kept = read_kept_ids(run)
+    checked = 0
+    for sid in kept:
+        cam = CAMS.read(run, sid)
+        if not len(cam.keys):
+            assert not WALK_MASKS.read(run, sid).any()
+            continue
+        c = cam.cam.astype(np.float64)
+        x = np.concatenate([(1 - c.max(0))[None] ** 3, c])
+        rw = dense_random_walk(x, BOUNDARY_MAPS.read(run, sid).astype(np.float64), p.radius, p.beta, p.exp_times)
+        h, w = cam.image_size
+        expected = np.array([0, *cam.keys.tolist()])[np.argmax(upsample_x4(rw)[:, :h, :w], axis=0)]
+        assert (WALK_MASKS.read(run, sid) == expected).mean() > 0.999, sid
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
+    assert {s["bg_power"] for s in m["sweep"]} == {*p.sweep_bg_powers, 3.0} and "sem_seg_bg_thres" not in m["sweep"][0]
+    other, point = pseudo_mask_sweep(cfg, run, kept, [2.0, 3.0], [p.beta])  # all powers share one walk
+    assert point == {"beta": p.beta, "bg_power": 3.0, "miou": pytest.approx(m["walk_miou"], abs=1e-12)}
+    assert other["bg_power"] == 2.0 and other["miou"] != point["miou"]
+    assert m["walk_miou"] != first.manifest("pseudo_masks")["metrics"]["walk_miou"]
+
+
 def test_pseudo_mask_scores_are_recomputed_from_the_files(ci_full_run):
     cfg, run = ci_full_run
     m = run.manifest("pseudo_masks")["metrics"]

@@ -17,7 +17,9 @@ shifted-view stencil sum, 0.20 s against 0.32 s for 125 x 94 x 21 classes).
 Neighbours outside the image do not exist (IRNet pads the boundary with 1.0,
 which gives them affinity 0): they are not stored in the matrix.
 
-`pseudo_mask` turns the walk's scores into IRNet's semantic pseudo label.
+`pseudo_mask` turns the walk's scores into IRNet's semantic pseudo label, with
+IRNet's constant background score or, from `cams_with_background`, a background
+channel walked with the classes (AffinityNet's rule).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from .affinity import affinity_from_boundary, full_offsets
 
-__all__ = ["transition_matrix", "random_walk", "pseudo_mask"]
+__all__ = ["transition_matrix", "random_walk", "background_score", "cams_with_background", "pseudo_mask"]
 
 
 def _to_tensor(a) -> torch.Tensor:
@@ -138,20 +140,46 @@ def random_walk(cams: torch.Tensor | np.ndarray, boundary: torch.Tensor | np.nda
     return out.cpu().numpy() if is_np else out
 
 
+def background_score(cams: np.ndarray, power: float) -> np.ndarray:
+    """AffinityNet's background score (h, w) = (1 - max over classes of the CAMs (K, h, w),
+    expected in [0, 1]) ** power; 1 everywhere without classes. float64 in: float64 out,
+    else float32 (float16 would underflow at high powers)."""
+    cams = np.asarray(cams)
+    if cams.ndim != 3:
+        raise ValueError(f"cams must be (K, h, w), got {cams.shape}")
+    cams = cams.astype(np.float64 if cams.dtype == np.float64 else np.float32, copy=False)
+    top = cams.max(0) if len(cams) else np.zeros(cams.shape[1:], cams.dtype)
+    return np.clip(1 - top, 0, 1) ** cams.dtype.type(power)
+
+
+def cams_with_background(cams: np.ndarray, power: float) -> np.ndarray:
+    """(1 + K, h, w): `background_score` first, then the K CAMs as given. Walked with the
+    classes, the background spreads inside its own regions as they do, so each image gets
+    its own background level where IRNet's constant threshold sets one for all (a higher
+    power: less background)."""
+    background = background_score(cams, power)
+    return np.concatenate([background[None], np.asarray(cams, background.dtype)])
+
+
 def pseudo_mask(rw: torch.Tensor | np.ndarray, keys: Sequence[int] | np.ndarray | torch.Tensor,
-                image_size: tuple[int, int], bg_threshold: float = 0.25) -> np.ndarray:
+                image_size: tuple[int, int], bg_threshold: float | None = 0.25) -> np.ndarray:
     """IRNet's semantic pseudo label (H, W) uint8 from random-walk scores rw (K, h, w).
 
     Upsampled x4 (bilinear, align_corners=False), cropped to (H, W), divided by
     its global max (skipped when the max is <= 0), a background channel of
     value bg_threshold put first, argmax (ties go to the earlier channel, so
     to background), channel c -> keys[c - 1] (1-based class ids), 0 = background.
+    bg_threshold None: rw is (1 + K, h, w) with a walked background first
+    (`cams_with_background`), and the argmax is taken over it as it is.
     """
     height, width = int(image_size[0]), int(image_size[1])
     ids = np.asarray(keys.cpu() if isinstance(keys, torch.Tensor) else keys, dtype=np.int64).reshape(-1)
     x = _to_tensor(rw)
-    if x.dim() != 3 or x.shape[0] != len(ids):
-        raise ValueError(f"rw must be (K, h, w) with K = len(keys) = {len(ids)}, got {tuple(x.shape)}")
+    walked = bg_threshold is None
+    if x.dim() != 3 or x.shape[0] != len(ids) + walked:
+        want = f"(1 + K, h, w) with 1 + K = {len(ids) + 1} (a walked background, then the classes)" if walked \
+            else f"(K, h, w) with K = len(keys) = {len(ids)}"
+        raise ValueError(f"rw must be {want}, got {tuple(x.shape)}")
     if np.any((ids < 1) | (ids > 255)):
         raise ValueError(f"keys must be 1-based class ids in 1..255, got {ids.tolist()}")
     if height > 4 * x.shape[1] or width > 4 * x.shape[2]:
@@ -162,10 +190,13 @@ def pseudo_mask(rw: torch.Tensor | np.ndarray, keys: Sequence[int] | np.ndarray 
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         up = F.interpolate(x[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
         up = up[:, :height, :width]
-        top = up.max()
-        if top > 0:
-            up = up / top
-        scores = torch.cat([torch.full_like(up[:1], float(bg_threshold)), up])
+        if walked:
+            scores = up
+        else:
+            top = up.max()
+            if top > 0:
+                up = up / top
+            scores = torch.cat([torch.full_like(up[:1], float(bg_threshold)), up])
         idx = scores.argmax(0).cpu().numpy()
     lut = np.concatenate([[0], ids]).astype(np.uint8)
     return lut[idx]

@@ -192,14 +192,22 @@ class PseudoMasksConfig:
     radius: int = param(5, in_range(2, 16), "transition neighbourhood in stride-4 cells (IRNet: 5)")
     beta: float = param(10.0, positive_upto(1000.0), "affinities are raised to beta (IRNet: 10)")
     exp_times: int = param(8, in_range(0, 12), "the transition is applied 2^exp_times times (IRNet: 8)")
-    sem_seg_bg_thres: float = param(0.25, unit, "background score after the walk (IRNet: 0.25)")
+    sem_seg_bg_thres: float = param(0.25, unit, "background score after the walk, when bg_power is null (IRNet: 0.25)")
+    bg_power: float | None = param(
+        None, optional(positive_upto(100.0)),
+        "a background (1 - max CAM) ** bg_power walked with the classes instead of the constant sem_seg_bg_thres "
+        "(AffinityNet's rule); null: IRNet's constant", neutral=None)
     flip: bool = param(True, doc="boundary map averaged with that of the flipped image")
     crf_gt_prob: float | None = param(
         0.95, optional(probability),
         "the walk's mask refined by a dense CRF (crf section's pairwise terms) trusting each label this much; "
         "null: the walk's mask as it is (IRNet)")
     sweep_bg_thresholds: tuple[float, ...] = param((0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6), each(unit),
-                                                   "sem_seg_bg_thres values of the mIoU sweep", kind="eval")
+                                                   "sem_seg_bg_thres values of the mIoU sweep (when bg_power is null)",
+                                                   kind="eval")
+    sweep_bg_powers: tuple[float, ...] = param((2.0, 3.0, 4.0, 5.0, 6.0, 8.0), each(positive_upto(100.0)),
+                                               "bg_power values of the mIoU sweep (when bg_power is set)", kind="eval",
+                                               neutral=(2.0, 3.0, 4.0, 5.0, 6.0, 8.0))
     sweep_betas: tuple[float, ...] = param((3.0, 5.0, 10.0, 15.0), each(positive_upto(1000.0)),
                                            "beta values of the mIoU sweep", kind="eval")
     sweep_images: int = param(20, in_range(0, 10**9), "images the sweep uses (0: no sweep)", kind="eval")

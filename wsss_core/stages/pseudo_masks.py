@@ -1,7 +1,8 @@
 """Stage `pseudo_masks` (05_pseudo_masks): IRNet's random walk. For every kept
 train image: the boundary map (with flip), the stride-4 CAMs times
 (1 - boundary) propagated by the sparse random walk, upsampled, background
-at `sem_seg_bg_thres`, argmax; then (`crf_gt_prob`) a dense CRF snaps the
+at `sem_seg_bg_thres` (or, with `bg_power`, a background score walked with
+the classes), argmax; then (`crf_gt_prob`) a dense CRF snaps the
 walk's mask to the image's edges -> masks/<id>.png (and boundary/<id>.png,
 walk/<id>.png: the mask before the CRF). Scored against the masks
 (evaluation only), beside the CAMs and the confident labels of the same images."""
@@ -24,15 +25,17 @@ from .per_image import for_each_image
 from .registry import register
 
 
-def walk(cfg: Config, cam: Any, boundary: np.ndarray, image_size: tuple[int, int], beta: float | None = None,
-         bg_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(random-walk scores (K, h, w), pseudo mask (H, W)) of one image's CamResult."""
-    from ..random_walk import pseudo_mask, random_walk
+def walk(p: PseudoMasksConfig, cams: np.ndarray, keys: Sequence[int], boundary: np.ndarray,
+         image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(the classes' random-walk scores (K, h, w), the walk's mask (H, W)) of one image's
+    stride-4 CAMs (K, h, w) of classes `keys`, by the pseudo_masks section's rule."""
+    from ..random_walk import cams_with_background, pseudo_mask, random_walk
 
-    p = cfg.pseudo_masks
-    rw = random_walk(cam.cam, boundary, p.radius, p.beta if beta is None else beta, p.exp_times)
-    mask = pseudo_mask(rw, cam.keys, image_size, p.sem_seg_bg_thres if bg_threshold is None else bg_threshold)
-    return rw, mask
+    if p.bg_power is None:
+        rw = random_walk(cams, boundary, p.radius, p.beta, p.exp_times)
+        return rw, pseudo_mask(rw, keys, image_size, p.sem_seg_bg_thres)
+    rw = random_walk(cams_with_background(cams, p.bg_power), boundary, p.radius, p.beta, p.exp_times)
+    return rw[1:], pseudo_mask(rw, keys, image_size, None)
 
 
 def refine_crf(cfg: Config) -> CrfConfig | None:
@@ -70,7 +73,7 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
             BOUNDARY_MAPS.write(run, sid, b)
             cam = CAMS.read(run, sid)
             try:
-                mask = walk(cfg, cam, b, image.shape[:2])[1]
+                mask = walk(cfg.pseudo_masks, cam.cam, cam.keys, b, image.shape[:2])[1]
             except ValueError as e:  # name the image
                 raise ValueError(f"{sid}: {e}") from None
             if crf is None:
@@ -100,8 +103,9 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
             walk_miou = {"walk_miou": walked_scores.miou()}
         p = cfg.pseudo_masks  # the sweep always holds the configured values, so the chart shows where the run stands
         n = min(p.sweep_images, len(ids))
-        sweep = pseudo_mask_sweep(cfg, run, ids[:n], sorted({*p.sweep_bg_thresholds, p.sem_seg_bg_thres}),
-                                  sorted({*p.sweep_betas, p.beta})) if n else []
+        backgrounds = {*p.sweep_bg_thresholds, p.sem_seg_bg_thres} if p.bg_power is None else \
+            {*p.sweep_bg_powers, p.bg_power}
+        sweep = pseudo_mask_sweep(cfg, run, ids[:n], sorted(backgrounds), sorted({*p.sweep_betas, p.beta})) if n else []
         # the masks the walk started from, on the same images (their stages' own evaluations)
         return {"miou": scores.miou(), **walk_miou, "cam_miou": read_scores(run, "cams", "cam").miou(),
                 "ir_labels_miou": read_scores(run, "crf", "confident_labels").miou(),
@@ -113,12 +117,16 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
     return StageResult(metrics=metrics, paths=paths if crf is None else {**paths, "walk": str(WALK_MASKS.dir(run))})
 
 
-def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: Sequence[float],
+def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], backgrounds: Sequence[float],
                       betas: Sequence[float]) -> list[dict[str, Any]]:
-    """mIoU of the walk's masks (before any CRF) for every (beta, sem_seg_bg_thres)
-    on the images `ids`, from their stored boundary maps (evaluation: reads masks)."""
-    from ..random_walk import pseudo_mask, random_walk
+    """mIoU of the walk's masks (before any CRF) for every (beta, background) on
+    the images `ids`, from their stored boundary maps (evaluation: reads masks).
+    The backgrounds are sem_seg_bg_thres values, or bg_power values when the
+    config walks the background (all powers in one walk: it is linear)."""
+    from ..random_walk import background_score, pseudo_mask, random_walk
 
+    p = cfg.pseudo_masks
+    key = "sem_seg_bg_thres" if p.bg_power is None else "bg_power"
     ds = dataset(cfg)
     masks = ds.masks(cfg.cams.split)
     gts = {i: masks.mask(i) for i in ids}
@@ -126,13 +134,21 @@ def pseudo_mask_sweep(cfg: Config, run: Run, ids: Sequence[str], bg_thresholds: 
     bounds = {i: BOUNDARY_MAPS.read(run, i) for i in ids}
     out = []
     for beta in betas:
-        cms = [ConfusionMatrix(ds.num_classes) for _ in bg_thresholds]
+        cms = [ConfusionMatrix(ds.num_classes) for _ in backgrounds]
         for i in ids:
-            rw = random_walk(cams[i].cam, bounds[i], cfg.pseudo_masks.radius, beta, cfg.pseudo_masks.exp_times)
-            for cm, t in zip(cms, bg_thresholds):
-                cm.update(pseudo_mask(rw, cams[i].keys, gts[i].shape, t), gts[i])
-        out += [{"beta": float(beta), "sem_seg_bg_thres": float(t), "miou": float(cm.miou())}
-                for t, cm in zip(bg_thresholds, cms)]
+            cam = cams[i].cam
+            if p.bg_power is None:
+                rw = random_walk(cam, bounds[i], p.radius, beta, p.exp_times)
+                for cm, t in zip(cms, backgrounds):
+                    cm.update(pseudo_mask(rw, cams[i].keys, gts[i].shape, t), gts[i])
+                continue
+            walked_bgs = np.stack([background_score(cam, a) for a in backgrounds])
+            rw = random_walk(np.concatenate([walked_bgs, np.asarray(cam, walked_bgs.dtype)]), bounds[i], p.radius,
+                             beta, p.exp_times)
+            for j, cm in enumerate(cms):
+                cm.update(pseudo_mask(np.concatenate([rw[j:j + 1], rw[len(cms):]]), cams[i].keys, gts[i].shape,
+                                      None), gts[i])
+        out += [{"beta": float(beta), key: float(t), "miou": float(cm.miou())} for t, cm in zip(backgrounds, cms)]
     return out
 
 
@@ -147,7 +163,7 @@ def second_half_maps(cfg: Config, run: Run, image_id: str) -> dict[str, np.ndarr
     image = images.image(images.position(image_id))
     cam = CAMS.read(run, image_id)
     b = BOUNDARY_MAPS.read(run, image_id)
-    rw, mask = walk(cfg, cam, b, image.shape[:2])
+    rw, mask = walk(cfg.pseudo_masks, cam.cam, cam.keys, b, image.shape[:2])
     zeros = np.zeros(b.shape, np.float32)
     maps = {"image": image,
             "cam": (cam.cam.max(0) if len(cam.keys) else zeros).astype(np.float32),
