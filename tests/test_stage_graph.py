@@ -60,11 +60,13 @@ def test_an_evaluation_threshold_re_evaluates_without_recomputing(finished):
     kept = read_kept_ids(run0)
     cam_stamps = {i: CAMS.path(run0, i).stat().st_mtime_ns for i in kept}
     before = stamp(model), stamp(ckpt)
+    cams_seconds = run0.manifest("cams")["seconds"]
     did, run = rerun(finished, {"cams.bg_thresholds": [0.2, 0.4], "classifier.eval_threshold": 0.3})
     assert did == {"data": "skipped", "classifier": "ran", "label_filter": "skipped", "cams": "re-evaluated",
                    "crf": "skipped"}
     assert (stamp(model), stamp(ckpt)) == before  # re-evaluated, not retrained
     assert {i: CAMS.path(run, i).stat().st_mtime_ns for i in kept} == cam_stamps
+    assert run.manifest("cams")["seconds"] > cams_seconds  # the time that made the CAMs, plus the re-evaluation
     q = run.manifest("cams")["metrics"]["quality"]
     assert q["thresholds"] == [0.2, 0.4] and len(q["miou"]) == 2
     assert run.manifest("classifier")["eval_config"] == {"classifier": {"eval_threshold": 0.3}}

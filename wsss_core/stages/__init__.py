@@ -74,6 +74,8 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False, quiet: bool
         started = now_iso()
         t0 = time.perf_counter()
         reeval = not force and run.usable(name)
+        # a re-evaluation keeps the outputs, so the stage's time is the time that made them plus its own
+        made_in = float((run.manifest(name) or {}).get("seconds") or 0.0) if reeval else 0.0
         run.save_config()
         run.begin(name, fresh=force)
         runtime.barrier()  # rank 0 has cleared stale outputs before anyone writes
@@ -84,9 +86,10 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False, quiet: bool
         except BaseException as e:
             run.fail(name, e, started)
             raise
-        result.seconds = time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        result.seconds = made_in + took
         run.finish(name, result, started)
-    say(f"[wsss] {s.spec.folder}: done in {result.seconds:.1f} s -> {run.folder(name)}", flush=True)
+    say(f"[wsss] {s.spec.folder}: done in {took:.1f} s -> {run.folder(name)}", flush=True)
     return result
 
 
