@@ -156,10 +156,12 @@ def test_section_hash_tracks_only_its_sections():
 @pytest.mark.parametrize("section, key, neutral, other, kind", [
     ("cams", "storage", "float32", "uint8", "output"), ("boundary", "stem_input", False, True, "output"),
     ("pseudo_masks", "bg_power", None, 4.0, "output"),
-    ("pseudo_masks", "sweep_bg_powers", (2.0, 3.0, 4.0, 5.0, 6.0, 8.0), (4.0,), "eval")])
+    ("pseudo_masks", "sweep_bg_powers", (2.0, 3.0, 4.0, 5.0, 6.0, 8.0), (4.0,), "eval"),
+    ("predict", "crf_gt_prob", None, 0.97, "output")])
 def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed(section, key, neutral, other,
                                                                                       kind):
-    """cams.storage, boundary.stem_input, pseudo_masks.bg_power (and the eval-only sweep_bg_powers) came after
+    """cams.storage, boundary.stem_input, pseudo_masks.bg_power (and the eval-only sweep_bg_powers),
+    predict.crf_gt_prob came after
     runs were made: at their neutral values (what the code before them computed) the section's fingerprint is
     the one of the section without the key, so finished runs stay usable; another value changes it."""
     from dataclasses import asdict, fields

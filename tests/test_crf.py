@@ -17,6 +17,8 @@ from wsss_core.crf import (
     dense_crf,
     dense_crf_labels,
     refined_mask,
+    refined_prediction,
+    with_label_trust,
 )
 
 CFG = CrfConfig()
@@ -207,6 +209,26 @@ def test_refined_mask_snaps_a_shifted_mask_to_the_colour_edges():
     assert wrong_after <= 0.05 * wrong_before
     # the CRF is the label-unary one: the same call on local indices 0..2 gives the same map
     np.testing.assert_array_equal(out, lut[dense_crf_labels(image, np.searchsorted(lut, shifted), 3, cfg)])
+
+
+def test_refined_prediction_uses_the_classes_the_prediction_holds():
+    """A segmenter's map of a new image (no image labels): the CRF runs over the classes the map holds, so a
+    3-px overshoot comes back to the colour edges as `refined_mask` with those keys would give it, and no class
+    the map lacks can appear; a background-only map or no CRF returns the map unchanged."""
+    image, _, truth = _rectangles()
+    lut = np.array([0, 7, 12], np.uint8)
+    shifted = np.roll(lut[truth], (3, 3), (0, 1))
+    cfg = with_label_trust(CFG, 0.95)
+    assert cfg == CrfConfig(gt_prob=0.95) and with_label_trust(CFG, None) is None
+    out = refined_prediction(image, shifted, cfg)
+    np.testing.assert_array_equal(out, refined_mask(image, shifted, np.array([7, 12]), cfg))
+    assert int((out != lut[truth]).sum()) <= 0.05 * int((shifted != lut[truth]).sum())
+    # only class 12 predicted: class 7's rectangle can only become background or stay 12, never 7
+    only12 = np.where(shifted == 7, 12, shifted).astype(np.uint8)
+    assert set(np.unique(refined_prediction(image, only12, cfg)).tolist()) <= {0, 12}
+    background = np.zeros(truth.shape, np.uint8)
+    assert refined_prediction(image, background, cfg) is background
+    assert refined_prediction(image, shifted, None) is shifted
 
 
 def test_refined_mask_refuses_labels_the_image_does_not_have():

@@ -209,3 +209,57 @@ def test_predict_writes_masks_as_the_image_is_displayed(ci_full_run, tmp_path):
     phone = np.array(Image.open(out / "phone.png"))
     assert phone.shape == (40, 24)  # height x width as displayed
     np.testing.assert_array_equal(phone, np.array(Image.open(out / "shown.png")))
+
+
+def test_predictions_refined_by_a_dense_crf(ci_full_run, tmp_path):
+    """`predict.crf_gt_prob`: only predict is redone; each stored prediction is the TTA argmax of the first
+    run, refined by the label-unary CRF over the classes it holds (computed here with `refined_mask`); the
+    scores are those of the stored files; `wsss predict` on new images refines them the same way."""
+    import dataclasses
+    import shutil
+
+    from conftest import REPO
+    from wsss_core.artifacts import model_path
+    from wsss_core.config import load_config
+    from wsss_core.crf import refined_mask
+    from wsss_core.metrics import ConfusionMatrix
+    from wsss_core.models.segmenter import load_segmenter
+    from wsss_core.stages.predict import prediction_artifact
+
+    _, first = ci_full_run
+    shutil.copytree(first.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"predict.crf_gt_prob": 0.9})
+    run = stages.open_run(tmp_path / "run", cfg)
+    assert run.is_done("segmentation_full") and not run.is_done("predict")
+    m = stages.run_stage("predict", cfg, run).metrics
+    assert m["crf_gt_prob"] == 0.9 and run.manifest("segmentation") == first.manifest("segmentation")
+    ds = stages.dataset(cfg)
+    images, masks = ds.labelled("val"), ds.masks("val")
+    art = prediction_artifact(cfg, "val")
+    net = load_segmenter(model_path(run, "segmentation"))
+    crf = dataclasses.replace(cfg.crf, gt_prob=0.9)
+    cm, changed, checked = ConfusionMatrix(ds.num_classes), 0, []
+    for sid in ds.ids("val"):
+        cm.update(art.read(run, sid), masks.mask(sid))
+        raw = art.read(first, sid)
+        keys = np.unique(raw)[np.unique(raw) > 0]
+        if keys.size and len(checked) < 3:
+            image = images.image(images.position(sid))
+            np.testing.assert_array_equal(
+                raw, segment(net, image, cfg.predict.tta_scales, cfg.predict.tta_flip, "cpu", cfg.predict.max_side))
+            expected = refined_mask(image, raw, keys, crf)
+            np.testing.assert_array_equal(art.read(run, sid), expected)
+            changed += int((expected != raw).sum())
+            checked.append(sid)
+    assert len(checked) == 3 and changed > 0  # the CRF moved some pixels
+    assert m["val_miou"] == pytest.approx(100 * cm.miou(), abs=0.005)
+    assert m["val_miou"] != first.manifest("predict")["metrics"]["val_miou"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for sid in checked:
+        shutil.copy(images.image_path(images.position(sid)), folder)
+    out = tmp_path / "out"
+    predict_folder(run.root, folder, out)
+    for sid in checked:
+        np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(images.position(sid)).stem}.png")),
+                                      art.read(run, sid))

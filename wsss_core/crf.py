@@ -13,6 +13,7 @@ Only numpy and pydensecrf are used here (no torch), so the worker processes of
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -36,6 +37,8 @@ __all__ = [
     "confident_labels_many",
     "crf_many",
     "refined_mask",
+    "refined_prediction",
+    "with_label_trust",
     "confident_label_scores",
 ]
 
@@ -207,6 +210,25 @@ def refined_mask(image: np.ndarray, mask: np.ndarray, keys: np.ndarray, cfg: Crf
         raise ValueError(f"mask holds labels {sorted(set(np.unique(mask).tolist()) - set(lut.tolist()))} "
                          f"that are neither background nor the image's classes {keys.tolist()}")
     return lut[dense_crf_labels(image, indices, lut.size, cfg)]
+
+
+def refined_prediction(image: np.ndarray, labels: np.ndarray, cfg: CrfConfig | None) -> np.ndarray:
+    """A segmenter's class-id map refined by a dense CRF over the classes it holds
+    (background always one of them; no other class can appear), trusting each
+    label with probability `cfg.gt_prob`; `cfg` None, or background alone:
+    the map as it is. For images without labels (new photos)."""
+    labels = np.asarray(labels)
+    if cfg is None:
+        return labels
+    keys = np.unique(labels)
+    keys = keys[keys != 0]
+    return labels if keys.size == 0 else refined_mask(image, labels, keys, cfg)
+
+
+def with_label_trust(cfg: CrfConfig, gt_prob: float | None) -> CrfConfig | None:
+    """The crf section's pairwise terms with a label trust of `gt_prob` (a CRF that
+    refines a label map); None when `gt_prob` is None (no refinement)."""
+    return None if gt_prob is None else dataclasses.replace(cfg, gt_prob=gt_prob)
 
 
 def _job(fn: Callable[..., np.ndarray], image_id: str, args: tuple, cfg: CrfConfig) -> tuple[str, np.ndarray]:

@@ -254,6 +254,10 @@ class PredictConfig:
     max_side: int | None = param(1024, optional(in_range(32, 16384)),
                                  "images with a longer side are segmented at this long side and the mask resized "
                                  "back (memory bounded, objects nearer the training scale); null: full size")
+    crf_gt_prob: float | None = param(
+        None, optional(probability),
+        "the predictions refined by a dense CRF (crf section's pairwise terms) over the classes each holds, "
+        "trusting each label this much; null: the segmenter's argmax as it is", neutral=None)
     layout: Literal["voc", "lid"] = param("voc", doc="lid: the LID submission layout (one PNG per listed image)")
 
 

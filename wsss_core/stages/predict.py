@@ -1,8 +1,12 @@
 """Stage `predict` (07_predict): the trained segmenter on every image of the
-`predict.splits`, with test-time augmentation -> <split>/<id>.png (class ids
-at the input's size); per-class IoU, mIoU and the confusion matrix where
-masks exist. With the fully supervised bound trained, the same TTA scores it
-(full/<split>/<id>.png) and the report states weak / full."""
+`predict.splits`, with test-time augmentation (and, with `predict.crf_gt_prob`,
+a dense CRF over the classes each prediction holds) -> <split>/<id>.png (class
+ids at the input's size); per-class IoU, mIoU and the confusion matrix where
+masks exist. With the fully supervised bound trained, the same TTA and CRF
+score it (full/<split>/<id>.png) and the report states weak / full.
+
+The CRF's pairwise terms are the crf section's; the stage's fingerprint
+already holds them (through the pseudo masks upstream of the segmenter)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 from .. import runtime
 from ..artifacts import LabelMaps, model_path, predictions, write_result, write_scores
 from ..config import Config, ConfigError, PredictConfig
+from ..crf import refined_prediction, with_label_trust
 from ..metrics import ImageScores
 from ..store import Run, StageResult
 from .inputs import check_split, dataset, stage_ids
@@ -66,8 +71,10 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
     p = cfg.predict
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
+    crf = with_label_trust(cfg.crf, p.crf_gt_prob)
     models = ["segmentation"] + (["segmentation_full"] if cfg.segmentation.upper_bound else [])
-    metrics: dict[str, Any] = {"tta_scales": list(p.tta_scales), "tta_flip": p.tta_flip, "splits": {}}
+    metrics: dict[str, Any] = {"tta_scales": list(p.tta_scales), "tta_flip": p.tta_flip, "crf_gt_prob": p.crf_gt_prob,
+                               "splits": {}}
     miou: dict[str, dict[str, float | None]] = {"weak": {}, "full": {}}
     for which in models:
         net = load_segmenter(model_path(run, which), device)
@@ -79,7 +86,9 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
 
             def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
                 for sid in todo:
-                    yield sid, segment(net, images.image(images.position(sid)), p.tta_scales, p.tta_flip, device, p.max_side)
+                    image = images.image(images.position(sid))
+                    yield sid, refined_prediction(image, segment(net, image, p.tta_scales, p.tta_flip, device,
+                                                                 p.max_side), crf)
 
             def evaluate() -> dict[str, Any]:
                 if not ds.has_masks(split):
@@ -109,7 +118,8 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
 
 def _tta_note(p: PredictConfig) -> str:
     scales = "/".join(f"{s:g}" for s in p.tta_scales)
-    return f"TTA scales {scales}" + (" + flip" if p.tta_flip else "")
+    crf = "" if p.crf_gt_prob is None else f", dense CRF (label trust {p.crf_gt_prob:g})"
+    return f"TTA scales {scales}" + (" + flip" if p.tta_flip else "") + crf
 
 
 def ranked_images(scores: ImageScores, n: int = 3) -> tuple[list[str], list[str]]:
@@ -168,8 +178,8 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     Checked before any work: the run's segmenter is finished; the folder has
     images; every file decodes (the unreadable ones are listed; with
     `skip_bad` they are left out and the rest is processed); existing outputs
-    are never replaced unless `overwrite`. TTA as the run's `predict` section
-    (or a single pass with `tta=False`); `layout` 'voc' (palette PNG) or 'lid'
+    are never replaced unless `overwrite`. TTA and the CRF as the run's `predict`
+    section (or a single pass with `tta=False`; the CRF still applies); `layout` 'voc' (palette PNG) or 'lid'
     (grayscale PNG), default the run's.
     """
     from ..artifacts import write_label_png
@@ -237,12 +247,14 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     dev = resolve_device(device or cfg.device)
     model = load_segmenter(model_path(run, "segmentation"), dev)
     scales, flip = (cfg.predict.tta_scales, cfg.predict.tta_flip) if tta else ((1.0,), False)
+    crf = with_label_trust(cfg.crf, cfg.predict.crf_gt_prob)
     # One `wsss predict` per output folder; each mask is created only if absent (unless --overwrite),
     # so a clash with another writer is reported, never a silently lost mask.
     with FolderLock(out, PREDICT_LOCK).hold("wsss predict"):
         check_free()  # again: another `wsss predict` may have written them and left since the first look
         for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
-            labels = segment(model, read_image(p), scales, flip, dev, cfg.predict.max_side)
+            image = read_image(p)
+            labels = refined_prediction(image, segment(model, image, scales, flip, dev, cfg.predict.max_side), crf)
             try:
                 write_label_png(t, labels, layout, exclusive=not overwrite)
             except FileError as e:

@@ -9,7 +9,6 @@ walk/<id>.png: the mask before the CRF). Scored against the masks
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from .. import runtime
 from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_scores, write_scores
 from ..config import Config, CrfConfig, PseudoMasksConfig
-from ..crf import crf_many, refined_mask
+from ..crf import crf_many, refined_mask, with_label_trust
 from ..metrics import ConfusionMatrix, ImageScores, segmentation_scores
 from ..store import Run, StageResult
 from .inputs import dataset, stage_images
@@ -41,8 +40,7 @@ def walk(p: PseudoMasksConfig, cams: np.ndarray, keys: Sequence[int], boundary: 
 def refine_crf(cfg: Config) -> CrfConfig | None:
     """The dense CRF that refines the walk's masks (the crf section's pairwise
     terms, the label trust `pseudo_masks.crf_gt_prob`); None: no refinement."""
-    p = cfg.pseudo_masks.crf_gt_prob
-    return None if p is None else dataclasses.replace(cfg.crf, gt_prob=p)
+    return with_label_trust(cfg.crf, cfg.pseudo_masks.crf_gt_prob)
 
 
 def _headline(m: dict) -> str:
