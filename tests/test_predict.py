@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from wsss_core import cli, stages
+from wsss_core.config import CrfConfig
+from wsss_core.crf import refined_prediction
 from wsss_core.models.segmenter import build_segmenter
 from wsss_core.predict import segment, tta_logits, upsampled_argmax, working_image
 from wsss_core.stages.predict import predict_folder
@@ -103,6 +105,16 @@ def test_a_large_image_is_segmented_at_max_side(net):
     # the working image is the photo made smaller as an image viewer would (PIL's antialiased bilinear)
     ref = np.asarray(Image.fromarray(image).resize((67, 100), Image.BILINEAR))
     assert np.abs(small.astype(int) - ref).max() <= 2
+    # with a CRF: refined at the working size (memory bounded by it), then each full-size pixel takes the label
+    # of the working-size pixel whose area holds its centre
+    crf = CrfConfig(gt_prob=0.7)
+    coarse = tta_logits(net, small, (1.0, 0.5), flip=False).argmax(0).to(torch.uint8).numpy()
+    at_working = refined_prediction(small, coarse, crf)
+    assert (at_working != coarse).any() and set(np.unique(at_working)) <= set(np.unique(coarse))
+    rows = ((np.arange(300) + 0.5) * 100 / 300).astype(int)
+    cols = ((np.arange(200) + 0.5) * 67 / 200).astype(int)
+    np.testing.assert_array_equal(segment(net, image, (1.0, 0.5), flip=False, max_side=100, crf=crf),
+                                  at_working[rows][:, cols])
 
 
 def test_the_pixel_loss_ignores_255():

@@ -5,12 +5,14 @@ TTA (the reference: scales 0.5 / 1 / 2 with flips): the normalised image is
 resized bilinearly to round(H s) x round(W s) for each scale, it and its
 horizontal flip go through the network in one batch, the flipped logits are
 flipped back, every logit map is resized bilinearly to (H, W) and they are
-averaged; the argmax is the class id (0 = background).
+averaged; the argmax is the class id (0 = background). A dense CRF may then
+refine it (`predict.crf_gt_prob`).
 
 An image whose long side exceeds `max_side` (a phone photo) is segmented at
 that long side and its logits are resized back to full size strip by strip:
 the network sees objects near the scale it was trained at, and memory stays
-bounded by the working size, not by the photo's.
+bounded by the working size, not by the photo's. With a CRF, the labels are
+refined at the working size and resized back (nearest), for the same reason.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .cam import scaled_size
+from .config import CrfConfig
+from .crf import refined_prediction
 from .data.transforms import to_normalized_tensor
 
 
@@ -49,14 +54,22 @@ def tta_logits(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float
 
 
 def segment(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
-            device: torch.device | str = "cpu", max_side: int | None = None) -> np.ndarray:
+            device: torch.device | str = "cpu", max_side: int | None = None,
+            crf: CrfConfig | None = None) -> np.ndarray:
     """Class ids (H, W) uint8 of one image, with test-time augmentation; segmented
-    at a long side of at most `max_side` pixels (None: at full size)."""
+    at a long side of at most `max_side` pixels (None: at full size); with `crf`,
+    refined by a dense CRF over the classes found (`crf.refined_prediction`), at
+    the working size, so a large photo's memory stays bounded by that size."""
     h, w = image.shape[:2]
     if max_side is None or max(h, w) <= max_side:
-        return tta_logits(model, image, scales, flip, device).argmax(0).to(torch.uint8).cpu().numpy()
+        labels = tta_logits(model, image, scales, flip, device).argmax(0).to(torch.uint8).cpu().numpy()
+        return refined_prediction(image, labels, crf)
     small = working_image(image, max_side)
-    return upsampled_argmax(tta_logits(model, small, scales, flip, device), (h, w))
+    logits = tta_logits(model, small, scales, flip, device)
+    if crf is None:
+        return upsampled_argmax(logits, (h, w))
+    labels = refined_prediction(small, logits.argmax(0).to(torch.uint8).cpu().numpy(), crf)
+    return np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
 
 
 def working_image(image: np.ndarray, max_side: int) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from .. import runtime
 from ..artifacts import LabelMaps, model_path, predictions, write_result, write_scores
 from ..config import Config, ConfigError, PredictConfig
-from ..crf import refined_prediction, with_label_trust
+from ..crf import with_label_trust
 from ..metrics import ImageScores
 from ..store import Run, StageResult
 from .inputs import check_split, dataset, stage_ids
@@ -86,9 +86,8 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
 
             def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
                 for sid in todo:
-                    image = images.image(images.position(sid))
-                    yield sid, refined_prediction(image, segment(net, image, p.tta_scales, p.tta_flip, device,
-                                                                 p.max_side), crf)
+                    yield sid, segment(net, images.image(images.position(sid)), p.tta_scales, p.tta_flip, device,
+                                       p.max_side, crf)
 
             def evaluate() -> dict[str, Any]:
                 if not ds.has_masks(split):
@@ -253,8 +252,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     with FolderLock(out, PREDICT_LOCK).hold("wsss predict"):
         check_free()  # again: another `wsss predict` may have written them and left since the first look
         for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
-            image = read_image(p)
-            labels = refined_prediction(image, segment(model, image, scales, flip, dev, cfg.predict.max_side), crf)
+            labels = segment(model, read_image(p), scales, flip, dev, cfg.predict.max_side, crf)
             try:
                 write_label_png(t, labels, layout, exclusive=not overwrite)
             except FileError as e:
