@@ -12,6 +12,7 @@ from wsss_core.affinity import (
     affinity_from_boundary,
     affinity_labels,
     affinity_loss,
+    affinity_training_loss,
     downsize_labels,
     full_offsets,
     half_offsets,
@@ -188,3 +189,21 @@ def test_affinity_loss_by_hand():
     empty = affinity_loss(aff.detach(), torch.from_numpy(bg), torch.zeros(1, 1, 5), torch.from_numpy(neg))
     assert empty.fg_pos.item() == 0.0
     assert empty.total.item() == pytest.approx((want_bg / 2 + want_neg) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_training_loss_is_float32_for_a_half_precision_boundary(dtype):
+    """Under autocast (CUDA's float16) the boundary net returns half precision, where 1 + 1e-5 - a rounds to
+    0 for a = 1 - 1e-4 and the neg term would be -log(0) = inf: the loss takes the logs in float32.
+    One row of two cells, boundary 1e-4 in `dtype`, the one in-image pair (offset (0, 1)) a negative."""
+    offsets = [tuple(int(v) for v in o) for o in half_offsets(2)]
+    b = torch.full((1, 1, 1, 2), 1e-4, dtype=dtype)
+    neg = torch.zeros(1, len(offsets), 1, 2, dtype=torch.bool)
+    neg[0, offsets.index((0, 1)), 0, 0] = True
+    none = torch.zeros_like(neg)
+    loss = affinity_training_loss(2)(lambda x: x, (b, none, none, neg))
+    a = 1.0 - b.float()[0, 0, 0, 0].item()  # the half-precision boundary, exactly, as float32 sees it
+    e = 1e-5
+    want = (-math.log(1 + e - a) / (1 + e)) / 2  # no positive pairs: total = (0 + neg) / 2
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want, rel=1e-4)
+    assert math.isinf(affinity_loss(affinity_from_boundary(b, 2), none, none, neg).total.item())  # the fault

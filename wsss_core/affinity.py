@@ -293,6 +293,6 @@ def affinity_training_loss(radius: int):
 
     def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         x, bg_pos, fg_pos, neg = batch[:4]
-        return affinity_loss(affinity_from_boundary(model(x), radius), bg_pos, fg_pos, neg).total
+        return affinity_loss(affinity_from_boundary(model(x).float(), radius), bg_pos, fg_pos, neg).total  # logs in float32 (amp)
 
     return loss
