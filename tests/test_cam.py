@@ -487,6 +487,28 @@ def test_cams_at_a_chosen_layer_equal_the_peer():
         assert _compare_with_peer(view, x, method, closed_form=None) > 0
 
 
+@pytest.mark.parametrize("head", ["classifier", "recam"])
+def test_cam_views_leave_the_model_in_its_mode(head):
+    """A view of an eval-mode classifier (an earlier layer, or ReCAM's head) is in
+    eval mode too, so computing CAMs with it does not switch the model's batch
+    norms to training (which would change every later forward)."""
+    from wsss_core.config import ClassifierConfig
+    from wsss_core.models import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(ClassifierConfig(weights="random", recam_weight=1.0), 4).eval()
+    x = _image(64, 80, batch=1)
+    with torch.no_grad():
+        before = model(x)
+    layer = model.backbone.layer_names[-3] if head == "classifier" else None
+    view = model.cam_model(layer, head)
+    assert not view.training
+    class_activation_maps(view, x[0], [1, 3], scales=(1.0,), flip=True, method="gradcam++")
+    assert not model.training and not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
 def test_layer_choice_errors_and_default():
     from wsss_core.config import ConfigError
 

@@ -144,3 +144,18 @@ def test_the_whole_pipeline_under_torchrun(ci_full_run, tmp_path):
             assert len(files) >= len(kept) if stage != "predict" else len(files) >= 12, (folder, files)
             assert sorted(p.relative_to(again) for p in (again / folder).rglob("*") if p.is_file()) == files
             assert [f for f in files if (root / f).read_bytes() != (again / f).read_bytes()] == [], folder
+
+
+@pytest.mark.slow
+def test_recam_fine_tuning_under_torchrun(tmp_path):
+    """The classifier with ReCAM's fine-tuning (its head frozen in the first phase, trained in the second) under
+    DDP: both phases run on both processes and end with equal weights, the history holds both phases."""
+    root = tmp_path / "run"
+    sets = ["--set", "classifier.recam_weight=0.7", "--set", "classifier.recam_epochs=1",
+            "--set", "label_filter.enabled=false"]
+    for stage in ("data", "classifier"):
+        torchrun("stage", stage, "--config", str(CONFIG), "--run-dir", str(root), *sets, nproc=2)
+    m = json.loads((root / "01_classifier" / "manifest.json").read_text())["metrics"]
+    assert m["world_size"] == 2 and len(set(m["param_checksums"])) == 1, m["param_checksums"]
+    history = json.loads((root / "01_classifier" / "history.json").read_text())
+    assert [(h["epoch"], h.get("phase")) for h in history] == [(1, None), (2, "recam")]

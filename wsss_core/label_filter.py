@@ -61,8 +61,9 @@ def check_label_filter_params(cfg: Config, ds: Dataset) -> None:
 
 
 def _filter_classifier_config(cfg: Config):
-    """The classifier recipe, for one class, all classes kept, no balancing."""
-    return dataclasses.replace(cfg.classifier, exclude_classes=(), balance="none",
+    """The classifier recipe, for one class, all classes kept, no balancing, no
+    ReCAM head (a softmax over one class has nothing to learn)."""
+    return dataclasses.replace(cfg.classifier, exclude_classes=(), balance="none", recam_weight=0.0,
                                backbone_lr_mult=cfg.label_filter.backbone_lr_mult)
 
 

@@ -21,9 +21,9 @@ from .config import ClassifierConfig, ConfigError
 from .data.sampling import sample_weights
 from .data.transforms import LabelledTensors, eval_transform, train_transform
 from .metrics import classification_scores
-from .runtime import loader_workers, seed_everything
-from .store import FileError, read_torch, save_torch
-from .train import FitConfig, fit, predict
+from .runtime import is_main, loader_workers, seed_everything
+from .store import FileError, read_torch, save_torch, write_json
+from .train import FitConfig, FitResult, fit, predict
 
 
 # --------------------------------------------------------------------------- checks
@@ -48,17 +48,36 @@ def trained_class_ids(classes: Sequence[str], exclude: Sequence[str]) -> list[in
     return [k for k in range(1, len(classes)) if classes[k] not in set(exclude)]
 
 
-def multilabel_loss(kind: str):
-    """Batch loss `(model, (x, y, idx)) -> scalar` for multi-label targets."""
+def multilabel_loss(kind: str, recam_weight: float = 0.0):
+    """Batch loss `(model, (x, y, idx)) -> scalar` for multi-label targets, plus
+    `recam_weight` times ReCAM's `recam_loss` when it is > 0."""
 
     def loss(model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        logits = model(x).float()
+        if recam_weight > 0:
+            logits, reactivated = model(x, recam=True)
+        else:
+            logits, reactivated = model(x), None
+        logits = logits.float()
         if kind == "bce":
-            return F.binary_cross_entropy_with_logits(logits, y)
-        return F.multilabel_soft_margin_loss(logits, y)
+            total = F.binary_cross_entropy_with_logits(logits, y)
+        else:
+            total = F.multilabel_soft_margin_loss(logits, y)
+        if reactivated is not None:
+            total = total + recam_weight * recam_loss(reactivated.float(), y)
+        return total
 
     return loss
+
+
+def recam_loss(reactivated: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ReCAM's softmax cross-entropy: for each image, the mean over its labelled
+    classes k of CE(row k of `reactivated` (B, N, N), target k), summed over the
+    batch and divided by its size (an image without labels adds 0)."""
+    per_class = -torch.diagonal(F.log_softmax(reactivated, dim=-1), dim1=1, dim2=2)  # (B, N): -log p_k(row k)
+    positive = (y > 0.5).to(per_class.dtype)
+    per_image = (per_class * positive).sum(1) / positive.sum(1).clamp(min=1)
+    return per_image.sum() / y.shape[0]
 
 
 # --------------------------------------------------------------------------- classifier
@@ -111,35 +130,38 @@ def train_multilabel(
         return {"val_map": s["map"], "val_f1_macro": s["f1_macro"]}
 
     lr = cfg.lr if lr is None else lr
-    result = fit(
-        model,
-        train_ds,
-        multilabel_loss(cfg.loss),
-        param_groups(model, lr, cfg.backbone_lr_mult, cfg.weight_decay),
-        cfg.optimizer,
-        lr,
-        cfg.weight_decay,
-        FitConfig(
-            epochs=cfg.epochs if epochs is None else epochs,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            num_workers=loader_workers(cfg.num_workers, device),
-            amp=cfg.amp,
-            schedule=cfg.schedule,
-            step_size=cfg.step_size,
-            gamma=cfg.gamma,
-            desc=desc,
-            stop_after_epochs=stop_after_epochs,
-        ),
-        out_dir,
-        device,
-        sample_weights=weights,
-        eval_fn=evaluate,
-    )
+    epochs = cfg.epochs if epochs is None else epochs
+    recam_after = cfg.recam_weight > 0 and cfg.recam_epochs > 0  # ReCAM: fine-tune a trained classifier
+
+    def phase(loss, phase_lr: float, phase_epochs: int, schedule: str, phase_desc: str, folder: Path,
+              stop_after: int | None):
+        return fit(
+            model, train_ds, loss, param_groups(model, phase_lr, cfg.backbone_lr_mult, cfg.weight_decay),
+            cfg.optimizer, phase_lr, cfg.weight_decay,
+            FitConfig(epochs=phase_epochs, batch_size=cfg.batch_size, seed=seed,
+                      num_workers=loader_workers(cfg.num_workers, device), amp=cfg.amp, schedule=schedule,
+                      step_size=cfg.step_size, gamma=cfg.gamma, desc=phase_desc, stop_after_epochs=stop_after),
+            folder, device, sample_weights=weights, eval_fn=evaluate,
+        )
+
+    if recam_after:  # unused until the fine-tuning (DistributedDataParallel wants every trained parameter used)
+        model.recam_head.requires_grad_(False)
+    result = phase(multilabel_loss(cfg.loss, 0.0 if recam_after else cfg.recam_weight), lr, epochs, cfg.schedule,
+                   desc, out_dir, stop_after_epochs)
+    history = result.history
+    if recam_after and (stop_after_epochs is None or stop_after_epochs > epochs):
+        model.recam_head.requires_grad_(True)
+        stop = None if stop_after_epochs is None else stop_after_epochs - epochs
+        tuned = phase(multilabel_loss(cfg.loss, cfg.recam_weight), cfg.recam_lr, cfg.recam_epochs, "poly",
+                      f"{desc} (ReCAM)", out_dir / "recam", stop)
+        history = history + [h | {"epoch": epochs + h["epoch"], "phase": "recam"} for h in tuned.history]
+        result = FitResult(history, result.resumed_from, tuned.samples_per_rank, tuned.param_checksums)
+        if is_main():  # both phases in the folder's history (each phase also keeps its own)
+            write_json(out_dir / "history.json", history)
     scores = evaluate_multilabel(cfg, model, val_images, columns, class_names, device, seed)
     extra = {"samples_per_rank": result.samples_per_rank, "param_checksums": result.param_checksums,
              "resumed_from": result.resumed_from}
-    return model, scores | {"fit": extra}, result.history
+    return model, scores | {"fit": extra}, history
 
 
 def evaluate_multilabel(cfg: ClassifierConfig, model: nn.Module, val_images, columns: Sequence[int],
@@ -164,7 +186,8 @@ def save_classifier(path: Path, model: nn.Module, cfg: ClassifierConfig, class_i
     """model.pt: weights plus what is needed to rebuild and use the model."""
     return save_torch(path, {
         "state_dict": model.state_dict(),
-        "classifier": {"backbone": cfg.backbone, "output_stride": cfg.output_stride, "image_size": cfg.image_size},
+        "classifier": {"backbone": cfg.backbone, "output_stride": cfg.output_stride, "image_size": cfg.image_size,
+                       "recam": getattr(model, "recam_head", None) is not None},
         "class_ids": list(class_ids),
         "classes": list(classes),
         "normalization": [list(v) for v in model.backbone.normalization],
@@ -182,7 +205,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Tra
     with rebuilding(path, "classifier"):
         c = blob["classifier"]
         cfg = ClassifierConfig(backbone=c["backbone"], output_stride=c["output_stride"], image_size=c["image_size"],
-                               weights="random")
+                               weights="random", recam_weight=1.0 if c.get("recam") else 0.0)
         model = build_classifier(cfg, len(blob["class_ids"]))
         model.load_state_dict(blob["state_dict"])
     model.to(device).eval()

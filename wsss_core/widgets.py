@@ -59,7 +59,7 @@ class CamInspector:
         self.run = run
         self.device = resolve_device(device or cfg.device)
         self.trained = load_classifier(model_path(run, "classifier"), self.device)
-        self.cam_model = self.trained.model.at_layer(cfg.cams.layer)
+        self.cam_model = self.trained.model.cam_model(cfg.cams.layer, cfg.cams.head)
         self.ds = open_dataset(cfg.data, validate=False)
         self.split = split or cfg.cams.split
         self.images = self.ds.labelled(self.split)

@@ -90,6 +90,14 @@ class ClassifierConfig:
     step_size: int = param(3, EPOCHS)
     gamma: float = param(0.2, unit)
     loss: Literal["bce", "soft_margin"] = param("bce")
+    recam_weight: float = param(
+        0.0, WEIGHT, "weight of ReCAM's softmax cross-entropy on CAM-weighted features (a second head, "
+        "for cams.head: recam); 0: off", neutral=0.0)
+    recam_epochs: int = param(
+        4, in_range(0, 100_000), "with recam_weight > 0: epochs of ReCAM fine-tuning after `epochs` (a new "
+        "poly schedule at recam_lr); 0: the ReCAM loss from the first epoch", neutral=4)
+    recam_lr: float = param(1e-4, LR, "head learning rate of the ReCAM fine-tuning (backbone: * backbone_lr_mult)",
+                            neutral=1e-4)
     balance: Literal["none", "class_aware", "repeat_factor"] = param("none")
     repeat_threshold: float = param(0.3, unit, "repeat-factor sampling threshold t")
     exclude_classes: tuple[str, ...] = param(())
@@ -118,6 +126,9 @@ class CamsConfig:
     method: Literal["gradcam", "gradcam++", "gradcam++exp"] = param(
         "gradcam", doc="gradcam++: pytorch-grad-cam's; gradcam++exp: the NoPeopleAllowed seed's (exp(score) gradients)")
     layer: str | None = param(None, doc="backbone layer for the CAMs; None: the last feature map")
+    head: Literal["classifier", "recam"] = param(
+        "classifier", doc="the head whose weights score the classes: the classifier's, or ReCAM's (needs "
+        "classifier.recam_weight > 0)", neutral="classifier")
     scales: tuple[float, ...] = param((1.0, 0.5, 0.75, 2.0), all_of(non_empty, each(SCALE)))
     flip: bool = param(True)
     normalize: Literal["per_class", "global"] = param("per_class")

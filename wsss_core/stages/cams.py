@@ -20,7 +20,10 @@ from .registry import register
 
 def check_cams(cfg: Config, ds: Any) -> None:
     """The split exists and the CAM layer is a layer of the classifier's backbone."""
+    from ..models.classifier import check_cam_head
+
     check_split(cfg, ds, "cams.split", cfg.cams.split)
+    last_layer = None
     if cfg.cams.layer is not None:
         from ..models import build_backbone
 
@@ -28,6 +31,8 @@ def check_cams(cfg: Config, ds: Any) -> None:
         if cfg.cams.layer not in names:
             raise ConfigError(f"cams.layer: {cfg.cams.layer!r} is not a layer of {cfg.classifier.backbone}; "
                               f"choose one of: {', '.join(names)}")
+        last_layer = names[-1]
+    check_cam_head(cfg.cams.head, cfg.cams.layer, cfg.classifier.recam_weight > 0, last_layer)
 
 
 @dataclass
@@ -60,7 +65,7 @@ def cams_stage(cfg: Config, run: Run) -> StageResult:
     c = cfg.cams
     device = runtime.resolve_device(cfg.device)
     trained = load_classifier(model_path(run, "classifier"), device)
-    cam_model = trained.model.at_layer(c.layer)
+    cam_model = trained.model.cam_model(c.layer, c.head)
     mean, std = trained.meta["normalization"]
     ds = dataset(cfg)
     images, ids = stage_images(cfg, run, c.split)
