@@ -86,14 +86,15 @@ def test_recam_gradients_reach_both_heads_and_the_backbone():
     assert model.backbone.conv_stem.weight.grad.abs().sum() > 0
 
 
-def test_cams_scored_by_the_recam_head_are_its_plain_cams():
+def test_cams_scored_by_the_recam_head_are_recams_plain_cams():
+    """ReCAM's CAM of class k: ReLU of A weighted by W_recam[k] * W[k] (both heads, element by element)."""
     model = _model()
     x = torch.randn(3, 70, 90)
     view = model.cam_model(None, "recam")
     res = class_activation_maps(view, x, [2, 4], scales=(1.0,), flip=False, method="gradcam")
     with torch.no_grad():
         a = model.features(x[None])[0]
-        w = model.recam_head.weight[[1, 3]]  # classes 2 and 4 are head outputs 1 and 3
+        w = model.recam_head.weight[[1, 3]] * model.head.weight[[1, 3]]  # classes 2 and 4: head outputs 1 and 3
         cam = torch.clamp(torch.einsum("kc,chw->khw", w, a), min=0)
         up = F.interpolate(cam[None], size=(70, 90), mode="bilinear", align_corners=False)[0].clamp(min=0)
         expected = up / (up.amax((1, 2), keepdim=True) + 1e-5)
@@ -113,7 +114,8 @@ def test_cam_model_refuses_a_missing_recam_head_and_an_earlier_layer():
     layer = model.backbone.layer_names[-2]
     with pytest.raises(ConfigError, match=rf"cams\.layer: '{layer}' with cams\.head 'recam'"):
         model.cam_model(layer, "recam")
-    assert model.cam_model(model.backbone.layer_names[-1], "recam").head is model.recam_head
+    view = model.cam_model(model.backbone.layer_names[-1], "recam")  # the last layer, named, is accepted
+    assert torch.equal(view.head.weight, model.recam_head.weight * model.head.weight) and view.head.bias is None
 
 
 def test_saved_classifier_keeps_its_recam_head(tmp_path):
@@ -134,8 +136,17 @@ def test_label_filter_trains_without_a_recam_head():
 
     from conftest import REPO
 
+    from wsss_core import stages
+
     cfg = load_config(REPO / "params" / "ci.yaml", {"classifier.recam_weight": 0.7})
     assert cfg.classifier.recam_weight == 0.7 and _filter_classifier_config(cfg).recam_weight == 0.0
+    # nor is the filter redone when only the classifier's ReCAM keys change
+    base = load_config(REPO / "params" / "ci.yaml")
+    other = load_config(REPO / "params" / "ci.yaml", {"classifier.recam_weight": 0.7, "classifier.recam_epochs": 2,
+                                                       "classifier.recam_lr": 1e-3})
+    run_a, run_b = stages.open_run("/nonexistent/a", base), stages.open_run("/nonexistent/b", other)
+    assert run_a.fingerprint("label_filter") == run_b.fingerprint("label_filter")
+    assert run_a.fingerprint("classifier") != run_b.fingerprint("classifier")
 
 
 def test_cams_stage_with_the_recam_head(tmp_path):

@@ -155,7 +155,8 @@ def train_multilabel(
         tuned = phase(multilabel_loss(cfg.loss, cfg.recam_weight), cfg.recam_lr, cfg.recam_epochs, "poly",
                       f"{desc} (ReCAM)", out_dir / "recam", stop)
         history = history + [h | {"epoch": epochs + h["epoch"], "phase": "recam"} for h in tuned.history]
-        result = FitResult(history, result.resumed_from, tuned.samples_per_rank, tuned.param_checksums)
+        resumed = epochs + tuned.resumed_from if tuned.resumed_from else result.resumed_from
+        result = FitResult(history, resumed, tuned.samples_per_rank, tuned.param_checksums)
         if is_main():  # both phases in the folder's history (each phase also keeps its own)
             write_json(out_dir / "history.json", history)
     scores = evaluate_multilabel(cfg, model, val_images, columns, class_names, device, seed)

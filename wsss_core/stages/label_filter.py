@@ -42,7 +42,8 @@ def _headline(m: dict) -> str:
 
 # the filter trains with the classifier's recipe but its own epochs, lr and backbone share, unbalanced
 _UNUSED_CLASSIFIER_FIELDS = ("classifier.epochs", "classifier.lr", "classifier.backbone_lr_mult", "classifier.balance",
-                             "classifier.repeat_threshold")
+                             "classifier.repeat_threshold", "classifier.recam_weight", "classifier.recam_epochs",
+                             "classifier.recam_lr")
 
 
 @register("label_filter", "01_label_filter", sections=("seed", "classifier", "label_filter"), upstream=("data",),
