@@ -158,7 +158,7 @@ def test_section_hash_tracks_only_its_sections():
     ("pseudo_masks", "bg_power", None, 4.0, "output"),
     ("pseudo_masks", "sweep_bg_powers", (2.0, 3.0, 4.0, 5.0, 6.0, 8.0), (4.0,), "eval"),
     ("predict", "crf_gt_prob", None, 0.97, "output"), ("classifier", "recam_weight", 0.0, 0.7, "output"),
-    ("classifier", "recam_epochs", 4, 2, "output"), ("classifier", "recam_lr", 1e-4, 1e-3, "output"),
+    ("classifier", "recam_epochs", 4, 2, "output"), ("classifier", "recam_lr", 1e-3, 1e-4, "output"),
     ("cams", "head", "classifier", "recam", "output")])
 def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed(section, key, neutral, other,
                                                                                       kind):

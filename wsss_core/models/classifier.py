@@ -17,7 +17,8 @@ class MultiLabelClassifier(nn.Module):
 
     With `recam=True` it also holds ReCAM's `recam_head` (a bias-free linear map
     from pooled features to classes), trained by `recam_logits` with a softmax
-    cross-entropy and used for the CAMs in place of `head` (`cam_model(head="recam")`)."""
+    cross-entropy; ReCAM's CAMs weigh the features by its weights times `head`'s
+    (`cam_model(head="recam")`)."""
 
     cam_layer_name = "backbone"  # module whose output is the CAM feature map A
 

@@ -19,7 +19,8 @@ from .registry import register
 
 
 def check_cams(cfg: Config, ds: Any) -> None:
-    """The split exists and the CAM layer is a layer of the classifier's backbone."""
+    """The split exists, the CAM layer is a layer of the classifier's backbone, and
+    the head can score it (ReCAM's needs classifier.recam_weight > 0 and the last layer)."""
     from ..models.classifier import check_cam_head
 
     check_split(cfg, ds, "cams.split", cfg.cams.split)
