@@ -121,21 +121,17 @@ def check_cam_head(head: str, layer: str | None, recam_trained: bool, last_layer
 class _RecamView(nn.Module):
     """A MultiLabelClassifier scored as ReCAM scores its CAMs: a GAP + linear CAM
     model whose class weights are the ReCAM head's times the classifier head's,
-    element by element (ReCAM's code weighs the features by both), with no bias;
-    Grad-CAM on it is ReCAM's CAM, ReLU((W_recam * W) . A) / (h w)."""
+    element by element (ReCAM's code weighs the features by both), with no bias,
+    taken when the view is made; Grad-CAM on it is ReCAM's CAM, ReLU((W_recam * W) . A) / (h w)."""
 
     def __init__(self, model: MultiLabelClassifier):
         super().__init__()
         self.model = model
+        w = (model.recam_head.weight * model.head.weight).detach()  # the trained weights when the view is made
+        self.head = nn.Linear(w.shape[1], w.shape[0], bias=False).to(device=w.device, dtype=w.dtype)
+        self.head.weight.data.copy_(w)
+        self.head.requires_grad_(False)
         self.train(model.training)  # a view is in the model's mode (a new Module would say training)
-
-    @property
-    def head(self) -> nn.Linear:
-        """The combined class weights, as a bias-free linear layer (made from the current weights)."""
-        w = (self.model.recam_head.weight * self.model.head.weight).detach()
-        head = nn.Linear(w.shape[1], w.shape[0], bias=False).to(device=w.device, dtype=w.dtype)
-        head.weight.data.copy_(w)
-        return head.requires_grad_(False)
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -145,8 +141,7 @@ class _RecamView(nn.Module):
         return self.model.features(x)
 
     def logits_from_features(self, a: torch.Tensor) -> torch.Tensor:
-        w = self.model.recam_head.weight * self.model.head.weight
-        return F.linear(a.mean((2, 3)), w)
+        return self.head(a.mean((2, 3)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.features(x))
