@@ -587,6 +587,36 @@ def test_two_predicts_into_one_folder_one_refuses_and_no_mask_is_lost(ci_full_ru
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
 
 
+def test_predict_into_a_folder_another_predict_is_writing_says_in_use(ci_full_run, tmp_path, capsys):
+    """Half its masks written and its lock held by a live process: the answer names that process (not "1 output
+    file(s) exist", which invites --overwrite), and nothing is touched."""
+    from wsss_core.stages.predict import PREDICT_LOCK
+
+    _, run = ci_full_run
+    photos = _photos(tmp_path / "photos", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p0.png").write_bytes(b"half done")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / PREDICT_LOCK).write_text(f'{{"pid": {holder.pid}, "host": "{os.uname().nodename}", "token": "x", '
+                                        '"started": "now", "command": "wsss predict"}')
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        assert cli.main(["predict", "--run", str(run.root), "--images", str(photos), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"wsss: error: {out}: in use by pid {holder.pid} on {os.uname().nodename} since now "
+                       "(wsss predict); wait for it to finish or stop it"], err
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    capsys.readouterr()  # its holder gone: the masks that exist are what stands in the way
+    assert cli.main(["predict", "--run", str(run.root), "--images", str(photos), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"wsss: error: {out}: 1 output file(s) exist, e.g. p0.png (--overwrite to replace them)"]
+
+
 def test_an_exclusive_write_never_replaces(tmp_path):
     from wsss_core.artifacts import write_label_png
     from wsss_core.store import FileError

@@ -235,9 +235,14 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     if clash:  # never, not even with --overwrite
         raise DataError(f"{clash[0]}: is one of the input images; refusing to replace it with a mask "
                         "(choose another --out)")
+    lock = FolderLock(out, PREDICT_LOCK)
+
     def check_free() -> None:
         existing = [t for t in targets if os.path.lexists(t)]  # a dangling link too: it is in the way
         if existing and not overwrite:
+            if not lock.token:
+                lock.refuse_if_held()  # another `wsss predict` is writing them: say that, not "n exist"
+                existing = [t for t in targets if os.path.lexists(t)]  # it may have finished just now
             raise DataError(f"{out}: {len(existing)} output file(s) exist, e.g. {existing[0].name} "
                             "(--overwrite to replace them)")
 
@@ -249,7 +254,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     crf = with_label_trust(cfg.crf, cfg.predict.crf_gt_prob)
     # One `wsss predict` per output folder; each mask is created only if absent (unless --overwrite),
     # so a clash with another writer is reported, never a silently lost mask.
-    with FolderLock(out, PREDICT_LOCK).hold("wsss predict"):
+    with lock.hold("wsss predict"):
         check_free()  # again: another `wsss predict` may have written them and left since the first look
         for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
             labels = segment(model, read_image(p), scales, flip, dev, cfg.predict.max_side, crf)

@@ -111,16 +111,22 @@ class FolderLock:
                 except FileExistsError:
                     pass
             held = self.read()  # complete by construction (linked), or gone
-            if held and process_alive(int(held.get("pid", -1)), str(held.get("host", ""))):
-                raise RunLockedError(
-                    f"{self.folder}: in use by pid {held.get('pid')} on {held.get('host')} since "
-                    f"{held.get('started')} ({held.get('command') or 'wsss'}); wait for it to finish or stop it"
-                )
+            self.refuse_if_held(held)
             print(f"[wsss] {self.folder}: taking over the lock left by pid {held.get('pid') if held else '?'} "
                   "(no longer running)", flush=True)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         raise RunLockedError(f"{self.folder}: could not take the lock {self.path}")
+
+    def refuse_if_held(self, held: dict[str, Any] | None = None) -> None:
+        """Raise RunLockedError naming the holder if a live process holds the lock (`held`: as read, or read now);
+        a look before work that takes the lock later, so the user hears "in use", not what it left half-done."""
+        held = self.read() if held is None else held
+        if held and process_alive(int(held.get("pid", -1)), str(held.get("host", ""))):
+            raise RunLockedError(
+                f"{self.folder}: in use by pid {held.get('pid')} on {held.get('host')} since "
+                f"{held.get('started')} ({held.get('command') or 'wsss'}); wait for it to finish or stop it"
+            )
 
     def inherited(self) -> bool:
         """This process is a child of the holder (same token in $WSSS_LOCK_TOKEN)."""
