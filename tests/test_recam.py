@@ -140,13 +140,19 @@ def test_label_filter_trains_without_a_recam_head():
 
     cfg = load_config(REPO / "params" / "ci.yaml", {"classifier.recam_weight": 0.7})
     assert cfg.classifier.recam_weight == 0.7 and _filter_classifier_config(cfg).recam_weight == 0.0
-    # nor is the filter redone when only the classifier's ReCAM keys change
+    # nor is the filter redone when only the classifier's ReCAM keys or its seed change: each key alone,
+    # at a value other than its default (a default would leave the classifier's fingerprint as it is too)
     base = load_config(REPO / "params" / "ci.yaml")
-    other = load_config(REPO / "params" / "ci.yaml", {"classifier.recam_weight": 0.7, "classifier.recam_epochs": 2,
-                                                       "classifier.recam_lr": 1e-3})
-    run_a, run_b = stages.open_run("/nonexistent/a", base), stages.open_run("/nonexistent/b", other)
-    assert run_a.fingerprint("label_filter") == run_b.fingerprint("label_filter")
-    assert run_a.fingerprint("classifier") != run_b.fingerprint("classifier")
+    run_a = stages.open_run("/nonexistent/a", base)
+    changes = {"classifier.recam_weight": 0.7, "classifier.recam_epochs": 2, "classifier.recam_lr": 3e-4,
+               "classifier.seed": 5}
+    for key, value in changes.items():
+        run_b = stages.open_run("/nonexistent/b", load_config(REPO / "params" / "ci.yaml", {key: value}))
+        assert run_a.fingerprint("classifier") != run_b.fingerprint("classifier"), key
+        assert run_a.fingerprint("label_filter") == run_b.fingerprint("label_filter"), key
+    own = stages.open_run("/nonexistent/c", load_config(REPO / "params" / "ci.yaml", {"label_filter.seed": 5}))
+    assert own.fingerprint("label_filter") != run_a.fingerprint("label_filter")
+    assert own.fingerprint("classifier") == run_a.fingerprint("classifier")
 
 
 def test_cams_stage_with_the_recam_head(tmp_path):

@@ -198,3 +198,30 @@ def test_a_stage_refuses_when_a_stage_further_up_was_redone_and_those_between_we
                            r"Rerun from 'boundary' first \(wsss run --from boundary\)\.$"):
             stages.run_stage(name, c, stages.open_run(tmp_path / "run", c))
     assert stages.run_stage("segmentation_full", cfg, run).skipped  # the bound reads only the real masks
+
+
+def test_a_segmentation_seed_reruns_only_the_segmenters_and_after(ci_full_run, tmp_path):
+    """`segmentation.seed`: the two segmenters, predict and the report are redone, with other weights;
+    every file of the stages above keeps its bytes and mtime. Unset (null), the top-level seed: nothing to
+    do, the fingerprints as before; the classifier's own seed leaves the label filter as it is."""
+    import fixtures
+
+    cfg0, full = ci_full_run
+    shutil.copytree(full.root, tmp_path / "run")
+    upstream = ("data", "classifier", "label_filter", "cams", "crf", "boundary", "pseudo_masks")
+    redone = ("segmentation", "segmentation_full", "predict", "report")
+    assert stages.pipeline_order() == [*upstream, *redone]
+    first = stages.open_run(tmp_path / "run", cfg0)
+    before = {n: fixtures.snapshot(first.folder(n)) for n in upstream}
+    weights = {n: model_path(first, n).read_bytes() for n in ("segmentation", "segmentation_full")}
+    same = load_config(REPO / "params" / "ci.yaml", {"segmentation.seed": None})
+    assert all(stages.open_run(tmp_path / "run", same).fingerprint(n) == first.fingerprint(n)
+               for n in stages.pipeline_order())
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.seed": 1})
+    run = stages.open_run(tmp_path / "run", cfg)
+    did = {n: stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order()}
+    assert [n for n, skipped in did.items() if not skipped] == list(redone)
+    assert {n: fixtures.snapshot(run.folder(n)) for n in upstream} == before
+    for n, old in weights.items():
+        assert model_path(run, n).read_bytes() != old, n  # another seed, other weights
+    assert all(stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order())  # done

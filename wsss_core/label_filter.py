@@ -95,11 +95,12 @@ def filter_train_images(cfg: Config, ds: Dataset, out_dir: Path, device: torch.d
         ccfg = _filter_classifier_config(cfg)
         trusted = trusted_ids(cfg, ds)
         trusted_idx = [images.position(i) for i in trusted]
+        seed = cfg.seed_of("label_filter")
         model, _, history = train_multilabel(
-            ccfg, images.subset(trusted_idx), None, [col], [lf.class_name], out_dir, device, cfg.seed,
+            ccfg, images.subset(trusted_idx), None, [col], [lf.class_name], out_dir, device, seed,
             epochs=lf.epochs, lr=lf.lr, desc=f"filter[{lf.class_name}]",
         )
-        _, all_ds = classifier_datasets(ccfg, model, images, images, [col], cfg.seed)
+        _, all_ds = classifier_datasets(ccfg, model, images, images, [col], seed)
         scores = predict(model, all_ds, device, ccfg.batch_size, 0, desc="filter scores")[:, 0]
         untrusted = np.ones(len(images), bool)
         untrusted[trusted_idx] = False

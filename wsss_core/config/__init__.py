@@ -39,6 +39,7 @@ from .values import (
     kind_of,
     plain,
     section_hash,
+    seed_keys,
     section_values,
     values_of_kind,
     with_neutral,
@@ -49,6 +50,6 @@ __all__ = [
     "CrfConfig", "DataConfig", "LabelFilterConfig", "LidConfig", "PredictConfig", "PseudoMasksConfig",
     "SegmentationConfig", "SyntheticConfig", "Weights", "add_section", "apply_overrides", "cache_root",
     "config_class", "config_from_dict", "config_to_dict", "dump_config", "field_kind", "flow_yaml", "kind_of", "load_config", "param",
-    "parse_override_value", "parse_yaml", "plain", "section_hash", "section_values", "subsection", "values_of_kind",
+    "parse_override_value", "parse_yaml", "plain", "section_hash", "seed_keys", "section_values", "subsection", "values_of_kind",
     "with_neutral",
 ]

@@ -40,15 +40,17 @@ _NONE = object()  # no neutral value
 
 
 def param(default: Any, check: Check | None = None, doc: str = "", kind: str = "output",
-          neutral: Any = _NONE) -> Any:
+          neutral: Any = _NONE, seed: bool = False) -> Any:
     """A parameter with a default value, an optional check, a short doc, its
     kind (what changing it makes stale) and, for a field added after runs were
-    made, its `neutral` value (see the module docstring)."""
+    made, its `neutral` value (see the module docstring). `seed`: a training
+    seed: runs that differ only in such fields are replicates of one
+    experiment (`compare` pools them into one row; `wsss sweep --seeds`)."""
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults")
     if kind not in KINDS:
         raise TypeError(f"kind must be one of {KINDS}")
-    meta = {"check": check, "doc": doc, "kind": kind}
+    meta = {"check": check, "doc": doc, "kind": kind, **({"seed": True} if seed else {})}
     return field(default=default, metadata=meta if neutral is _NONE else {**meta, "neutral": neutral})
 
 

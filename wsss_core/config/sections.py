@@ -22,6 +22,13 @@ from .fields import (
 Weights = Literal["imagenet", "random"] | Path  # a weights spec: a word, or the path of a state-dict file
 
 
+def stage_seed(feeds: str) -> int | None:
+    """The `seed` of a stage that draws random numbers: unset (null), the run's top-level `seed`; set, this
+    stage's own, so that replicates of one stage share everything upstream (`wsss sweep --seeds`). Added after
+    runs were made: null is neutral (a run without it keeps its fingerprints)."""
+    return param(None, optional(SEED), f"seed of {feeds}; null: the run's top-level seed", neutral=None, seed=True)
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class SyntheticConfig:
@@ -102,6 +109,8 @@ class ClassifierConfig:
     repeat_threshold: float = param(0.3, unit, "repeat-factor sampling threshold t")
     exclude_classes: tuple[str, ...] = param(())
     augment: AugmentConfig = subsection(AugmentConfig)
+    seed: int | None = stage_seed("the classifier's head initialisation, sampling order and augmentation "
+                                  "(and ReCAM's fine-tuning)")
     num_workers: int | None = param(None, optional(WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
                                    kind="runtime")
     amp: bool = param(True, doc="mixed precision (used on CUDA only)")
@@ -119,6 +128,8 @@ class LabelFilterConfig:
     epochs: int = param(4, EPOCHS)
     lr: float = param(1e-3, LR)
     backbone_lr_mult: float = param(0.1, LR_MULT, "1.0 fine-tunes the whole backbone (far-from-ImageNet data)")
+    seed: int | None = stage_seed("the filter's classifier (head initialisation, sampling order, augmentation); "
+                                  "classifier.seed does not reach it")
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,7 @@ class BoundaryConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = param("sgd")
     schedule: Literal["step", "poly", "constant"] = param("poly")
     augment: AugmentConfig = subsection(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.0)
+    seed: int | None = stage_seed("the boundary branch's initialisation, sampling order, crops and flips")
     num_workers: int | None = param(None, optional(WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
                                  kind="runtime")
     amp: bool = param(True, doc="mixed precision (used on CUDA only)")
@@ -241,6 +253,8 @@ class SegmentationConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = param("sgd")
     schedule: Literal["step", "poly", "constant"] = param("poly")
     augment: AugmentConfig = subsection(AugmentConfig, scale_range=(0.5, 1.5), color_jitter=0.2)
+    seed: int | None = stage_seed("both segmenters (the weak one and the bound): decoder initialisation, sampling "
+                                  "order, crops, flips and colour jitter")
     checkpoint: Literal["last", "best"] = param(
         "last", doc="best: the epoch with the best val mIoU (a choice made on the val masks: report test numbers)")
     upper_bound: bool = param(False, doc="also train on the real masks of the same images (stage segmentation_full)")
@@ -279,8 +293,15 @@ class Config:
     section when it registers."""
 
     name: str = param("demo", kind="runtime")
-    seed: int = param(0, SEED)
+    seed: int = param(0, SEED, "the seed of every stage that draws random numbers and sets no seed of its own "
+                      "(classifier, label_filter, boundary, segmentation: `<section>.seed`); the other stages are "
+                      "deterministic", seed=True)
     device: Literal["auto", "cpu", "cuda"] = param("auto", kind="runtime")
+
+    def seed_of(self, section: str) -> int:
+        """The seed a random stage uses: its section's own `seed`, else the run's."""
+        own = getattr(getattr(self, section), "seed", None)
+        return self.seed if own is None else int(own)
 
 
 SECTIONS: dict[str, type] = {}  # section name -> dataclass, in pipeline order (filled by the stage registry)

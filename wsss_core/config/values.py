@@ -46,6 +46,21 @@ def field_kind(cls: type, name: str) -> str:
     return f.metadata.get("kind", "output")
 
 
+def seed_keys(cls: type) -> list[str]:
+    """The dotted keys of a config class's training seeds (`param(seed=True)`): the top-level `seed` and
+    each section's own; a dataset generator's seed (`data.synthetic.seed`) is not one (other data)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("seed"):
+            out.append(f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(hints[f.name]) if g.metadata.get("seed")]
+    return out
+
+
 def kind_of(cls: type, dotted: str) -> str:
     """The kind of a dotted key (`pseudo_masks.beta`) of a config class."""
     import typing

@@ -68,15 +68,16 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
         history = read_json(folder / "history.json")
         checksums = read_json(folder / "fit.json")["param_checksums"] if (folder / "fit.json").is_file() else []
     else:
-        runtime.seed_everything(cfg.seed)  # the branch's initialisation is part of the run
+        seed = cfg.seed_of("boundary")
+        runtime.seed_everything(seed)  # the branch's initialisation is part of the run
         model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride), stem_input=b.stem_input)
         mean, std = model.normalization
         pairs = ImagesWithLabels(ds.labelled(cfg.data.train_split), read_kept_ids(run), run)
-        train = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), cfg.seed,
+        train = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), seed,
                              target=AffinityTargets(b.radius))
         result = fit(model, train, affinity_training_loss(b.radius), model.param_groups(b.lr, b.weight_decay),
                      b.optimizer, b.lr, b.weight_decay,
-                     FitConfig(epochs=b.epochs, batch_size=b.batch_size, seed=cfg.seed,
+                     FitConfig(epochs=b.epochs, batch_size=b.batch_size, seed=seed,
                                num_workers=runtime.loader_workers(b.num_workers, device), amp=b.amp,
                                schedule=b.schedule, desc="boundary"),
                      folder, device)

@@ -54,14 +54,15 @@ def classifier_stage(cfg: Config, run: Run) -> StageResult:
     folder = run.path("classifier")
     device = runtime.resolve_device(cfg.device)
     model_file = model_path(run, "classifier")
+    seed = cfg.seed_of("classifier")
     if model_file.is_file():  # trained with these parameters: evaluate only
         model = load_classifier(model_file, device).model
         history = read_json(folder / "history.json")
         fit_info = read_json(folder / "fit.json")
-        scores = evaluate_multilabel(cfg.classifier, model, val, columns, names, device, cfg.seed)
+        scores = evaluate_multilabel(cfg.classifier, model, val, columns, names, device, seed)
     else:
         model, scores, history = train_multilabel(
-            cfg.classifier, ds.labelled(cfg.data.train_split), val, columns, names, folder, device, cfg.seed,
+            cfg.classifier, ds.labelled(cfg.data.train_split), val, columns, names, folder, device, seed,
         )
         fit_info = scores.pop("fit")
     metrics: dict[str, Any] = {

@@ -40,10 +40,10 @@ def _headline(m: dict) -> str:
     return f"kept {m['kept']} of {m['images']} train images"
 
 
-# the filter trains with the classifier's recipe but its own epochs, lr and backbone share, unbalanced
+# the filter trains with the classifier's recipe but its own epochs, lr, backbone share and seed, unbalanced
 _UNUSED_CLASSIFIER_FIELDS = ("classifier.epochs", "classifier.lr", "classifier.backbone_lr_mult", "classifier.balance",
                              "classifier.repeat_threshold", "classifier.recam_weight", "classifier.recam_epochs",
-                             "classifier.recam_lr")
+                             "classifier.recam_lr", "classifier.seed")
 
 
 @register("label_filter", "01_label_filter", sections=("seed", "classifier", "label_filter"), upstream=("data",),

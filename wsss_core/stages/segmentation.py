@@ -134,14 +134,15 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
         history = read_json(folder / "history.json")
         checksums = read_json(folder / "fit.json")["param_checksums"]
     else:
-        runtime.seed_everything(cfg.seed)
+        seed = cfg.seed_of("segmentation")
+        runtime.seed_everything(seed)
         model = build_segmenter(s.backbone, ds.num_classes, s.output_stride, s.atrous_rates, s.weights)
         mean, std = model.normalization
-        train = JointTensors(pairs, joint_train_transform(s.crop_size, s.augment, mean, std), cfg.seed)
+        train = JointTensors(pairs, joint_train_transform(s.crop_size, s.augment, mean, std), seed)
         keep_best = _BestKeeper(folder, s.checkpoint == "best")
         result = fit(model, train, pixel_loss, model.param_groups(s.lr, s.backbone_lr_mult, s.weight_decay),
                      s.optimizer, s.lr, s.weight_decay,
-                     FitConfig(epochs=s.epochs, batch_size=s.batch_size, seed=cfg.seed,
+                     FitConfig(epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                                num_workers=runtime.loader_workers(s.num_workers, device), amp=s.amp,
                                schedule=s.schedule, desc=desc, drop_single_last=True),
                      folder, device, eval_fn=keep_best.evaluator(lambda m: val_miou(m, ds, val, device))
