@@ -2,16 +2,17 @@
 (one run alone: its scores with their intervals, the noise level of its numbers).
 
 For a sweep folder (or several run folders): the parameters that differ
-between the runs, every kept evaluation's mIoU per run with a bootstrap
-confidence interval, the difference from a baseline run with a *paired*
-interval (the same resampled images for both runs), per-class differences,
-and the time per stage. A difference whose interval holds 0 is marked as
-such: with 59 val images, a point of mIoU is often noise.
+between the runs, every kept evaluation's mIoU per row with a bootstrap
+confidence interval, the difference from a baseline row with a *paired*
+interval (the same resampled images for both), per-class differences, and the
+time per stage. A difference whose interval holds 0 is marked as such: with 59
+val images, a point of mIoU is often noise.
 
-The bootstrap resamples images with replacement and recomputes the dataset's
-IoU from the per-image counts each stage kept (`metrics.ImageScores`), so an
-interval is that of the metric itself (IoU summed over images), not of a mean
-of per-image scores.
+Runs that differ only in seed keys (`seed`, `<section>.seed`: replicates, as
+`wsss sweep --seeds` makes them) form one row: the mean over its seeds, their
+standard deviation, and an interval from a two-level bootstrap (seeds, then
+images; `bootstrap`). A row of one seed says so: its interval is over images
+only, and says nothing of another training run.
 """
 
 from __future__ import annotations
@@ -26,71 +27,35 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .bootstrap import (MAX_RESAMPLES, RESAMPLES, SEED, Interval, bootstrap_weights, paired_difference,
+                        replicate_row)
 from .config import ConfigError, load_config
 from .store import Run, config_diff, read_json
-
-RESAMPLES = 1000
-MAX_RESAMPLES = 100_000
-SEED = 0
-
-
-@dataclass
-class Interval:
-    value: float
-    low: float
-    high: float
-
-    @property
-    def holds_zero(self) -> bool:
-        return self.low <= 0.0 <= self.high
 
 
 @dataclass
 class Comparison:
-    """Everything `wsss compare` shows, as data (the notebook draws the same)."""
+    """Everything `wsss compare` shows, as data (the notebook draws the same).
 
-    runs: list[str]
-    baseline: str
-    differs: dict[str, dict[str, str]]  # dotted key -> {run: value}, only keys that differ
+    A row is one experiment: a run, or the runs that differ from it only in seed keys (its replicates)."""
+
+    runs: list[str]  # the rows, named by their first run
+    baseline: str  # a row
+    differs: dict[str, dict[str, str]]  # dotted key -> {row: value}, only keys that differ between rows
     evaluations: list[str]  # "stage/key" in pipeline order
     labels: dict[str, str]  # evaluation -> "pseudo masks (train)"
-    miou: dict[str, dict[str, Interval]] = field(default_factory=dict)  # evaluation -> run -> interval
-    delta: dict[str, dict[str, Interval]] = field(default_factory=dict)  # evaluation -> run -> paired difference
-    class_delta: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)  # eval -> run -> class
+    members: dict[str, list[str]] = field(default_factory=dict)  # row -> its runs (one per seed)
+    seeds: dict[str, dict[str, str]] = field(default_factory=dict)  # row -> run -> its seed keys ("" : none set)
+    miou: dict[str, dict[str, Interval]] = field(default_factory=dict)  # evaluation -> row -> mean and interval
+    delta: dict[str, dict[str, Interval]] = field(default_factory=dict)  # evaluation -> row -> paired difference
+    class_delta: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)  # eval -> row -> class
     classes: list[str] = field(default_factory=list)
     seconds: dict[str, dict[str, float | None]] = field(default_factory=dict)  # run -> stage -> seconds
     resamples: int = RESAMPLES
     seed: int = SEED
 
-
-def bootstrap_weights(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n) counts: how often each image is drawn in each resample."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))
-    w = np.zeros((resamples, n), np.int64)
-    np.add.at(w, (np.arange(resamples)[:, None], idx), 1)
-    return w
-
-
-def resampled_miou(scores: Any, weights: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """mIoU of each resample: the kept counts of the images in `order`, weighted
-    by how often each is drawn (classes absent from a resample are left out, as
-    in `ConfusionMatrix.miou`)."""
-    tp, gt, pred = (a[order] for a in scores.counts())
-    t, g, p = (weights @ a for a in (tp, gt, pred))
-    den = g + p - t
-    return _nanmean_rows(np.where(den > 0, t / np.maximum(den, 1), np.nan))
-
-
-def _nanmean_rows(a: np.ndarray) -> np.ndarray:
-    ok = ~np.isnan(a)
-    n = ok.sum(1)
-    return np.where(n > 0, np.where(ok, a, 0.0).sum(1) / np.maximum(n, 1), np.nan)
-
-
-def _interval(value: float, samples: np.ndarray) -> Interval:
-    low, high = np.nanpercentile(samples, [2.5, 97.5])
-    return Interval(float(value), float(low), float(high))
+    def n_seeds(self, row: str) -> int:
+        return len(self.members.get(row, [row]))
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -147,8 +112,8 @@ def check_comparison_out(out: Path, paths: Sequence[str | Path]) -> None:
 
 def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resamples: int = RESAMPLES,
                  seed: int = SEED) -> Comparison:
-    """Compare the runs of `paths` (sweep folders or run folders) against `baseline` (a run's folder name;
-    default the first)."""
+    """Compare the runs of `paths` (sweep folders or run folders) against `baseline` (a row's or a run's
+    folder name; default the first); replicates (runs differing only in seed keys) are pooled into rows."""
     from .artifacts import scores_of
     from .config import plain
     from .stages import pipeline_order
@@ -160,19 +125,19 @@ def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resam
         raise ConfigError(f"--seed {seed}: must be >= 0")
     roots = find_runs(paths)
     names = [_label(r, roots) for r in roots]
-    if baseline is not None and baseline not in names:
-        raise ConfigError(f"--baseline {baseline}: not one of the runs ({', '.join(names)})")
-    base = baseline or names[0]
     runs = dict(zip(names, map(_open, roots)))
     configs = {n: plain(r.cfg) for n, r in runs.items()}
+    members = replicate_rows(runs, configs)
+    rows = list(members)
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"--baseline {baseline}: not one of the runs ({', '.join(names)})")
+    base = next(r for r in rows if baseline is None or baseline in members[r])
     differs: dict[str, dict[str, str]] = {}
-    for n in names:
-        for line in config_diff(configs[base], configs[n]):
-            key = line.split(": ", 1)[0]
-            if _kind_of(runs[n].cfg, key) != "runtime":
-                differs.setdefault(key, {})
+    for row in rows:
+        for key in _differing_keys(runs[base], configs[base], configs[row]):
+            differs.setdefault(key, {})
     for key in differs:
-        differs[key] = {n: _value_at(configs[n], key) for n in names}
+        differs[key] = {row: _value_at(configs[row], key) for row in rows}
     kept = {n: {f"{st}/{k}": s for st in pipeline_order() if r.is_done(st) for k, s in scores_of(r, st).items()}
             for n, r in runs.items()}  # only stages evaluated with the run's own parameters
     evaluations = [e for e in kept[base] if all(e in kept[n] for n in names)]
@@ -185,27 +150,74 @@ def compare_runs(paths: Sequence[str | Path], baseline: str | None = None, resam
             if not set(kept[n][e].ids) & set(kept[base][e].ids):
                 raise ConfigError(f"{runs[n].root}: no image in common with {runs[base].root} in {e}; "
                                   "runs of different datasets cannot be compared")
-    c = Comparison(names, base, differs, evaluations, {e: f"{kept[base][e].what} ({kept[base][e].split})"
-                                                      for e in evaluations}, resamples=resamples, seed=seed)
+    c = Comparison(rows, base, differs, evaluations, {e: f"{kept[base][e].what} ({kept[base][e].split})"
+                                                      for e in evaluations}, members=members,
+                   seeds={row: {n: _seed_text(configs[n], runs[n].cfg) for n in members[row]} for row in rows},
+                   resamples=resamples, seed=seed)
     c.classes = list(kept[base][evaluations[0]].classes) if evaluations else []
     for e in evaluations:
-        positions = {n: {i: k for k, i in enumerate(kept[n][e].ids)} for n in names}
-        common = [i for i in kept[base][e].ids if all(i in positions[n] for n in names)]  # paired: same images
-        order = {n: np.array([positions[n][i] for i in common], np.int64) for n in names}
-        w = bootstrap_weights(len(common), resamples, seed)
-        samples = {n: resampled_miou(kept[n][e], w, order[n]) for n in names}
-        c.miou[e] = {n: _interval(kept[n][e].miou(order[n]), samples[n]) for n in names}
-        base_iou = kept[base][e].iou(order[base])
-        c.delta[e], c.class_delta[e] = {}, {}
-        for n in names:
-            if n == base:
-                continue
-            c.delta[e][n] = _interval(c.miou[e][n].value - c.miou[e][base].value, samples[n] - samples[base])
-            iou = kept[n][e].iou(order[n])
-            c.class_delta[e][n] = {cl: (None if np.isnan(a) or np.isnan(b) else float(a - b))
-                                   for cl, a, b in zip(c.classes, iou, base_iou)}
+        c.miou[e], c.delta[e], c.class_delta[e] = compare_scores({n: kept[n][e] for n in names}, members, base,
+                                                                  resamples, seed)
     c.seconds = _seconds(runs)
     return c
+
+
+def compare_scores(scores: dict[str, Any], members: dict[str, list[str]], base: str, resamples: int = RESAMPLES,
+                   seed: int = SEED) -> tuple[dict[str, Interval], dict[str, Interval],
+                                              dict[str, dict[str, float | None]]]:
+    """One evaluation of every row: its mean over seeds with the two-level interval, the paired
+    difference from `base`, and the per-class difference of the mean IoU over seeds.
+
+    `scores`: run -> `ImageScores`; `members`: row -> its runs. The images every run scored are
+    compared, each run's counts looked up by image id (runs may list their images in any order)."""
+    first = scores[members[base][0]]
+    positions = {n: {i: k for k, i in enumerate(s.ids)} for n, s in scores.items()}
+    common = [i for i in first.ids if all(i in p for p in positions.values())]
+    order = {n: np.array([positions[n][i] for i in common], np.int64) for n in scores}
+    w = bootstrap_weights(len(common), resamples, seed)
+    rows = {row: replicate_row([scores[n] for n in runs], [order[n] for n in runs], w, [seed, k])
+            for k, (row, runs) in enumerate(members.items())}
+    miou = {row: r.estimate for row, r in rows.items()}
+    delta = {row: paired_difference(r, rows[base]) for row, r in rows.items() if row != base}
+    iou = {row: _mean_iou([scores[n].iou(order[n]) for n in runs]) for row, runs in members.items()}
+    classes = first.classes
+    class_delta = {row: {cl: (None if np.isnan(a) or np.isnan(b) else float(a - b))
+                         for cl, a, b in zip(classes, iou[row], iou[base])} for row in delta}
+    return miou, delta, class_delta
+
+
+def _mean_iou(per_seed: list[np.ndarray]) -> np.ndarray:
+    """Per-class IoU averaged over the seeds that have the class (NaN where none has it)."""
+    a = np.stack(per_seed)
+    ok = ~np.isnan(a)
+    return np.where(ok.any(0), np.where(ok, a, 0.0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+
+
+def replicate_rows(runs: dict[str, Run], configs: dict[str, Any]) -> dict[str, list[str]]:
+    """Group runs into rows: a run joins the first row whose first run differs from it only in seed keys
+    (and runtime fields); rows are named by their first run, in the order the runs were given."""
+    rows: dict[str, list[str]] = {}
+    for n in runs:
+        row = next((r for r in rows if not _differing_keys(runs[r], configs[r], configs[n], seeds=False)), None)
+        rows.setdefault(row or n, []).append(n)
+    return rows
+
+
+def _differing_keys(run: Run, old: dict, new: dict, seeds: bool = False) -> list[str]:
+    """Dotted keys whose values differ between two plain configs (runtime fields left out; seed keys only
+    when `seeds`)."""
+    from .config import seed_keys
+
+    skip = set() if seeds else set(seed_keys(type(run.cfg)))
+    keys = [line.split(": ", 1)[0] for line in config_diff(old, new)]
+    return [k for k in keys if k not in skip and _kind_of(run.cfg, k) != "runtime"]
+
+
+def _seed_text(values: dict, cfg: Any) -> str:
+    """The seed keys a run sets, as `seed 0, segmentation.seed 2` (the unset stage seeds left out)."""
+    from .config import seed_keys
+
+    return ", ".join(f"{k} {_value_at(values, k)}" for k in seed_keys(type(cfg)) if _value_at(values, k) != "None")
 
 
 def _seconds(runs: dict[str, Run]) -> dict[str, dict[str, float | None]]:
@@ -263,29 +275,41 @@ def _pct(x: float) -> str:
     return f"{100 * x:5.1f}"
 
 
+def _figure(m: Interval) -> str:
+    """`77.5 ± 0.6 [74.5, 80.3]` (a row of seeds), `77.5       [74.5, 80.3]*` (one seed: images only)."""
+    spread = f" ± {100 * m.sd:3.1f}" if m.sd is not None else "      "
+    return f"{_pct(m.value)}{spread} [{_pct(m.low)}, {_pct(m.high)}]" + ("*" if m.images_only else " ")
+
+
 def comparison_table(c: Comparison) -> str:
     """The text `wsss compare` prints."""
-    lines = [f"runs: {', '.join(c.runs)}   baseline: {c.baseline}"]
+    lines = [f"rows: {', '.join(c.runs)}   baseline: {c.baseline}"]
+    if any(c.n_seeds(r) > 1 for r in c.runs):
+        lines.append("seeds (runs that differ only in seed keys are one row):")
+        for r in c.runs:
+            lines.append(f"  {r}: {c.n_seeds(r)} seed(s): " +
+                         "; ".join(f"{n} ({c.seeds[r][n] or 'no seed key'})" for n in c.members[r]))
     if c.differs:
         lines.append("what differs:")
         for key, values in c.differs.items():
             lines.append(f"  {key}: " + ", ".join(f"{n} {v}" for n, v in values.items()))
-    lines.append(f"mIoU (%) with 95 % bootstrap intervals ({c.resamples} resamples of the images, seed {c.seed}); "
-                 "differences from the baseline are paired; '~0' marks an interval that holds 0")
+    lines.append(f"mIoU (%): mean ± sd over seeds, 95 % interval from a two-level bootstrap ({c.resamples} "
+                 f"resamples: seeds, then images; seed {c.seed}); '*': one seed, the interval over images only; "
+                 "differences from the baseline are paired over images; '~0' marks an interval that holds 0")
+    width = max([28] + [len(r) + 1 for r in c.runs])
     for e in c.evaluations:
         lines.append(f"  {c.labels[e]}")
         for n in c.runs:
-            m = c.miou[e][n]
-            row = f"    {n:<28} {_pct(m.value)} [{_pct(m.low)}, {_pct(m.high)}]"
+            row = f"    {n:<{width}} {c.n_seeds(n):>2} seed{'s' if c.n_seeds(n) > 1 else ' '} {_figure(c.miou[e][n])}"
             if n in c.delta[e]:
                 d = c.delta[e][n]
                 row += f"   {100 * d.value:+5.1f} [{100 * d.low:+5.1f}, {100 * d.high:+5.1f}]" + \
                     ("  ~0" if d.holds_zero else "")
             lines.append(row)
     lines.append("time per stage (s; 0: shared with a run above):")
-    stages = list(dict.fromkeys(st for n in c.runs for st in c.seconds[n]))
-    for n in c.runs:
-        lines.append(f"  {n:<28} " + ", ".join(f"{st} {c.seconds[n].get(st) or 0:.0f}" for st in stages))
+    stages = list(dict.fromkeys(st for n in c.seconds for st in c.seconds[n]))
+    for n in c.seconds:
+        lines.append(f"  {n:<{width}} " + ", ".join(f"{st} {c.seconds[n].get(st) or 0:.0f}" for st in stages))
     return "\n".join(lines)
 
 

@@ -217,8 +217,9 @@ def cam_gallery(rows: Sequence[Mapping[str, Any]], n_cols_max: int = 6, size: fl
 
 
 def plot_intervals(c: Any, evaluation: str, ax: Any = None) -> Any:
-    """mIoU of each run with its 95 % interval (`compare.Comparison`); runs whose
-    difference from the baseline holds 0 are drawn hollow."""
+    """mIoU of each row with its 95 % interval (`compare.Comparison`: the mean over seeds, two-level) and,
+    beside it, a strip of each seed's own figure; rows whose difference from the baseline holds 0 are drawn
+    hollow, rows of one seed (interval over images only) with a dashed bar."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -226,11 +227,18 @@ def plot_intervals(c: Any, evaluation: str, ax: Any = None) -> Any:
     for k, n in enumerate(c.runs):
         m = c.miou[evaluation][n]
         same = n in c.delta[evaluation] and c.delta[evaluation][n].holds_zero
-        ax.errorbar([k], [100 * m.value], yerr=[[100 * (m.value - m.low)], [100 * (m.high - m.value)]], fmt="o",
-                    color="C0" if n != c.baseline else "C3", mfc="white" if same else None, capsize=4)
-    ax.set_xticks(range(len(c.runs)), c.runs, rotation=25, ha="right", fontsize=8)
-    ax.set(ylabel="mIoU (%)", title=f"{c.labels[evaluation]}: 95 % intervals, {c.resamples} resamples (baseline red; "
-                                     "hollow: no real difference)")
+        color = "C0" if n != c.baseline else "C3"
+        bar = ax.errorbar([k], [100 * m.value], yerr=[[100 * (m.value - m.low)], [100 * (m.high - m.value)]],
+                          fmt="o", color=color, mfc="white" if same else None, capsize=4)
+        if m.images_only:
+            bar[2][0].set_linestyle("--")
+        if len(m.seeds) > 1:
+            ax.plot(k + 0.2 + np.linspace(-0.05, 0.05, len(m.seeds)), 100 * np.asarray(m.seeds), "x", color=color,
+                    alpha=0.7, ms=5)
+    ax.set_xticks(range(len(c.runs)), [f"{n} ({c.n_seeds(n)} seed{'s' if c.n_seeds(n) > 1 else ''})"
+                                       for n in c.runs], rotation=25, ha="right", fontsize=8)
+    ax.set(ylabel="mIoU (%)", title=f"{c.labels[evaluation]}: mean and 95 % interval over seeds and images, x: each "
+                                     "seed (baseline red; hollow: no real difference; dashed: one seed)")
     ax.title.set_fontsize(9)
     return ax.figure
 
