@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from wsss_core import cli
-from wsss_core.compare import bootstrap_weights, compare_runs, resampled_miou
+from wsss_core.compare import compare_runs
 from wsss_core.config import ConfigError, load_config
-from wsss_core.metrics import ConfusionMatrix, ImageScores
-from wsss_core.sweep import parse_grid, split_values, variants
+from wsss_core.sweep import parse_grid, parse_seeds, split_values, variants
 
 import fixtures
 from conftest import REPO
@@ -85,46 +84,83 @@ def test_variants_are_named_by_their_values():
     assert clash[1].name == "cams.flip=false,pseudo_masks.flip=true"  # the same leaf name twice: dotted
 
 
-# --------------------------------------------------------------------------- the bootstrap
-def test_a_resample_scores_the_images_it_drew():
-    """Each resample's mIoU equals a confusion matrix filled with the drawn images, repeats counted."""
-    rng = np.random.default_rng(1)
-    images = [(rng.integers(0, 4, (6, 7)), rng.integers(0, 4, (6, 7))) for _ in range(12)]
-    s = ImageScores("x", "val", ["bg", "a", "b", "c"])
-    for i, (pred, gt) in enumerate(images):
-        s.add(f"i{i}", pred, gt)
-    w = bootstrap_weights(12, 5, seed=3)
-    assert (w.sum(1) == 12).all()
-    got = resampled_miou(s, w, np.arange(12))
-    for b in range(5):
-        cm = ConfusionMatrix(4)
-        for i, times in enumerate(w[b]):
-            for _ in range(times):
-                cm.update(*images[i])
-        assert got[b] == pytest.approx(cm.miou(), abs=1e-12)
+# --------------------------------------------------------------------------- seed replicates
+def test_seed_replicates_are_named_by_the_seeds_they_move():
+    names = [v.name for v in variants(CI_YAML, parse_grid(["pseudo_masks.beta=3,5"]), {},
+                                      parse_seeds("segmentation=3"))]
+    assert names == ["beta=3", "beta=3,segmentation.seed=1", "beta=3,segmentation.seed=2",
+                     "beta=5", "beta=5,segmentation.seed=1", "beta=5,segmentation.seed=2"]
+    # no grid: the parameter file itself and its replicates; a stage seed the file sets counts from there
+    v = variants(CI_YAML, {}, {"boundary.seed": 7}, parse_seeds("boundary,segmentation=2"))
+    assert [(x.name, x.values) for x in v] == [
+        ("base", {}), ("boundary.seed=8,segmentation.seed=1", {"boundary.seed": 8, "segmentation.seed": 1})]
+    # all: the top-level seed, and every stage seed the file sets (the others follow the top-level one)
+    v = variants(CI_YAML, {}, {"seed": 4, "classifier.seed": 10}, parse_seeds("all=3"))
+    assert [x.values for x in v] == [{}, {"seed": 5, "classifier.seed": 11}, {"seed": 6, "classifier.seed": 12}]
+    for x in v:
+        cfg = load_config(CI_YAML, {"seed": 4, "classifier.seed": 10, **x.values})
+        assert cfg.seed_of("boundary") == cfg.seed and cfg.seed_of("classifier") == cfg.seed + 6
 
 
-def test_paired_intervals_see_a_small_real_difference(tmp_path):
-    """Run b is run a with one class made better on every image: its paired interval excludes 0,
-    while the unpaired intervals of the two runs overlap."""
-    from wsss_core.compare import _interval
+@pytest.mark.parametrize("text, message", [
+    ("segmentation", "--seeds 'segmentation': expected STAGE[,STAGE]=N or all=N"),
+    ("segmentation=1", "the number of seeds must be in [2, 100], got 1"),
+    ("segmentation=three", "'three' is not a whole number of seeds"),
+    ("cams=3", "'cams' draws no random numbers of its own; stages with a seed: classifier, label_filter, "
+               "boundary, segmentation (or all)"),
+    ("segmentation_full=3", "(the bound trains with segmentation.seed)"),
+    ("segmentation,segmentation=2", "a stage is named twice"),
+])
+def test_a_bad_seeds_option_is_one_line(text, message, tmp_path, capsys):
+    assert cli.main(["sweep", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "s"), "--seeds", text]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "s").exists()
 
-    rng = np.random.default_rng(5)
-    a, b = ImageScores("x", "val", ["bg", "a"]), ImageScores("x", "val", ["bg", "a"])
-    for i in range(40):
-        gt = (rng.random((10, 10)) < rng.uniform(0.1, 0.9)).astype(np.int64)
-        pa = np.where(rng.random((10, 10)) < 0.7, gt, 1 - gt)
-        pb = pa.copy()
-        fix = np.argwhere((gt == 1) & (pa == 0))[:2]
-        pb[tuple(fix.T)] = 1
-        a.add(f"{i}", pa, gt)
-        b.add(f"{i}", pb, gt)
-    w = bootstrap_weights(40, 1000, 0)
-    sa, sb = resampled_miou(a, w, np.arange(40)), resampled_miou(b, w, np.arange(40))
-    paired = _interval(b.miou() - a.miou(), sb - sa)
-    assert paired.low > 0
-    ia, ib = _interval(a.miou(), sa), _interval(b.miou(), sb)
-    assert ib.low < ia.high  # alone, the two intervals overlap
+
+def test_a_grid_over_a_seed_the_replicates_move_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("--grid segmentation.seed sweeps a seed the replicates move")):
+        variants(CI_YAML, parse_grid(["segmentation.seed=0,1"]), {}, parse_seeds("segmentation=2"))
+    # a grid over another stage's seed is a grid like any other
+    assert len(variants(CI_YAML, parse_grid(["boundary.seed=0,1"]), {}, parse_seeds("segmentation=2"))) == 4
+
+
+def test_seed_replicates_share_everything_upstream_and_compare_pools_them(ci_full_run, tmp_path, capsys):
+    """`--seeds segmentation=2` reusing a finished run: the first replicate is that run (nothing redone),
+    the second trains both segmenters again and shares every stage above; compare makes them one row whose
+    mean and spread are those of the two runs' own scores."""
+    import statistics
+
+    from wsss_core.artifacts import read_scores
+    from wsss_core.stages import open_run
+
+    _, full = ci_full_run
+    folder = tmp_path / "seeds"
+    r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir",
+                        str(folder), "--seeds", "segmentation=2", "--reuse", str(full.root)],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((folder / "sweep.json").read_text())["seeds"] == "segmentation=2"
+    names = ["base", "segmentation.seed=1"]
+    assert re.findall(r"\] (\w+) done in", r.stdout) == ["segmentation", "segmentation_full", "predict", "report"]
+    for f in ("04_boundary/model.pt", "05_pseudo_masks/masks/train_0000.png", "01_classifier/model.pt"):
+        assert {os.stat(folder / n / f).st_ino for n in names} == {os.stat(full.root / f).st_ino}
+    weak = [folder / n / "06_segmentation" / "model.pt" for n in names]
+    assert os.stat(weak[0]).st_ino == os.stat(full.root / "06_segmentation" / "model.pt").st_ino
+    assert weak[0].read_bytes() != weak[1].read_bytes()
+    assert load_config(folder / names[1] / "config.yaml").seed_of("segmentation") == 1
+    c = compare_runs([folder], resamples=200)
+    assert c.runs == ["base"] and c.members == {"base": names} and c.differs == {}
+    runs = [open_run(folder / n, load_config(folder / n / "config.yaml")) for n in names]
+    values = [read_scores(x, "predict", "val_segmentation").miou() for x in runs]
+    m = c.miou["predict/val_segmentation"]["base"]
+    assert m.seeds == pytest.approx(tuple(values), abs=1e-12) and m.value == pytest.approx(np.mean(values))
+    assert m.sd == pytest.approx(statistics.stdev(values), abs=1e-12) and not m.images_only
+    cam = c.miou["cams/cam"]["base"]  # the shared CAMs: the same figure for both seeds
+    assert cam.seeds[0] == cam.seeds[1] and cam.sd == 0.0
+    assert cli.main(["compare", str(folder), "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "base: 2 seed(s): base (seed 0); segmentation.seed=1 (seed 0, segmentation.seed 1)" in out
 
 
 # --------------------------------------------------------------------------- a real sweep on params/ci.yaml

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     common(sw)
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="a parameter and its values (YAML, split on commas outside brackets); repeatable")
+    sw.add_argument("--seeds", default=None, metavar="STAGE=N",
+                    help="N seed replicates of every variant, reseeding the named stage(s) (segmentation=3, "
+                         "boundary,segmentation=3) or every stage (all=3); compare pools them into one row")
     sw.add_argument("--to", dest="to_stage", default=None, metavar="STAGE", help="stop after this stage")
     sw.add_argument("--jobs", type=int, default=1, help="variants run at once (each on its own GPU if several)")
     sw.add_argument("--reuse", action="append", default=[], metavar="RUN",

@@ -11,6 +11,14 @@ because no file of a run is ever edited in place: every write creates a new
 file and renames it over the old name, so a variant that redoes a shared
 stage replaces its own links and leaves the others' files as they were.
 
+`--seeds segmentation=3` runs every variant with 3 seeds of the named
+stages (`--seeds boundary,segmentation=3`; `--seeds all=3`: every stage): the
+first replicate is the variant itself (its stage seeds as the parameter file
+has them), replicate k sets each named stage's seed to its own plus k
+(`beta=3,segmentation.seed=1/`, ...; with `all`, the top-level `seed` and
+every stage seed the file sets), so replicates share every stage upstream of
+the reseeded ones, and `wsss compare` pools them into one row.
+
 One lock per sweep; a killed sweep resumes (finished variants are skipped,
 finished stages kept). `--jobs N` runs variants whose shared stages are
 ready in N processes (each on its own GPU when there are several).
@@ -29,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import ConfigError, config_class, dump_config, flow_yaml, kind_of, load_config, parse_override_value
+from .config import (ConfigError, config_class, dump_config, flow_yaml, kind_of, load_config, parse_override_value,
+                     seed_keys)
 from .stages import STAGES, open_run, pipeline_order
 from .store import FileError, FolderLock, Run, file_errors, read_json, write_json, write_text
 
@@ -69,10 +78,10 @@ def split_values(text: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
-    """`--grid KEY=V1,V2` items -> {key: [values]} (each value read as YAML)."""
-    if not items:
-        raise ConfigError("--grid: none given; e.g. --grid pseudo_masks.beta=3,5,10")
+def parse_grid(items: Sequence[str], seeds: str | None = None) -> dict[str, list[Any]]:
+    """`--grid KEY=V1,V2` items -> {key: [values]} (each value read as YAML); none is fine with `--seeds`."""
+    if not items and seeds is None:
+        raise ConfigError("--grid: none given; e.g. --grid pseudo_masks.beta=3,5,10 (or --seeds segmentation=3)")
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -91,8 +100,53 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mapping[str, Any]) -> list[Variant]:
-    """Every combination, checked (each loads as a config) before any work."""
+MAX_SEEDS = 100
+
+
+def parse_seeds(text: str | None) -> tuple[list[str], int] | None:
+    """`--seeds segmentation=3` / `boundary,segmentation=3` / `all=3` -> (seed keys to move, replicates);
+    the keys are the stages' `<section>.seed`, or `all`'s (resolved per variant: `replicate_values`)."""
+    if text is None:
+        return None
+    names, sep, count = text.partition("=")
+    stages = [n.strip() for n in names.split(",")]
+    if not sep or not all(stages) or not count.strip():
+        raise ConfigError(f"--seeds {text!r}: expected STAGE[,STAGE]=N or all=N, e.g. --seeds segmentation=3")
+    try:
+        n = int(count)
+    except ValueError:
+        raise ConfigError(f"--seeds {text}: {count.strip()!r} is not a whole number of seeds") from None
+    if not 2 <= n <= MAX_SEEDS:
+        raise ConfigError(f"--seeds {text}: the number of seeds must be in [2, {MAX_SEEDS}], got {n}")
+    if stages == ["all"]:
+        return ["all"], n
+    known = {k.split(".")[0]: k for k in seed_keys(config_class()) if "." in k}
+    for st in stages:
+        if st not in known:
+            hint = " (the bound trains with segmentation.seed)" if st == "segmentation_full" else ""
+            raise ConfigError(f"--seeds {text}: {st!r} draws no random numbers of its own{hint}; stages with a seed: "
+                              f"{', '.join(known)} (or all)")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"--seeds {text}: a stage is named twice")
+    return [known[st] for st in stages], n
+
+
+def replicate_values(cfg: Any, keys: Sequence[str], k: int) -> dict[str, int]:
+    """The seed overrides of replicate k (0: none, the variant itself): each key's seed as `cfg` has it,
+    plus k. A stage seed left unset counts from the top-level seed; `all`: the top-level seed and every
+    stage seed the config sets."""
+    if k == 0:
+        return {}
+    if list(keys) == ["all"]:
+        keys = ["seed"] + [key for key in seed_keys(type(cfg)) if "." in key
+                           and getattr(getattr(cfg, key.split(".")[0]), "seed") is not None]
+    return {key: (cfg.seed if key == "seed" else cfg.seed_of(key.split(".")[0])) + k for key in keys}
+
+
+def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mapping[str, Any],
+             seeds: tuple[list[str], int] | None = None) -> list[Variant]:
+    """Every combination (times its seed replicates, `parse_seeds`), checked (each loads as a config)
+    before any work."""
     def check(values: Mapping[str, Any]) -> None:
         try:
             load_config(config, {**overrides, **values})  # unknown key, wrong type: one line naming it
@@ -106,12 +160,28 @@ def variants(config: str | Path, grid: Mapping[str, list[Any]], overrides: Mappi
         if kind_of(config_class(), key) == "runtime":
             raise ConfigError(f"--grid {key}: a runtime-only field (it changes no output: workers, device, ...); "
                               "a sweep over it would make identical variants")
+    if seeds is not None:
+        moved = set(seed_keys(config_class())) if seeds[0] == ["all"] else set(seeds[0])
+        clash = [k for k in grid if k in moved]
+        if clash:
+            raise ConfigError(f"--seeds: --grid {clash[0]} sweeps a seed the replicates move; give one of the two")
     leaves = [k.rsplit(".", 1)[-1] for k in grid]
     labels = {k: (k.rsplit(".", 1)[-1] if leaves.count(k.rsplit(".", 1)[-1]) == 1 else k) for k in grid}
     out = []
+    combos = []
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
         name = ",".join(f"{labels[k]}={flow_yaml(v).replace(' ', '')}" for k, v in values.items())
+        if seeds is None:
+            combos.append((name, values))
+            continue
+        check(values)
+        cfg = load_config(config, {**overrides, **values})
+        for k in range(seeds[1]):
+            extra = replicate_values(cfg, seeds[0], k)
+            combos.append((",".join(filter(None, [name] + [f"{key}={v}" for key, v in extra.items()])) or "base",
+                           {**values, **extra}))
+    for name, values in combos:
         if "/" in name or name.startswith(".") or any(c.isspace() or ord(c) < 32 for c in name):
             raise ConfigError(f"--grid: the variant name {name!r} cannot be a folder name")
         if len(name.encode()) > 200:  # file systems allow 255 bytes per name, and the stage files add theirs
@@ -185,8 +255,10 @@ def share_finished_stages(run: Run, sources: Sequence[Run], to_stage: str | None
 # --------------------------------------------------------------------------- the sweep
 def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[str],
               overrides: Mapping[str, Any] | None = None, to_stage: str | None = None, jobs: int = 1,
-              reuse: Sequence[str | Path] = (), echo: Callable[[str], None] | None = None) -> Path:
-    """Run every variant of the grid in `sweep_dir`; returns it."""
+              reuse: Sequence[str | Path] = (), echo: Callable[[str], None] | None = None,
+              seeds: str | None = None) -> Path:
+    """Run every variant of the grid (each with its seed replicates: `seeds`, as `--seeds`) in `sweep_dir`;
+    returns it."""
     echo = echo or (lambda s: print(s, flush=True))
     overrides = dict(overrides or {})
     config = Path(config).resolve()
@@ -195,8 +267,8 @@ def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[st
         raise ConfigError(f"--to {to_stage}: unknown stage; stages: {', '.join(STAGES)}")
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: must be >= 1")
-    grid = parse_grid(grid_items)
-    todo = variants(config, grid, overrides)
+    grid = parse_grid(grid_items, seeds)
+    todo = variants(config, grid, overrides, parse_seeds(seeds))
     jobs = min(jobs, len(todo))  # more processes than variants would only wait
     sweep_dir = Path(sweep_dir).resolve()
     reused = [_reused_run(Path(r)) for r in reuse]
@@ -207,11 +279,11 @@ def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[st
         raise FileError(f"{sweep_dir}: not empty and not a sweep folder (no {SWEEP_FILE}); choose another")
     with FolderLock(sweep_dir).hold("wsss sweep"):
         record = {"config": str(config), "overrides": overrides, "grid": grid, "to": to_stage,
-                  "variants": [{"name": v.name, "values": v.values} for v in todo]}
+                  **({"seeds": seeds} if seeds is not None else {}), "variants": [{"name": v.name, "values": v.values} for v in todo]}
         old = read_json(sweep_dir / SWEEP_FILE) if (sweep_dir / SWEEP_FILE).is_file() else None
-        if old is not None and {k: old.get(k) for k in record} != record:
-            raise ConfigError(f"{sweep_dir}: holds another sweep ({SWEEP_FILE} differs: config, --set, --grid or "
-                              "--to); choose another folder")
+        if old is not None and ({k: old.get(k) for k in record} != record or old.get("seeds") != seeds):
+            raise ConfigError(f"{sweep_dir}: holds another sweep ({SWEEP_FILE} differs: config, --set, --grid, "
+                              "--seeds or --to); choose another folder")
         write_json(sweep_dir / SWEEP_FILE, record)
         # every variant starts from this copy of the file as the sweep first started (a resumed sweep keeps
         # it): a parameter file edited while the sweep goes on does not reach the variants still to come
