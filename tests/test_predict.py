@@ -275,3 +275,40 @@ def test_predictions_refined_by_a_dense_crf(ci_full_run, tmp_path):
     for sid in checked:
         np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(images.position(sid)).stem}.png")),
                                       art.read(run, sid))
+
+
+def test_predict_with_the_bound_segments_as_the_run_did(ci_full_run, ci_run, tmp_path, capsys):
+    """`wsss predict --model bound`: the fully supervised bound, with the run's TTA and CRF, writes the
+    very masks the predict stage wrote for it (07_predict/full/val/); the weak segmenter's differ. A run
+    without the bound is refused in one line before any work."""
+    import shutil
+
+    from wsss_core.stages.predict import prediction_artifact
+
+    cfg, run = ci_full_run
+    ds = stages.dataset(cfg)
+    images = ds.labelled("val")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ids = ds.ids("val")
+    for sid in ids:
+        shutil.copy(images.image_path(images.position(sid)), folder)
+    out = tmp_path / "bound"
+    assert cli.main(["predict", "--run", str(run.root), "--images", str(folder), "--out", str(out),
+                     "--model", "bound"]) == 0
+    bound, weak = prediction_artifact(cfg, "val", "segmentation_full"), prediction_artifact(cfg, "val")
+    differs = 0
+    for sid in ids:
+        got = np.array(Image.open(out / f"{images.image_path(images.position(sid)).stem}.png"))
+        np.testing.assert_array_equal(got, bound.read(run, sid))
+        differs += int((got != weak.read(run, sid)).sum())
+    assert differs > 0  # the bound is another model than the weak segmenter
+    no_bound = tmp_path / "no-bound"
+    shutil.copytree(run.root, no_bound)
+    shutil.rmtree(no_bound / "06_segmentation_full")
+    capsys.readouterr()
+    assert cli.main(["predict", "--run", str(no_bound), "--images", str(folder), "--out", str(tmp_path / "x"),
+                     "--model", "bound"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "segmentation_full stage has not finished" in err and "segmentation.upper_bound: true" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -79,11 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--debug", action="store_true", help="show tracebacks")
 
     pr = sub.add_parser("predict", help="segment a folder of new images with a finished run")
-    pr.add_argument("--run", required=True, help="a run folder whose segmentation stage is done")
+    pr.add_argument("--run", required=True, help="a run folder whose segmentation stage (or, for --model bound, "
+                    "segmentation_full) is done")
     pr.add_argument("--images", required=True, help="folder of images (jpg, png, ...)")
     pr.add_argument("--out", required=True, help="output folder: one class-id PNG per image")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                     help="test-time augmentation as the run's predict section (default on)")
+    pr.add_argument("--model", choices=("weak", "bound"), default="weak",
+                    help="weak: the segmenter trained on the pseudo masks; bound: the run's fully supervised "
+                         "bound (segmentation.upper_bound: true)")
     pr.add_argument("--skip-bad", action="store_true", help="segment the readable images, list the others")
     pr.add_argument("--overwrite", action="store_true", help="replace existing output files")
     pr.add_argument("--layout", choices=("voc", "lid"), default=None,
@@ -137,7 +141,8 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "sweep":
         from .sweep import run_sweep
 
-        run_sweep(args.config, args.run_dir, args.grid, overrides, args.to_stage, args.jobs, args.reuse)
+        run_sweep(args.config, args.run_dir, args.grid, overrides, args.to_stage, args.jobs, args.reuse,
+                  seeds=args.seeds)
     elif args.command == "compare":
         from pathlib import Path
 
@@ -155,7 +160,7 @@ def _run(args: argparse.Namespace) -> None:
         from .stages.predict import predict_folder
 
         written = predict_folder(args.run, args.images, args.out, tta=args.tta, skip_bad=args.skip_bad,
-                                 overwrite=args.overwrite, layout=args.layout)
+                                 overwrite=args.overwrite, layout=args.layout, model=args.model)
         print(f"[wsss] {len(written)} masks written to {args.out}")
     elif args.command == "validate":
         from .data import open_dataset, validate_dataset

@@ -168,11 +168,15 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith("."))
 
 
+PREDICT_MODELS = {"weak": "segmentation", "bound": "segmentation_full"}  # `wsss predict --model` -> its stage
+
+
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta: bool = True,
                    skip_bad: bool = False, overwrite: bool = False, device: str | None = None,
-                   layout: str | None = None) -> list[Path]:
-    """Segment every image of a folder with a finished run's segmenter: one
-    class-id PNG per image (`<stem>.png`, the input's size) in `out`.
+                   layout: str | None = None, model: str = "weak") -> list[Path]:
+    """Segment every image of a folder with a finished run's segmenter (`model` 'weak'; 'bound': its
+    fully supervised bound, so weak / full can be measured on images outside the run): one class-id PNG
+    per image (`<stem>.png`, the input's size) in `out`.
 
     Checked before any work: the run's segmenter is finished; the folder has
     images; every file decodes (the unreadable ones are listed; with
@@ -193,15 +197,19 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     from .registry import specs
 
     run_dir, images, out = Path(run_dir), Path(images), Path(out)
+    if model not in PREDICT_MODELS:
+        raise ConfigError(f"--model {model}: unknown; one of {', '.join(PREDICT_MODELS)}")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     check_output_folder(images, out)
     cfg = load_config(run_dir / "config.yaml")
     run = Run(run_dir, cfg, specs())
-    m = run.manifest("segmentation")
-    if not m or m.get("status") != "done" or not model_path(run, "segmentation").is_file():
-        raise ConfigError(f"{run_dir}: the segmentation stage has not finished "
-                          f"({run.why_not_done('segmentation') or 'no model'}); run it first")
+    stage = PREDICT_MODELS[model]
+    m = run.manifest(stage)
+    if not m or m.get("status") != "done" or not model_path(run, stage).is_file():
+        hint = " (segmentation.upper_bound: true trains it)" if model == "bound" else ""
+        raise ConfigError(f"{run_dir}: the {stage} stage has not finished "
+                          f"({run.why_not_done(stage) or 'no model'}){hint}; run it first")
     if images.exists() and not images.is_dir():
         raise DataError(f"{images}: is a file, not a folder of images (--images)")
     if not images.is_dir():
@@ -249,7 +257,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     check_free()
     layout = layout or cfg.predict.layout
     dev = resolve_device(device or cfg.device)
-    model = load_segmenter(model_path(run, "segmentation"), dev)
+    net = load_segmenter(model_path(run, stage), dev)
     scales, flip = (cfg.predict.tta_scales, cfg.predict.tta_flip) if tta else ((1.0,), False)
     crf = with_label_trust(cfg.crf, cfg.predict.crf_gt_prob)
     # One `wsss predict` per output folder; each mask is created only if absent (unless --overwrite),
@@ -257,7 +265,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     with lock.hold("wsss predict"):
         check_free()  # again: another `wsss predict` may have written them and left since the first look
         for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
-            labels = segment(model, read_image(p), scales, flip, dev, cfg.predict.max_side, crf)
+            labels = segment(net, read_image(p), scales, flip, dev, cfg.predict.max_side, crf)
             try:
                 write_label_png(t, labels, layout, exclusive=not overwrite)
             except FileError as e:
