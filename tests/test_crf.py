@@ -158,6 +158,25 @@ def test_unconfident_exactly_in_band_between_thresholds():
     assert not (confident_labels(image, cam, np.array([5]), same) == 255).any()
 
 
+@pytest.mark.parametrize("fg, bg", [(0.30, 0.05), (0.50, 0.10)])
+def test_a_cam_exactly_on_a_threshold_is_background_there(fg, bg):
+    """Ties go to the background: a CAM equal to conf_fg_thres is not confident foreground (the pixel is
+    unconfident: above conf_bg_thres), one equal to conf_bg_thres is background; a hair above either
+    threshold crosses it. Uniform planes, so the CRF keeps every pixel's label."""
+    cfg = CrfConfig(conf_fg_thres=fg, conf_bg_thres=bg)
+    image = np.full((12, 16, 3), 120, np.uint8)
+    keys = np.array([4])
+
+    def labels(value: float) -> set[int]:
+        return set(np.unique(confident_labels(image, np.full((1, 12, 16), value, np.float32), keys, cfg)).tolist())
+
+    assert labels(fg) == {255}
+    assert labels(bg) == {0}
+    assert labels(np.nextafter(np.float32(fg), np.float32(1))) == {4}
+    assert labels(np.nextafter(np.float32(bg), np.float32(1))) == {255}
+    np.testing.assert_array_equal(cam_label_indices(np.full((2, 1, 1), fg, np.float32), fg), [[0]])
+
+
 def test_class_ids_mapped_through_keys():
     image, cams, truth = _rectangles()
     out = confident_labels(image, cams, np.array([3, 7]), CFG)

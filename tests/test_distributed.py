@@ -30,6 +30,23 @@ def torchrun(*args: str, nproc: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_items, world", [(7, 2), (11, 2), (7, 3), (11, 3), (2, 3)])
+def test_shards_take_every_nth_item_and_lose_none(n_items, world, monkeypatch):
+    """Rank r of N processes gets items r, r + N, r + 2N, ...: together every item once, in order within
+    each share, the remainder of an odd count included (contiguous blocks would drop or bunch it)."""
+    from wsss_core.runtime import shard
+
+    items = [f"img{i}" for i in range(n_items)]
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    shares = []
+    for r in range(world):
+        monkeypatch.setenv("RANK", str(r))
+        shares.append(shard(items))
+    for r, share in enumerate(shares):
+        assert share == [items[i] for i in range(r, n_items, world)]
+    assert sorted(sum(shares, [])) == sorted(items)
+
+
 def test_cams_and_crf_with_two_processes_equal_one(ci_run, tmp_path):
     _, finished = ci_run
     runs = {}
