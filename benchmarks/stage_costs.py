@@ -11,7 +11,8 @@ labelled classes; the real code of every stage, one image at a time:
 - crf: `confident_labels` (both CRFs of IRNet's confident labels);
 - pseudo_masks: the boundary map (with flip) and the random walk;
 - predict: `segment` with the configured test-time augmentation.
-Best of `--repeats`, after one warm-up.
+Best of `--repeats`, after one warm-up. `StageWork` builds each stage's work
+(`benchmarks/pipeline_speed.py` times and counts the same callables).
 
     .venv/bin/python benchmarks/stage_costs.py --config params/voc2012.yaml
 """
@@ -23,10 +24,13 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+STAGES = ("classifier", "cams", "crf", "boundary", "pseudo_masks", "segmentation", "predict")
+TRAINED = ("classifier", "boundary", "segmentation")  # one optimizer step on a batch of crops
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -39,9 +43,10 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
+def add_arguments(ap: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    """The options of the parameter file (required without a default), the photo, the
+    classes, the training batch and the repeats."""
+    ap.add_argument("--config", required=default_config is None, default=default_config)
     ap.add_argument("--size", type=int, nargs=2, default=[375, 500], metavar=("H", "W"))
     ap.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "shared/data/msrc-voc/JPEGImages/10_10_s.jpg"),
                     help="a photo, resized to --size (default: an msrc photo)")
@@ -50,36 +55,48 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="crops per training step measured")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the numbers here")
-    args = ap.parse_args()
 
-    from wsss_core.affinity import AffinityTargets, affinity_training_loss
-    from wsss_core.cam import class_activation_maps
-    from wsss_core.config import load_config
-    from wsss_core.crf import confident_labels
-    from wsss_core.models.boundary import BoundaryNet, boundary_map
-    from wsss_core.models.classifier import build_classifier
-    from wsss_core.models.factory import build_backbone
-    from wsss_core.models.segmenter import build_segmenter, pixel_loss
-    from wsss_core.multilabel import multilabel_loss
-    from wsss_core.predict import segment
-    from wsss_core.stages.pseudo_masks import walk
 
-    cfg = load_config(args.config, {"data.root": "."})  # the data is not read: a preset's $ROOT may be unset
-    g = torch.Generator().manual_seed(0)
-    h, w = args.size
+def load_photo(path: str, size: tuple[int, int]) -> np.ndarray:
+    """The photo (H, W, 3) uint8 resized to `size` (H, W). A real photo: a random one would
+    make the CRF's lattice, and its time, many times larger."""
     from PIL import Image
 
-    # a real photo (a random one would make the CRF's lattice, and its time, many times larger)
-    with Image.open(args.image) as im:
-        image = np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
-    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).sub(0.45).div(0.225)
-    keys = np.arange(1, args.classes + 1)
-    cpu = torch.device("cpu")
-    out: dict[str, float] = {}
+    h, w = size
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
 
-    def train_step(model: torch.nn.Module, params, loss_fn, batch) -> Callable[[], object]:
+
+def label(name: str) -> str:
+    """The stage's line in the output: 'classifier step per image', 'cams per image', ..."""
+    return f"{name} step per image" if name in TRAINED else f"{name} per image"
+
+
+class StageWork:
+    """Each stage's real work on one photo with a config's models (random weights),
+    built on first use; `work(name)` is the stage's callable and the images it does
+    per call. Ask for the stages in pipeline order (`STAGES`): a stage's models are
+    built when it is first asked for, the later stages reuse them."""
+
+    def __init__(self, cfg: Any, image: np.ndarray, classes: int = 2, num_classes: int = 21, batch: int = 2,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.image, self.num_classes, self.batch = cfg, image, num_classes, batch
+        self.device = torch.device(device)
+        self.g = torch.Generator().manual_seed(0)
+        self.x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).sub(0.45).div(0.225)
+        self.keys = np.arange(1, classes + 1)
+        self._built: dict[str, Any] = {}
+
+    def _once(self, what: str, make: Callable[[], Any]) -> Any:
+        if what not in self._built:
+            self._built[what] = make()
+        return self._built[what]
+
+    def _step(self, model: torch.nn.Module, params, loss_fn, batch: tuple) -> Callable[[], object]:
+        """One optimizer step (forward, backward, SGD) on `batch`."""
         opt = torch.optim.SGD(params, lr=1e-6)
         model.train()
+        batch = tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in batch)
 
         def go() -> object:
             opt.zero_grad()
@@ -89,46 +106,128 @@ def main() -> None:
             return loss
         return go
 
-    c = cfg.classifier
-    classifier = build_classifier(dataclasses.replace(c, weights="random"), args.num_classes - 1)
-    crop = torch.randn(args.batch, 3, c.image_size, c.image_size, generator=g)
-    labels = torch.zeros(args.batch, args.num_classes - 1)
-    labels[:, : args.classes] = 1
-    step = train_step(classifier, classifier.parameters(), multilabel_loss(c.loss), (crop, labels, None))
-    out["classifier step per image"] = best_seconds(step, args.repeats) / args.batch
-    classifier.eval()
-    cm = cfg.cams
-    cams = class_activation_maps(classifier, x, keys.tolist(), scales=cm.scales, flip=cm.flip, method=cm.method,
-                                 normalize=cm.normalize)
-    out["cams per image"] = best_seconds(lambda: class_activation_maps(
-        classifier, x, keys.tolist(), scales=cm.scales, flip=cm.flip, method=cm.method, normalize=cm.normalize
-    ).high_res, args.repeats)
-    out["crf per image"] = best_seconds(lambda: confident_labels(image, cams.high_res, keys, cfg.crf), args.repeats)
+    @property
+    def classifier(self) -> torch.nn.Module:
+        from wsss_core.models.classifier import build_classifier
 
-    b = cfg.boundary
-    bnet = BoundaryNet(build_backbone(b.backbone, "random", b.output_stride), stem_input=b.stem_input)
-    bcrop = torch.randn(args.batch, 3, b.crop_size, b.crop_size, generator=g)
-    lab = torch.randint(0, 3, (b.crop_size, b.crop_size), generator=g, dtype=torch.uint8)
-    targets = [torch.stack(t) for t in zip(*[AffinityTargets(b.radius)(lab) for _ in range(args.batch)])]
-    step = train_step(bnet, bnet.param_groups(1e-6, 0.0), affinity_training_loss(b.radius), (bcrop, *targets, None))
-    out["boundary step per image"] = best_seconds(step, args.repeats) / args.batch
-    bnet.eval()
-    p = cfg.pseudo_masks
+        c = self.cfg.classifier
+        return self._once("classifier", lambda: build_classifier(dataclasses.replace(c, weights="random"),
+                                                                 self.num_classes - 1).to(self.device))
 
-    def walked() -> object:
-        return walk(p, cams.cam, keys, boundary_map(bnet, image, cpu, p.flip), (h, w))
-    out["pseudo_masks per image"] = best_seconds(walked, args.repeats)
+    @property
+    def cams(self) -> Any:
+        """The photo's CAMs (`CamResult`), computed once: the CRF and the walk read them."""
+        return self._once("cams", self._cams)
 
-    s = cfg.segmentation
-    seg = build_segmenter(s.backbone, args.num_classes, s.output_stride, s.atrous_rates, "random")
-    scrop = torch.randn(args.batch, 3, s.crop_size, s.crop_size, generator=g)
-    smask = torch.randint(0, args.num_classes, (args.batch, s.crop_size, s.crop_size), generator=g)
-    step = train_step(seg, seg.parameters(), pixel_loss, (scrop, smask, None))
-    out["segmentation step per image"] = best_seconds(step, args.repeats) / args.batch
-    seg.eval()
-    q = cfg.predict
-    out["predict per image"] = best_seconds(lambda: segment(seg, image, q.tta_scales, q.tta_flip, cpu, q.max_side),
-                                            args.repeats)
+    def _cams(self) -> Any:
+        from wsss_core.cam import class_activation_maps
+
+        cm = self.cfg.cams
+        self.classifier.eval()
+        return class_activation_maps(self.classifier, self.x, self.keys.tolist(), scales=cm.scales, flip=cm.flip,
+                                     method=cm.method, normalize=cm.normalize)
+
+    @property
+    def boundary_net(self) -> torch.nn.Module:
+        from wsss_core.models.boundary import BoundaryNet
+        from wsss_core.models.factory import build_backbone
+
+        b = self.cfg.boundary
+        return self._once("boundary", lambda: BoundaryNet(build_backbone(b.backbone, "random", b.output_stride),
+                                                          stem_input=b.stem_input).to(self.device))
+
+    @property
+    def segmenter(self) -> torch.nn.Module:
+        from wsss_core.models.segmenter import build_segmenter
+
+        s = self.cfg.segmentation
+        return self._once("segmentation", lambda: build_segmenter(s.backbone, self.num_classes, s.output_stride,
+                                                                  s.atrous_rates, "random").to(self.device))
+
+    def work(self, name: str) -> tuple[Callable[[], object], int]:
+        """(the stage's work as a callable, images it does per call); CUDA work is synchronised."""
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+        fn, per_call = getattr(self, f"_work_{name}")()
+        if self.device.type != "cuda":
+            return fn, per_call
+
+        def synced() -> object:
+            out = fn()
+            torch.cuda.synchronize(self.device)
+            return out
+        return synced, per_call
+
+    def _work_classifier(self) -> tuple[Callable[[], object], int]:
+        from wsss_core.multilabel import multilabel_loss
+
+        c = self.cfg.classifier
+        model = self.classifier
+        crop = torch.randn(self.batch, 3, c.image_size, c.image_size, generator=self.g)
+        labels = torch.zeros(self.batch, self.num_classes - 1)
+        labels[:, : len(self.keys)] = 1
+        return self._step(model, model.parameters(), multilabel_loss(c.loss), (crop, labels, None)), self.batch
+
+    def _work_cams(self) -> tuple[Callable[[], object], int]:
+        return lambda: self._cams().high_res, 1
+
+    def _work_crf(self) -> tuple[Callable[[], object], int]:
+        from wsss_core.crf import confident_labels
+
+        cams = self.cams
+        return lambda: confident_labels(self.image, cams.high_res, self.keys, self.cfg.crf), 1
+
+    def _work_boundary(self) -> tuple[Callable[[], object], int]:
+        from wsss_core.affinity import AffinityTargets, affinity_training_loss
+
+        b = self.cfg.boundary
+        model = self.boundary_net
+        crop = torch.randn(self.batch, 3, b.crop_size, b.crop_size, generator=self.g)
+        lab = torch.randint(0, 3, (b.crop_size, b.crop_size), generator=self.g, dtype=torch.uint8)
+        targets = [torch.stack(t) for t in zip(*[AffinityTargets(b.radius)(lab) for _ in range(self.batch)])]
+        return self._step(model, model.param_groups(1e-6, 0.0), affinity_training_loss(b.radius),
+                          (crop, *targets, None)), self.batch
+
+    def _work_pseudo_masks(self) -> tuple[Callable[[], object], int]:
+        from wsss_core.models.boundary import boundary_map
+        from wsss_core.stages.pseudo_masks import walk
+
+        p, cams, model = self.cfg.pseudo_masks, self.cams, self.boundary_net
+        model.eval()
+        return lambda: walk(p, cams.cam, self.keys, boundary_map(model, self.image, self.device, p.flip),
+                            self.image.shape[:2]), 1
+
+    def _work_segmentation(self) -> tuple[Callable[[], object], int]:
+        from wsss_core.models.segmenter import pixel_loss
+
+        s = self.cfg.segmentation
+        model = self.segmenter
+        crop = torch.randn(self.batch, 3, s.crop_size, s.crop_size, generator=self.g)
+        mask = torch.randint(0, self.num_classes, (self.batch, s.crop_size, s.crop_size), generator=self.g)
+        return self._step(model, model.parameters(), pixel_loss, (crop, mask, None)), self.batch
+
+    def _work_predict(self) -> tuple[Callable[[], object], int]:
+        from wsss_core.predict import segment
+
+        q, model = self.cfg.predict, self.segmenter
+        model.eval()
+        return lambda: segment(model, self.image, q.tta_scales, q.tta_flip, self.device, q.max_side), 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    args = ap.parse_args()
+
+    from wsss_core.config import load_config
+
+    cfg = load_config(args.config, {"data.root": "."})  # the data is not read: a preset's $ROOT may be unset
+    h, w = args.size
+    work = StageWork(cfg, load_photo(args.image, (h, w)), args.classes, args.num_classes, args.batch)
+    out: dict[str, float] = {}
+    for name in STAGES:
+        fn, per_call = work.work(name)
+        out[label(name)] = best_seconds(fn, args.repeats) / per_call
     print(f"{args.config}: {h}x{w} photo, {args.classes} classes, {torch.get_num_threads()} threads, cpu")
     for k, v in out.items():
         print(f"  {k:<30} {v:8.3f} s")
