@@ -144,7 +144,8 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
                      s.optimizer, s.lr, s.weight_decay,
                      FitConfig(epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                                num_workers=runtime.loader_workers(s.num_workers, device), amp=s.amp,
-                               schedule=s.schedule, desc=desc, drop_single_last=True),
+                               cpu_bfloat16=s.cpu_bfloat16, schedule=s.schedule, desc=desc,
+                               drop_single_last=True),
                      folder, device, eval_fn=keep_best.evaluator(lambda m: val_miou(m, ds, val, device))
                      if val else None)
         history, checksums = result.history, result.param_checksums
