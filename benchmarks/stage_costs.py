@@ -92,15 +92,24 @@ class StageWork:
             self._built[what] = make()
         return self._built[what]
 
-    def _step(self, model: torch.nn.Module, params, loss_fn, batch: tuple) -> Callable[[], object]:
-        """One optimizer step (forward, backward, SGD) on `batch`."""
+    def _step(self, model: torch.nn.Module, params, loss_fn, batch: tuple,
+              cpu_bfloat16: bool = False) -> Callable[[], object]:
+        """One optimizer step (forward, backward, SGD) on `batch`, as `train.fit` takes it:
+        channels-last model and image batches, bfloat16 autocast where the stage asks for it."""
+        from wsss_core.train import FitConfig, to_device
+
         opt = torch.optim.SGD(params, lr=1e-6)
         model.train()
-        batch = tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in batch)
+        channels_last = FitConfig(epochs=1, batch_size=1).channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        batch = to_device(batch, self.device, channels_last)
+        bfloat16 = cpu_bfloat16 and self.device.type == "cpu"
 
         def go() -> object:
             opt.zero_grad()
-            loss = loss_fn(model, batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
             return loss
@@ -204,13 +213,13 @@ class StageWork:
         model = self.segmenter
         crop = torch.randn(self.batch, 3, s.crop_size, s.crop_size, generator=self.g)
         mask = torch.randint(0, self.num_classes, (self.batch, s.crop_size, s.crop_size), generator=self.g)
-        return self._step(model, model.parameters(), pixel_loss, (crop, mask, None)), self.batch
+        return self._step(model, model.parameters(), pixel_loss, (crop, mask, None), s.cpu_bfloat16), self.batch
 
     def _work_predict(self) -> tuple[Callable[[], object], int]:
         from wsss_core.predict import segment
 
         q, model = self.cfg.predict, self.segmenter
-        model.eval()
+        model.to(memory_format=torch.channels_last).eval()  # as `load_segmenter` gives it
         return lambda: segment(model, self.image, q.tta_scales, q.tta_flip, self.device, q.max_side), 1
 
 

@@ -72,6 +72,24 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert [h["loss"] for h in res_a.history] == [h["loss"] for h in res_b.history]
 
 
+@pytest.mark.parametrize("cpu_bfloat16", [False, True])
+def test_cpu_bfloat16_trains_the_model_under_bfloat16_autocast(tmp_path, cpu_bfloat16):
+    seen = []
+
+    def loss(model, batch):
+        out = model[0](batch[0])  # the convolution: bfloat16 under CPU autocast, float32 otherwise
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return bce(model, batch)
+
+    model = tiny_model()
+    res = fit(model, Toy(), loss, [{"params": model.parameters()}], "sgd", 0.05, 1e-4,
+              FitConfig(epochs=3, batch_size=8, seed=3, cpu_bfloat16=cpu_bfloat16), tmp_path, torch.device("cpu"))
+    want = (True, torch.bfloat16) if cpu_bfloat16 else (False, torch.float32)
+    assert set(seen) == {want} and len(seen) == 3 * 5
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
     def nan_loss(model, batch):
         return bce(model, batch) * float("nan")

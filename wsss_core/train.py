@@ -201,7 +201,7 @@ def fit(
         total, count = 0.0, 0
         bar = progress(loader, total=len(loader), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", disable=not info.is_main)
         for step, batch in enumerate(bar):
-            batch = _to_device(batch, device, cfg.channels_last)
+            batch = to_device(batch, device, cfg.channels_last)
             if isinstance(batch, (list, tuple)) and len(batch) >= 3:  # datasets put the sample index last
                 seen.extend(int(i) for i in batch[-1])
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=use_autocast):
@@ -266,15 +266,15 @@ def _one_thread_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(batch, torch.Tensor):
         if channels_last and batch.dim() == 4 and batch.is_floating_point():  # image batches
             return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device, channels_last) for b in batch)
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     return batch
 
 
