@@ -265,7 +265,7 @@ class SegmentationConfig:
                                  kind="runtime")
     amp: bool = param(True, doc="mixed precision (used on CUDA only)")
     cpu_bfloat16: bool = param(False, doc="on the CPU, train both segmenters in bfloat16 autocast (native on "
-                               "AVX512-BF16 and AMX CPUs, x1.4 per step on msrc; emulated and slow elsewhere)")
+                               "AVX512-BF16 and AMX CPUs, x1.33 per step on msrc; emulated and slow elsewhere)")
 
 
 @dataclass(frozen=True)
