@@ -92,10 +92,9 @@ class StageWork:
             self._built[what] = make()
         return self._built[what]
 
-    def _step(self, model: torch.nn.Module, params, loss_fn, batch: tuple,
-              cpu_bfloat16: bool = False) -> Callable[[], object]:
+    def _step(self, model: torch.nn.Module, params, loss_fn, batch: tuple) -> Callable[[], object]:
         """One optimizer step (forward, backward, SGD) on `batch`, as `train.fit` takes it:
-        channels-last model and image batches, bfloat16 autocast where the stage asks for it."""
+        channels-last model and image batches."""
         from wsss_core.train import FitConfig, to_device
 
         opt = torch.optim.SGD(params, lr=1e-6)
@@ -104,12 +103,10 @@ class StageWork:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         batch = to_device(batch, self.device, channels_last)
-        bfloat16 = cpu_bfloat16 and self.device.type == "cpu"
 
         def go() -> object:
             opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-                loss = loss_fn(model, batch)
+            loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
             return loss
@@ -213,7 +210,7 @@ class StageWork:
         model = self.segmenter
         crop = torch.randn(self.batch, 3, s.crop_size, s.crop_size, generator=self.g)
         mask = torch.randint(0, self.num_classes, (self.batch, s.crop_size, s.crop_size), generator=self.g)
-        return self._step(model, model.parameters(), pixel_loss, (crop, mask, None), s.cpu_bfloat16), self.batch
+        return self._step(model, model.parameters(), pixel_loss, (crop, mask, None)), self.batch
 
     def _work_predict(self) -> tuple[Callable[[], object], int]:
         from wsss_core.predict import segment

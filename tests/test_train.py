@@ -72,22 +72,29 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert [h["loss"] for h in res_a.history] == [h["loss"] for h in res_b.history]
 
 
-@pytest.mark.parametrize("cpu_bfloat16", [False, True])
-def test_cpu_bfloat16_trains_the_model_under_bfloat16_autocast(tmp_path, cpu_bfloat16):
-    seen = []
+def test_eval_every_evaluates_every_nth_and_the_last_epoch_and_changes_no_weight(tmp_path):
+    def run(every):
+        calls = []
 
-    def loss(model, batch):
-        out = model[0](batch[0])  # the convolution: bfloat16 under CPU autocast, float32 otherwise
-        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
-        return bce(model, batch)
+        def evaluate(model):
+            assert not model.training
+            calls.append(len(calls))
+            return {"val_score": float(model(torch.ones(1, 3, 8, 8)).item())}
 
-    model = tiny_model()
-    res = fit(model, Toy(), loss, [{"params": model.parameters()}], "sgd", 0.05, 1e-4,
-              FitConfig(epochs=3, batch_size=8, seed=3, cpu_bfloat16=cpu_bfloat16), tmp_path, torch.device("cpu"))
-    want = (True, torch.bfloat16) if cpu_bfloat16 else (False, torch.float32)
-    assert set(seen) == {want} and len(seen) == 3 * 5
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
-    assert res.history[-1]["loss"] < res.history[0]["loss"]
+        model = tiny_model()
+        res = fit(model, Toy(), bce, [{"params": model.parameters()}], "sgd", 0.05, 1e-4,
+                  FitConfig(epochs=5, batch_size=8, seed=3, eval_every=every), tmp_path / str(every),
+                  torch.device("cpu"), eval_fn=evaluate)
+        return model, res.history
+
+    every_epoch, h1 = run(1)
+    sparse, h3 = run(3)
+    assert [h["epoch"] for h in h1 if "val_score" in h] == [1, 2, 3, 4, 5]
+    assert [h["epoch"] for h in h3 if "val_score" in h] == [3, 5]  # the 3rd and the last
+    assert [h["val_score"] for h in h3 if "val_score" in h] == [h1[2]["val_score"], h1[4]["val_score"]]
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h3]
+    for p, q in zip(every_epoch.parameters(), sparse.parameters()):
+        assert torch.equal(p, q)  # evaluation only: the same weights (dropout back on after each evaluation)
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
@@ -231,3 +238,17 @@ def test_loader_workers_see_each_epoch(tmp_path):
     fit(model, EpochEcho(), loss, [{"params": list(model.parameters())}], "sgd", 0.01, 0.0,
         FitConfig(epochs=2, batch_size=2, num_workers=2), tmp_path, torch.device("cpu"))
     assert seen == [0.0] * 4 + [1.0] * 4
+
+
+def test_history_plot_draws_only_the_evaluated_epochs():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from wsss_core.viz import plot_history
+
+    history = [{"epoch": e, "loss": 1.0 / e, "lr": [0.1, 0.01], **({"val_miou": e / 10} if e in (3, 5) else {})}
+               for e in range(1, 6)]
+    fig = plot_history(history, metrics=("val_miou",))
+    line = fig.axes[2].lines[0]
+    assert list(line.get_xdata()) == [3, 5] and list(line.get_ydata()) == [0.3, 0.5]
+    assert list(fig.axes[0].lines[0].get_xdata()) == [1, 2, 3, 4, 5]

@@ -69,7 +69,7 @@ class FitConfig:
     stop_after_epochs: int | None = None  # for tests: simulate an interruption
     drop_single_last: bool = False  # drop a last batch of one image (BatchNorm on 1x1 maps needs 2)
     channels_last: bool = True  # NHWC convolutions: 1.4-1.5x faster training on CPU (oneDNN), same maths
-    cpu_bfloat16: bool = False  # bfloat16 autocast on the CPU (native on AVX512-BF16 / AMX CPUs)
+    eval_every: int = 1  # eval_fn after every N-th epoch and after the last (evaluation only: no weight changes)
 
 
 @dataclass
@@ -151,8 +151,6 @@ def fit(
     )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    autocast_dtype = torch.float16 if use_amp else torch.bfloat16
-    use_autocast = use_amp or (cfg.cpu_bfloat16 and device.type == "cpu")
 
     result = FitResult()
     ckpt_path = out_dir / "checkpoint.pt"
@@ -204,7 +202,7 @@ def fit(
             batch = to_device(batch, device, cfg.channels_last)
             if isinstance(batch, (list, tuple)) and len(batch) >= 3:  # datasets put the sample index last
                 seen.extend(int(i) for i in batch[-1])
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=use_autocast):
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 loss = loss_fn(train_model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -229,7 +227,7 @@ def fit(
             "seconds": round(seconds, 2),
             "images_per_s": round(count * info.world_size / max(seconds, 1e-9), 2),
         }
-        if eval_fn is not None and info.is_main:
+        if eval_fn is not None and info.is_main and evaluated(epoch + 1, cfg.epochs, cfg.eval_every):
             model.eval()
             record.update(eval_fn(_unwrap(model)))
         result.history.append(record)
@@ -258,6 +256,11 @@ def fit(
         result.samples_per_rank = [seen]
         result.param_checksums = [param_checksum(model)]
     return result
+
+
+def evaluated(epoch: int, epochs: int, every: int) -> bool:
+    """Whether `fit` evaluates after (1-based) `epoch` of `epochs`: every `every`-th epoch and the last."""
+    return epoch % every == 0 or epoch == epochs
 
 
 def _one_thread_worker(_: int) -> None:

@@ -129,7 +129,8 @@ def plot_history(history: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
     ax[1].set(title="learning rate", xlabel="epoch", yscale="log")
     ax[1].legend(fontsize=7)
     for k, m in enumerate(shown):
-        ax[2 + k].plot(epochs, [h.get(m, np.nan) for h in history], marker="o", color="C2")
+        points = [(h["epoch"], h[m]) for h in history if m in h]  # epochs without an evaluation are left out
+        ax[2 + k].plot(*zip(*points), marker="o", color="C2")
         ax[2 + k].set(title=m, xlabel="epoch")
     fig.tight_layout()
     return fig

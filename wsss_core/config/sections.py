@@ -257,6 +257,9 @@ class SegmentationConfig:
                                   "order, crops, flips and colour jitter")
     checkpoint: Literal["last", "best"] = param(
         "last", doc="best: the epoch with the best val mIoU (a choice made on the val masks: report test numbers)")
+    val_every: int = param(1, in_range(1, 10**6), "val mIoU after every N-th epoch and after the last (evaluation "
+                           "only: the weights and masks are the same for every N; checkpoint best picks among the "
+                           "evaluated epochs); about 2 s a time on msrc", neutral=1)
     upper_bound: bool = param(False, doc="also train on the real masks of the same images (stage segmentation_full)")
     ignore_disagreement: bool = param(
         False, doc="the weak segmenter ignores (255) pixels where the walk's mask or the confident labels (where "
@@ -264,8 +267,6 @@ class SegmentationConfig:
     num_workers: int | None = param(None, optional(WORKERS), "loader workers; None: 0 on CPU, 4 on CUDA",
                                  kind="runtime")
     amp: bool = param(True, doc="mixed precision (used on CUDA only)")
-    cpu_bfloat16: bool = param(False, doc="on the CPU, train both segmenters in bfloat16 autocast (native on "
-                               "AVX512-BF16 and AMX CPUs, x1.33 per step on msrc; emulated and slow elsewhere)")
 
 
 @dataclass(frozen=True)

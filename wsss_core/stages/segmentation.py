@@ -7,8 +7,9 @@ bound that says how close the weak labels come (weak / full).
 Recipe: pixel cross-entropy ignoring 255, SGD with the head at 10x the
 encoder's lr (backbone_lr_mult 0.1), poly schedule, joint image / mask
 augmentation (rescale, flip, crop, colour), the one fit loop (resume, DDP,
-AMP on CUDA). Val mIoU against the real masks after every epoch (evaluation
-only); the last or the best epoch is kept (`segmentation.checkpoint`).
+AMP on CUDA). Val mIoU against the real masks after every `val_every`-th
+epoch and the last (evaluation only); the last or the best evaluated epoch is
+kept (`segmentation.checkpoint`).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
                      s.optimizer, s.lr, s.weight_decay,
                      FitConfig(epochs=s.epochs, batch_size=s.batch_size, seed=seed,
                                num_workers=runtime.loader_workers(s.num_workers, device), amp=s.amp,
-                               cpu_bfloat16=s.cpu_bfloat16, schedule=s.schedule, desc=desc,
+                               eval_every=s.val_every, schedule=s.schedule, desc=desc,
                                drop_single_last=True),
                      folder, device, eval_fn=keep_best.evaluator(lambda m: val_miou(m, ds, val, device))
                      if val else None)
