@@ -157,6 +157,29 @@ def test_upper_bound_and_evaluation_changes_in_the_second_half(ci_full_run, tmp_
     assert report["miou"]["CAM (train)"] == run.manifest("cams")["metrics"]["miou_best"]
 
 
+def test_the_bounds_own_epochs_retrain_only_the_bound(ci_full_run, tmp_path):
+    """`segmentation.upper_bound_epochs`: the bound trains for its own epochs, the weak segmenter (which
+    ignores the key) keeps its model's bytes; set back to the weak one's epochs, the key changes nothing."""
+    from wsss_core.artifacts import read_history
+
+    cfg0, full = ci_full_run
+    shutil.copytree(full.root, tmp_path / "run")
+    weak_model = tmp_path / "run" / "06_segmentation" / "model.pt"
+    before = stamp(weak_model)
+    epochs = cfg0.segmentation.epochs
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound_epochs": epochs + 1})
+    run = stages.open_run(tmp_path / "run", cfg)
+    did = {n: stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order()}
+    assert [n for n, skipped in did.items() if not skipped] == ["segmentation_full", "predict", "report"]
+    assert stamp(weak_model) == before
+    assert [h["epoch"] for h in read_history(run, "segmentation_full")] == list(range(1, epochs + 2))
+    assert [h["epoch"] for h in read_history(run, "segmentation")] == list(range(1, epochs + 1))
+    assert run.manifest("segmentation_full")["metrics"]["epochs"] == epochs + 1
+    same = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound_epochs": None})
+    assert stages.open_run(tmp_path / "run", same).fingerprint("segmentation_full") == \
+        stages.open_run(full.root, cfg0).fingerprint("segmentation_full")
+
+
 def test_a_new_stage_version_redoes_that_stage_and_says_why(finished):
     """A fix that changes a stage's outputs for the same parameters raises its version: finished runs redo
     it (and what follows), the stages before are kept, and the reason names the version."""

@@ -246,6 +246,9 @@ class SegmentationConfig:
     atrous_rates: tuple[int, int, int] = param((6, 12, 18), each(in_range(1, 100)), "ASPP rates (12/24/36 at stride 8)")
     crop_size: int = param(256, in_range(32, 2048))
     epochs: int = param(20, EPOCHS)
+    upper_bound_epochs: int | None = param(
+        None, optional(EPOCHS), "the bound's epochs when they differ from the weak segmenter's (real masks keep "
+        "teaching after pseudo masks stop: docs/QUALITY.md); null: `epochs`", neutral=None)
     batch_size: int = param(8, BATCH)
     lr: float = param(0.01, LR, "head learning rate; the encoder gets lr * backbone_lr_mult")
     backbone_lr_mult: float = param(0.1, LR_MULT)

@@ -118,8 +118,8 @@ def weak_training_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[t
     return rows
 
 
-def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) -> dict[str, Any]:
-    """Train (or, when its model exists, re-evaluate) the segmenter of `stage` on `pairs`."""
+def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str, epochs: int) -> dict[str, Any]:
+    """Train (or, when its model exists, re-evaluate) the segmenter of `stage` on `pairs` for `epochs`."""
     from ..data.transforms import JointTensors, joint_train_transform
     from ..models.segmenter import build_segmenter, load_segmenter, pixel_loss, save_segmenter
     from ..train import FitConfig, fit
@@ -143,7 +143,7 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str) ->
         keep_best = _BestKeeper(folder, s.checkpoint == "best")
         result = fit(model, train, pixel_loss, model.param_groups(s.lr, s.backbone_lr_mult, s.weight_decay),
                      s.optimizer, s.lr, s.weight_decay,
-                     FitConfig(epochs=s.epochs, batch_size=s.batch_size, seed=seed,
+                     FitConfig(epochs=epochs, batch_size=s.batch_size, seed=seed,
                                num_workers=runtime.loader_workers(s.num_workers, device), amp=s.amp,
                                eval_every=s.val_every, schedule=s.schedule, desc=desc,
                                drop_single_last=True),
@@ -215,12 +215,14 @@ def _headline(m: dict) -> str:
 
 @register("segmentation", "06_segmentation", sections=("seed", "segmentation"),
           upstream=("data", "label_filter", "pseudo_masks"), config=SegmentationConfig, notebook="06_segmentation.ipynb",
-          check=check_segmentation, headline=_headline, ignore=("segmentation.upper_bound",))
+          check=check_segmentation, headline=_headline,
+          ignore=("segmentation.upper_bound", "segmentation.upper_bound_epochs"))
 def segmentation_stage(cfg: Config, run: Run) -> StageResult:
     """DeepLabV3+ on the pseudo masks of the kept train images."""
     pairs = weak_training_pairs(cfg, run, read_kept_ids(run))
     ignored = {"ignored_share": round(pairs.ignored_share(), 5)} if isinstance(pairs, _AgreedPseudoMasks) else {}
-    metrics = {**train_segmenter(cfg, run, "segmentation", pairs, "segmenter"), **ignored}
+    metrics = {**train_segmenter(cfg, run, "segmentation", pairs, "segmenter",
+                                  cfg.segmentation.epochs), **ignored}
     return StageResult(metrics=metrics, paths={"model": str(model_path(run, "segmentation"))})
 
 
@@ -233,8 +235,9 @@ def segmentation_full_stage(cfg: Config, run: Run) -> StageResult:
         return StageResult(metrics={"enabled": False})
     ds = dataset(cfg)
     split = cfg.data.train_split
+    epochs = cfg.segmentation.upper_bound_epochs or cfg.segmentation.epochs
     metrics = train_segmenter(cfg, run, "segmentation_full", _MaskPairs(ds.masks(split), read_kept_ids(run)),
-                              "segmenter (real masks)")
+                              "segmenter (real masks)", epochs)
     return StageResult(metrics={"enabled": True, **metrics},
                        paths={"model": str(model_path(run, "segmentation_full"))})
 
