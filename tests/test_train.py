@@ -252,3 +252,15 @@ def test_history_plot_draws_only_the_evaluated_epochs():
     line = fig.axes[2].lines[0]
     assert list(line.get_xdata()) == [3, 5] and list(line.get_ydata()) == [0.3, 0.5]
     assert list(fig.axes[0].lines[0].get_xdata()) == [1, 2, 3, 4, 5]
+
+
+def test_evaluated_epochs_and_the_best_among_them():
+    from wsss_core.stages.segmentation import _BestKeeper
+    from wsss_core.train import evaluated
+
+    assert [e for e in range(1, 6) if evaluated(e, 5, 10)] == [5]  # N beyond the epochs: the last only
+    assert [e for e in range(1, 26) if evaluated(e, 25, 4)] == [4, 8, 12, 16, 20, 24, 25]
+    history = [{"epoch": e, **({"val_miou": v} if v is not None else {})}
+               for e, v in zip(range(1, 6), (None, 0.4, None, 0.3, 0.35))]
+    assert _BestKeeper.chosen(history, best=True) == 2  # the best evaluated epoch, not one without a score
+    assert _BestKeeper.chosen(history, best=False) == 5

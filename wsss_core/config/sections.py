@@ -261,8 +261,8 @@ class SegmentationConfig:
     checkpoint: Literal["last", "best"] = param(
         "last", doc="best: the epoch with the best val mIoU (a choice made on the val masks: report test numbers)")
     val_every: int = param(1, in_range(1, 10**6), "val mIoU after every N-th epoch and after the last (evaluation "
-                           "only: the weights and masks are the same for every N; checkpoint best picks among the "
-                           "evaluated epochs); about 2 s a time on msrc", neutral=1)
+                           "only: the weights are the same for every N, but a change retrains, since checkpoint "
+                           "best picks among the evaluated epochs); about 2 s a time on msrc", neutral=1)
     upper_bound: bool = param(False, doc="also train on the real masks of the same images (stage segmentation_full)")
     ignore_disagreement: bool = param(
         False, doc="the weak segmenter ignores (255) pixels where the walk's mask or the confident labels (where "
