@@ -2,7 +2,9 @@
 (06_segmentation_full): step 3's DeepLabV3+ (smp) trained on the pseudo masks
 of the kept train images, and, when `segmentation.upper_bound` is on, the same
 network, settings and images trained on the real masks: the fully supervised
-bound that says how close the weak labels come (weak / full).
+bound that says how close the weak labels come (weak / full). The bound may
+train longer (`segmentation.upper_bound_epochs`): exact masks keep teaching
+after pseudo masks stop.
 
 Recipe: pixel cross-entropy ignoring 255, SGD with the head at 10x the
 encoder's lr (backbone_lr_mult 0.1), poly schedule, joint image / mask
