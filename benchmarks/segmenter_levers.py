@@ -19,16 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from stage_costs import MSRC_PHOTOS as PHOTOS
 from stage_costs import load_photo
 
 LEVERS = ("contiguous", "channels-last", "channels-last + bfloat16")
-PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/msrc-voc/JPEGImages"
 
 
 def crops(n: int, size: int, mean: tuple, std: tuple, seed: int = 0) -> torch.Tensor:

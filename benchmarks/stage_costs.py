@@ -43,12 +43,15 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
+MSRC_PHOTOS = Path(__file__).resolve().parents[2] / "shared/data/msrc-voc/JPEGImages"  # the benchmarks' real photos
+
+
 def add_arguments(ap: argparse.ArgumentParser, default_config: str | None = None) -> None:
     """The options of the parameter file (required without a default), the photo, the
     classes, the training batch and the repeats."""
     ap.add_argument("--config", required=default_config is None, default=default_config)
     ap.add_argument("--size", type=int, nargs=2, default=[375, 500], metavar=("H", "W"))
-    ap.add_argument("--image", default=str(Path(__file__).resolve().parents[2] / "shared/data/msrc-voc/JPEGImages/10_10_s.jpg"),
+    ap.add_argument("--image", default=str(MSRC_PHOTOS / "10_10_s.jpg"),
                     help="a photo, resized to --size (default: an msrc photo)")
     ap.add_argument("--classes", type=int, default=2, help="labelled classes of the photo")
     ap.add_argument("--num-classes", type=int, default=21, help="classes of the dataset (with background)")
