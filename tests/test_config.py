@@ -161,7 +161,8 @@ def test_section_hash_tracks_only_its_sections():
     ("classifier", "recam_epochs", 4, 2, "output"), ("classifier", "recam_lr", 1e-3, 1e-4, "output"),
     ("cams", "head", "classifier", "recam", "output"), ("segmentation", "val_every", 1, 3, "output"),
     ("segmentation", "upper_bound_epochs", None, 25, "output"),
-    ("segmentation", "ignore_disagreement", False, True, "output")])
+    ("segmentation", "ignore_disagreement", False, True, "output"),
+    ("predict", "precision", "float32", "bfloat16", "output")])
 def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed(section, key, neutral, other,
                                                                                       kind):
     """cams.storage, boundary.stem_input, pseudo_masks.bg_power (and the eval-only sweep_bg_powers),

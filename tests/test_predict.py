@@ -67,6 +67,25 @@ def test_tta_logits_at_scales_other_than_one_by_hand(net):
     assert expected.abs().max() > 0.1  # a wrong divisor would not hide in near-zero logits
 
 
+def test_tta_logits_in_bfloat16_are_the_net_under_bfloat16_autocast(net):
+    """`precision: bfloat16`: each pass runs under bfloat16 autocast (computed here by hand: the image and its
+    mirror through the net under autocast, the mirror flipped back, averaged in float32); it differs from the
+    float32 logits by bfloat16 rounding only, and gives the same argmax on nearly every pixel."""
+    image = np.random.default_rng(3).integers(0, 255, (40, 52, 3), dtype=np.uint8)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in net.normalization)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.cat([x, x.flip(-1)])).float()
+    expected = (out[0] + out[1].flip(-1)) / 2
+    got = tta_logits(net, image, (1.0,), flip=True, precision="bfloat16")
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), float((got - expected).abs().max())
+    full = tta_logits(net, image, (1.0,), flip=True)
+    gap = float((got - full).abs().max())
+    assert 1e-3 < gap < 0.1 * float(full.abs().max()), gap  # bfloat16 rounding: present, and small
+    assert (got.argmax(0) == full.argmax(0)).float().mean() > 0.95
+
+
 @pytest.mark.parametrize("h, w", [(1, 5), (7, 3), (33, 47), (65, 17)])
 def test_odd_sizes_at_any_scale(net, h, w):
     image = np.random.default_rng(h * w).integers(0, 255, (h, w, 3), dtype=np.uint8)
@@ -275,6 +294,46 @@ def test_predictions_refined_by_a_dense_crf(ci_full_run, tmp_path):
     for sid in checked:
         np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(images.position(sid)).stem}.png")),
                                       art.read(run, sid))
+
+
+def test_predictions_in_bfloat16(ci_full_run, tmp_path):
+    """`predict.precision: bfloat16`: only predict is redone; each stored prediction is `segment` under bfloat16
+    autocast, and the scores are those of the stored files; `wsss predict` on new images uses it too."""
+    import shutil
+
+    from conftest import REPO
+    from wsss_core.artifacts import model_path
+    from wsss_core.config import load_config
+    from wsss_core.metrics import ConfusionMatrix
+    from wsss_core.models.segmenter import load_segmenter
+    from wsss_core.stages.predict import prediction_artifact
+
+    _, first = ci_full_run
+    shutil.copytree(first.root, tmp_path / "run")
+    cfg = load_config(REPO / "params" / "ci.yaml", {"predict.precision": "bfloat16"})
+    run = stages.open_run(tmp_path / "run", cfg)
+    assert run.is_done("segmentation_full") and not run.is_done("predict")
+    m = stages.run_stage("predict", cfg, run).metrics
+    assert m["precision"] == "bfloat16" and run.manifest("segmentation") == first.manifest("segmentation")
+    ds = stages.dataset(cfg)
+    images, masks = ds.labelled("val"), ds.masks("val")
+    art = prediction_artifact(cfg, "val")
+    net = load_segmenter(model_path(run, "segmentation"))
+    p = cfg.predict
+    cm, sids = ConfusionMatrix(ds.num_classes), ds.ids("val")
+    for sid in sids:
+        cm.update(art.read(run, sid), masks.mask(sid))
+    for sid in sids[:3]:
+        image = images.image(images.position(sid))
+        np.testing.assert_array_equal(art.read(run, sid), segment(net, image, p.tta_scales, p.tta_flip, "cpu",
+                                                                  p.max_side, None, "bfloat16"))
+    assert m["val_miou"] == pytest.approx(100 * cm.miou(), abs=0.005)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    shutil.copy(images.image_path(images.position(sids[0])), folder)
+    predict_folder(run.root, folder, out)
+    np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(images.position(sids[0])).stem}.png")),
+                                  art.read(run, sids[0]))
 
 
 def test_predict_with_the_bound_segments_as_the_run_did(ci_full_run, ci_run, tmp_path, capsys):

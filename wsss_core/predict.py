@@ -33,17 +33,20 @@ from .data.transforms import to_normalized_tensor
 
 @torch.inference_mode()
 def tta_logits(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-    """Averaged logits (C, H, W) of one HxWx3 uint8 image over scales (and flips)."""
+               device: torch.device | str = "cpu", precision: str = "float32") -> torch.Tensor:
+    """Averaged logits (C, H, W, float32) of one HxWx3 uint8 image over scales (and
+    flips); `precision` "bfloat16": the network runs under bfloat16 autocast."""
     mean, std = model.normalization
     x = to_normalized_tensor(image, mean, std)[None].to(device)
+    device_type = x.device.type
     h, w = image.shape[:2]
     total = None
     n = 0
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, size=scaled_size(h, w, s), mode="bilinear", align_corners=False)
         batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        out = model(batch).float()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            out = model(batch).float()
         if flip:
             out = torch.cat([out[:1], out[1:].flip(-1)])
         if out.shape[-2:] != (h, w):
@@ -55,17 +58,17 @@ def tta_logits(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float
 
 def segment(model: torch.nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = True,
             device: torch.device | str = "cpu", max_side: int | None = None,
-            crf: CrfConfig | None = None) -> np.ndarray:
+            crf: CrfConfig | None = None, precision: str = "float32") -> np.ndarray:
     """Class ids (H, W) uint8 of one image, with test-time augmentation; segmented
     at a long side of at most `max_side` pixels (None: at full size); with `crf`,
     refined by a dense CRF over the classes found (`crf.refined_prediction`), at
     the working size, so a large photo's memory stays bounded by that size."""
     h, w = image.shape[:2]
     if max_side is None or max(h, w) <= max_side:
-        labels = tta_logits(model, image, scales, flip, device).argmax(0).to(torch.uint8).cpu().numpy()
+        labels = tta_logits(model, image, scales, flip, device, precision).argmax(0).to(torch.uint8).cpu().numpy()
         return refined_prediction(image, labels, crf)
     small = working_image(image, max_side)
-    logits = tta_logits(model, small, scales, flip, device)
+    logits = tta_logits(model, small, scales, flip, device, precision)
     if crf is None:
         return upsampled_argmax(logits, (h, w))
     labels = refined_prediction(small, logits.argmax(0).to(torch.uint8).cpu().numpy(), crf)

@@ -289,6 +289,9 @@ class PredictConfig:
         None, optional(probability),
         "the predictions refined by a dense CRF (crf section's pairwise terms) over the classes each holds, "
         "trusting each label this much; null: the segmenter's argmax as it is", neutral=None)
+    precision: Literal["float32", "bfloat16"] = param(
+        "float32", doc="the segmenter's arithmetic: bfloat16 autocast is ~x1.9 faster on CPUs with AVX-512 BF16 (and "
+        "on CUDA), far slower on CPUs without it", neutral="float32")
     layout: Literal["voc", "lid"] = param("voc", doc="lid: the LID submission layout (one PNG per listed image)")
 
 

@@ -74,7 +74,7 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
     crf = with_label_trust(cfg.crf, p.crf_gt_prob)
     models = ["segmentation"] + (["segmentation_full"] if cfg.segmentation.upper_bound else [])
     metrics: dict[str, Any] = {"tta_scales": list(p.tta_scales), "tta_flip": p.tta_flip, "crf_gt_prob": p.crf_gt_prob,
-                               "splits": {}}
+                               "precision": p.precision, "splits": {}}
     miou: dict[str, dict[str, float | None]] = {"weak": {}, "full": {}}
     for which in models:
         net = load_segmenter(model_path(run, which), device)
@@ -87,7 +87,7 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
             def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
                 for sid in todo:
                     yield sid, segment(net, images.image(images.position(sid)), p.tta_scales, p.tta_flip, device,
-                                       p.max_side, crf)
+                                       p.max_side, crf, p.precision)
 
             def evaluate() -> dict[str, Any]:
                 if not ds.has_masks(split):
@@ -265,7 +265,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     with lock.hold("wsss predict"):
         check_free()  # again: another `wsss predict` may have written them and left since the first look
         for done, (p, t) in enumerate(progress(list(zip(good, targets)), desc="segmenting", disable=False)):
-            labels = segment(net, read_image(p), scales, flip, dev, cfg.predict.max_side, crf)
+            labels = segment(net, read_image(p), scales, flip, dev, cfg.predict.max_side, crf, cfg.predict.precision)
             try:
                 write_label_png(t, labels, layout, exclusive=not overwrite)
             except FileError as e:
