@@ -256,6 +256,23 @@ CASES = {
                                      ["={tmp}/inside-data/run: is inside the dataset folder {tmp}/inside-data; a run "
                                       "must not write into its data (choose another --run-dir)"]),
     "no image has a label": (_voc_no_labels, ["run"], ["no image of split 'train' has an image-level label"]),
+    # --- found by a probe of 30 new inputs (issue #36): sizes bounded, so validation stays quick
+    "a 10 MB parameter file": (lambda t: edited_ci(t, "huge", text="cams:\n  bg_thresholds: [" + "0.25, " * 2_000_000
+                                                   + "0.25]\n"), ["validate"],
+                               ["={cfg}: 12.0 MB; a parameter file is at most 256 kB (params/*.yaml are a few kB)"]),
+    "a list of 10,001 values": (lambda t: edited_ci(t, "long", text="cams:\n  scales: [1.0]\n  bg_thresholds:\n"
+                                                    + "  - 0.25\n" * 10_001), ["validate"],
+                                ["={cfg}: line 10004: a list of more than 10000 values; parameter lists hold at "
+                                 "most 10000"]),
+    "--set a list of 10,001 values": (lambda t: CI_YAML, ["validate", "--set",
+                                                          "cams.bg_thresholds=[" + "0.25," * 10_000 + "0.25]"],
+                                      ["=--set cams.bg_thresholds=[0.25,0.25,0.25,0.25,0.25,0.25,0.25,0.25... (50006 "
+                                       "characters): line 1: a list of more than 10000 values; parameter lists hold "
+                                       "at most 10000"]),
+    "a section with nothing under it": (lambda t: edited_ci(t, "bare", text=CI_YAML.read_text() + "predict:\n"),
+                                        ["validate"],
+                                        ["={cfg}: predict: the section is empty; give its keys (indented below "
+                                         "it) or delete the line"]),
 }
 
 if not torch.cuda.is_available():  # with a GPU, device: cuda is valid

@@ -214,6 +214,27 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(p)
 
 
+def test_list_parameters_are_bounded_however_they_arrive(tmp_path):
+    """10,000 values pass; one more is refused from a mapping (config_from_dict), from a file (at the line of
+    the 10,001st value, before the rest is read) and from a nested list of lists; a file over 256 kB is refused
+    before it is parsed."""
+    ok = config_from_dict({"cams": {"bg_thresholds": [0.25] * 10_000}})
+    assert len(ok.cams.bg_thresholds) == 10_000
+    with pytest.raises(ConfigError, match=r"^cams\.bg_thresholds: at most 10000 values, got 10001$"):
+        config_from_dict({"cams": {"bg_thresholds": [0.25] * 10_001}})
+    p = write(tmp_path, "cams:\n  bg_thresholds: [\n" + "0.25,\n" * 10_001 + "0.25]\n")
+    with pytest.raises(ConfigError, match=r": line 10003: a list of more than 10000 values"):
+        load_config(p)
+    p = write(tmp_path, "x: [[" + "1, " * 10_000 + "1], [1]]\n")
+    with pytest.raises(ConfigError, match=r": line 1: a list of more than 10000 values"):
+        load_config(p)
+    p = write(tmp_path, "name: demo\n" + "# padding\n" * 25_600)  # 256,011 bytes of comments
+    with pytest.raises(ConfigError, match=r": 0\.3 MB; a parameter file is at most 256 kB"):
+        load_config(p)
+    p.write_text("name: demo\n" + "# padding\n" * 25_000)  # 250,011 bytes: read
+    assert load_config(p).name == "demo"
+
+
 def test_unknown_backbone_and_missing_weights_fail_at_load(tmp_path):
     p = write(tmp_path, "classifier:\n  backbone: resnet5O\n")
     with pytest.raises(ConfigError, match=r"classifier\.backbone: must be one of"):

@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping
 
 
 from .fields import ConfigError
-from .parsing import parse_yaml
+from .parsing import MAX_FILE_BYTES, MAX_LIST_VALUES, parse_yaml
 from .sections import Config, config_class
 from .values import dump_config, flow_yaml, plain
 
@@ -58,6 +58,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type, or raise ConfigError(key)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:
+            raise ConfigError(f"{key}: the section is empty; give its keys (indented below it) or delete the line")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: must be a mapping (section), got {type(value).__name__}")
         return _build(tp, value, key)
@@ -81,6 +83,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: must be a {_type_name(tp)}, got {value!r}")
+        if len(value) > MAX_LIST_VALUES:
+            raise ConfigError(f"{key}: at most {MAX_LIST_VALUES} values, got {len(value)}")
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
@@ -242,6 +246,10 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
             raise ConfigError(f"{path}: not a regular file (a FIFO or device); save the parameters to a file")
         raise ConfigError(f"{path}: parameter file not found")
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{path}: {size / 1e6:.1f} MB; a parameter file is at most {MAX_FILE_BYTES // 1000} kB "
+                              "(params/*.yaml are a few kB)")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (a parameter file is UTF-8 YAML)") from None
