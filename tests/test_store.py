@@ -1,6 +1,7 @@
 """Run store: atomic files, manifests, skip-if-done, refusal on stale upstream,
 and a stage killed midway leaving no half file behind."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -259,3 +260,51 @@ def test_a_killed_process_not_yet_reaped_holds_no_lock():
     assert process_alive(os.getpid(), socket.gethostname())
     child.wait()
     assert not process_alive(child.pid, socket.gethostname())
+
+
+def test_two_takers_that_find_a_dead_holder_do_not_both_take_the_lock(tmp_path, monkeypatch):
+    """The probe's race: A and B both read the lock of a dead process; before, A replaced it, then B deleted
+    A's fresh lock and linked its own, and both worked on the folder. Forced here: each taker waits, after
+    finding the holder dead, until the other has looked too (or 2 s). Exactly one holds; the other is told
+    who; the lock is gone once the holder is done."""
+    import socket
+    import threading
+    import time
+
+    from wsss_core.store import lock as lock_module
+    from wsss_core.store.lock import FolderLock, RunLockedError
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".wsss.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                     "token": "old", "started": "then", "command": "wsss run"}))
+    both_looked = threading.Barrier(2)
+    real = lock_module.process_alive
+
+    def alive(pid, host):
+        answer = real(pid, host)
+        if pid == dead.pid:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_looked.wait(timeout=2)
+        return answer
+
+    monkeypatch.setattr(lock_module, "process_alive", alive)
+    holders, refused = [], []
+
+    def take(name):
+        try:
+            with FolderLock(tmp_path).hold(name):
+                holders.append(name)
+                time.sleep(0.5)  # the other taker acts meanwhile
+        except RunLockedError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(holders) == 1, holders
+    assert len(refused) == 1 and f"in use by pid {os.getpid()}" in refused[0] and f"({holders[0]})" in refused[0]
+    assert not (tmp_path / ".wsss.lock").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no private lock files left either

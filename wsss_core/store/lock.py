@@ -3,8 +3,10 @@
 The lock appears complete or not at all: it is written to a private file and
 hard-linked into place (`link` fails atomically when the lock exists, so two
 processes cannot both take it). A lock left by a dead process is taken over
-with a message; a live holder makes `FolderLock.hold` raise RunLockedError
-naming its pid. Child processes that carry the holder's token in
+with a message, under an OS lock on the folder (`fcntl.flock`), so of two
+processes that both find the dead holder only one replaces its lock (the other
+then finds the new holder alive); a live holder makes `FolderLock.hold` raise
+RunLockedError naming its pid. Child processes that carry the holder's token in
 $WSSS_LOCK_TOKEN (the notebooks of `wsss run`) share the lock.
 """
 
@@ -102,21 +104,45 @@ class FolderLock:
                     self.path.unlink()
 
     def _link(self, mine: Path) -> None:
-        """Link our lock file into place; take over a lock whose process is gone."""
-        for _ in range(3):
-            with file_errors(self.folder, "writing"):
-                try:
-                    os.link(mine, self.path)
-                    return
-                except FileExistsError:
-                    pass
-            held = self.read()  # complete by construction (linked), or gone
-            self.refuse_if_held(held)
-            print(f"[wsss] {self.folder}: taking over the lock left by pid {held.get('pid') if held else '?'} "
-                  "(no longer running)", flush=True)
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        """Link our lock file into place; take over a lock whose process is gone (only under the folder's
+        take-over guard, and only the lock read as dead under it: no other taker can have replaced it)."""
+        with file_errors(self.folder, "writing"):
+            if self._try_link(mine):
+                return
+            with self._takeover_guard():
+                for _ in range(100):  # each turn: the lock went away (link again) or is dead (replace it)
+                    held = self.read()  # complete by construction (linked), or gone
+                    self.refuse_if_held(held)
+                    if held is not None:
+                        print(f"[wsss] {self.folder}: taking over the lock left by pid {held.get('pid')} "
+                              "(no longer running)", flush=True)
+                        with contextlib.suppress(FileNotFoundError):
+                            self.path.unlink()
+                    if self._try_link(mine):
+                        return
         raise RunLockedError(f"{self.folder}: could not take the lock {self.path}")
+
+    def _try_link(self, mine: Path) -> bool:
+        try:
+            os.link(mine, self.path)
+            return True
+        except FileExistsError:
+            return False
+
+    @contextlib.contextmanager
+    def _takeover_guard(self) -> Iterator[None]:
+        """An exclusive OS lock on the folder itself (released by the kernel if this process dies)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: the hard link alone
+            yield
+            return
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def refuse_if_held(self, held: dict[str, Any] | None = None) -> None:
         """Raise RunLockedError naming the holder if a live process holds the lock (`held`: as read, or read now);
