@@ -5,6 +5,7 @@ exactly as it was; plus the run lock, data edits, Ctrl-C and file modes."""
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -195,6 +196,9 @@ CASES = {
     "unknown --from": (lambda t: CI_YAML, ["run", "--from", "nope"], ["--from nope: unknown stage"]),
     "--from after --to": (lambda t: CI_YAML, ["run", "--from", "crf", "--to", "data"], ["--from crf comes after --to data"]),
     "unknown --force": (lambda t: CI_YAML, ["run", "--force", "nope"], ["--force nope: unknown stage"]),
+    "--force outside --from / --to": (lambda t: CI_YAML, ["run", "--from", "cams", "--to", "crf", "--force", "predict"],
+                                      ["=--force predict: not among the stages this run does (cams .. crf); widen "
+                                       "--from / --to or drop it"]),
     "stale upstream (stage)": (lambda t: CI_YAML, ["stage", "cams", "--set", "classifier.lr=0.01"],
                                ["refuses to run on stale inputs", "classifier.lr: 0.001 -> 0.01"]),
     "stale upstream (run)": (lambda t: CI_YAML, ["run", "--from", "cams", "--to", "cams", "--set", "classifier.lr=1e-2"],
@@ -247,6 +251,14 @@ CASES = {
                                  ["=--set cams={scales: [2.0]}: is a section; set its keys one by one "
                                   "(e.g. cams.<key>=...), so the file's other values stay"]),
     "empty --run-dir": (lambda t: CI_YAML, ["run", "--run-dir", ""], ["=--run-dir: empty path"]),
+    "a stage folder that is a file (run)": (lambda t: _file(_folder(t / "r") / "03_crf") and CI_YAML,
+                                            ["run", "--run-dir", "{tmp}/r"],
+                                            ["={tmp}/r/03_crf: is a file, not a folder; a run keeps 03_crf's outputs "
+                                             "there (move it away)"]),
+    "a stage folder that is a file (stage)": (lambda t: _file(_folder(t / "r") / "07_predict") and CI_YAML,
+                                              ["stage", "data", "--run-dir", "{tmp}/r"],
+                                              ["={tmp}/r/07_predict: is a file, not a folder; a run keeps "
+                                               "07_predict's outputs there (move it away)"]),
     "--run-dir a folder that is not a run": (lambda t: _file(_folder(t / "mine") / "notes.txt") and CI_YAML,
                                              ["stage", "data", "--run-dir", "{tmp}/mine"],
                                              ["={tmp}/mine: is not a run folder and not empty (no config.yaml or "
@@ -333,6 +345,20 @@ def test_exit_codes_and_messages_through_a_process(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     with pytest.raises(StaleUpstreamError):  # --debug: the exception itself, with its traceback
         cli.main(["stage", "cams", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "r"), "--debug"])
+
+
+@pytest.mark.parametrize("command", [["{bin}/wsss"], ["{python}", "-m", "wsss_core.cli"]])
+def test_a_deleted_working_folder_is_one_line(command, tmp_path):
+    """The probe's case: the shell's folder deleted under it; torch's import would die in oneMKL
+    ("Cannot load libtorch_cpu.so"); the command says what is wrong instead."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    argv = " ".join(shlex.quote(a.format(bin=Path(sys.executable).parent, python=sys.executable)) for a in command)
+    r = subprocess.run(["sh", "-c", f"cd {shlex.quote(str(gone))} && rmdir {shlex.quote(str(gone))} && exec {argv} "
+                        f"validate --config {shlex.quote(str(CI_YAML))}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == ["wsss: error: the current folder no longer exists (deleted or moved); cd to an "
+                                     "existing folder and rerun"]
 
 
 def test_scientific_notation_in_yaml_and_set(tmp_path):

@@ -277,6 +277,10 @@ def run_pipeline(
     unknown = [s for s in force if s not in STAGES]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: unknown stage; stages: {', '.join(STAGES)}")
+    outside = [s for s in force if s not in stages]
+    if outside:
+        raise ConfigError(f"--force {outside[0]}: not among the stages this run does ({stages[0]} .. {stages[-1]}); "
+                          "widen --from / --to or drop it")
     runtime.check_device(cfg.device)
     run = open_run(run_dir, cfg)
     run.check_folder()

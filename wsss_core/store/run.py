@@ -84,6 +84,11 @@ class Run:
         process may write in (`write=False`: only that no file is in the way).
         Creates nothing."""
         check_writable_folder(self.root, "the run folder", write)
+        for folder in [*(s.folder for s in self.specs.values()), "notebooks"]:
+            path = self.root / folder
+            if os.path.lexists(path) and not path.is_dir():
+                what = "a file, not a folder" if path.is_file() else "not a folder (a broken link or a special file)"
+                raise FileError(f"{path}: is {what}; a run keeps {folder}'s outputs there (move it away)")
         if not write:
             return
         data_root = getattr(getattr(self.cfg, "data", None), "root", None)
