@@ -633,7 +633,7 @@ def test_two_predicts_into_one_folder_one_refuses_and_no_mask_is_lost(ci_full_ru
 def test_predict_into_a_folder_another_predict_is_writing_says_in_use(ci_full_run, tmp_path, capsys):
     """Half its masks written and its lock held by a live process: the answer names that process (not "1 output
     file(s) exist", which invites --overwrite), and nothing is touched."""
-    from wsss_core.stages.predict import PREDICT_LOCK
+    from wsss_core.predict_folder import PREDICT_LOCK
 
     _, run = ci_full_run
     photos = _photos(tmp_path / "photos", 2)

@@ -13,7 +13,7 @@ from wsss_core.config import CrfConfig
 from wsss_core.crf import refined_prediction
 from wsss_core.models.segmenter import build_segmenter
 from wsss_core.predict import segment, tta_logits, upsampled_argmax, working_image
-from wsss_core.stages.predict import predict_folder
+from wsss_core.predict_folder import predict_folder
 from wsss_core.models.segmenter import pixel_loss
 
 

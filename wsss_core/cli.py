@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace) -> None:
         write_text(out, comparison_html(c))
         print(f"[wsss] comparison: {out}")
     elif args.command == "predict":
-        from .stages.predict import predict_folder
+        from .predict_folder import predict_folder
 
         written = predict_folder(args.run, args.images, args.out, tta=args.tta, skip_bad=args.skip_bad,
                                  overwrite=args.overwrite, layout=args.layout, model=args.model)

@@ -1,5 +1,5 @@
 """Segmenting one image with a trained segmenter, with test-time augmentation
-(the folder command `wsss predict` is `stages.predict.predict_folder`).
+(the folder command `wsss predict` is `predict_folder.predict_folder`).
 
 TTA (the reference: scales 0.5 / 1 / 2 with flips): the normalised image is
 resized bilinearly to round(H s) x round(W s) for each scale, it and its

@@ -12,6 +12,7 @@ import numpy as np
 from .. import runtime
 from ..artifacts import IR_LABELS, model_path, read_kept_ids
 from ..config import BoundaryConfig, Config, ConfigError
+from ..data.pairs import ImagesWithLabels
 from ..evaluate import boundary_scores
 from ..store import Run, StageResult, read_json, write_json
 from .inputs import dataset
@@ -23,23 +24,6 @@ def check_boundary(cfg: Config, ds: Any) -> None:
     if cfg.cams.split != cfg.data.train_split:
         raise ConfigError(f"cams.split: the second half (boundary, pseudo masks) works on the train images; "
                           f"cams.split is {cfg.cams.split!r}, data.train_split {cfg.data.train_split!r}")
-
-
-class ImagesWithLabels:
-    """(image, label map) pairs of the given ids, the labels read from a per-image artifact."""
-
-    def __init__(self, images: Any, ids: list[str], run: Run, artifact: Any = IR_LABELS):
-        self.images, self.ids, self.run, self.artifact = images, list(ids), run, artifact
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def labels(self, sid: str) -> np.ndarray:
-        return self.artifact.read(self.run, sid)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        sid = self.ids[i]
-        return self.images.image(self.images.position(sid)), self.labels(sid)
 
 
 def _headline(m: dict) -> str:
@@ -72,7 +56,8 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
         runtime.seed_everything(seed)  # the branch's initialisation is part of the run
         model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride), stem_input=b.stem_input)
         mean, std = model.normalization
-        pairs = ImagesWithLabels(ds.labelled(cfg.data.train_split), read_kept_ids(run), run)
+        pairs = ImagesWithLabels(ds.labelled(cfg.data.train_split), read_kept_ids(run),
+                                 lambda sid: IR_LABELS.read(run, sid))
         train = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), seed,
                              target=AffinityTargets(b.radius))
         result = fit(model, train, affinity_training_loss(b.radius), model.param_groups(b.lr, b.weight_decay),

@@ -24,11 +24,11 @@ import numpy as np
 from .. import runtime
 from ..artifacts import IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_kept_ids
 from ..config import Config, ConfigError, SegmentationConfig
+from ..data.pairs import ImagesWithLabels
 from ..metrics import ConfusionMatrix, segmentation_scores
 from ..store import Run, StageResult, read_json, read_torch, save_torch, write_json
 from .inputs import check_split, dataset
 from .registry import register
-from .boundary import ImagesWithLabels
 
 if TYPE_CHECKING:
     import torch
@@ -75,8 +75,8 @@ class _AgreedPseudoMasks(ImagesWithLabels):
     disagree with the pseudo mask (`segmentation.ignore_disagreement`)."""
 
     def __init__(self, images: Any, ids: list[str], run: Run, refined: bool):
-        super().__init__(images, ids, run, PSEUDO_MASKS)
-        self.refined = refined
+        super().__init__(images, ids, lambda sid: PSEUDO_MASKS.read(run, sid))
+        self.run, self.refined = run, refined
 
     def labels(self, sid: str) -> np.ndarray:
         from ..random_walk import agreed_labels
@@ -106,7 +106,7 @@ def weak_training_pairs(cfg: Config, run: Run, ids: list[str]) -> ImagesWithLabe
     images = dataset(cfg).labelled(cfg.data.train_split)
     if cfg.segmentation.ignore_disagreement:
         return _AgreedPseudoMasks(images, ids, run, cfg.pseudo_masks.crf_gt_prob is not None)
-    return ImagesWithLabels(images, ids, run, PSEUDO_MASKS)
+    return ImagesWithLabels(images, ids, lambda sid: PSEUDO_MASKS.read(run, sid))
 
 
 def weak_training_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
