@@ -29,6 +29,8 @@ from .sections import (
     Weights,
     add_section,
     config_class,
+    kept_sections,
+    ordered_sections,
 )
 from .values import (
     cache_root,
@@ -48,7 +50,7 @@ from .values import (
 __all__ = [
     "KINDS", "SECTIONS", "AugmentConfig", "BoundaryConfig", "CamsConfig", "ClassifierConfig", "Config", "ConfigError",
     "CrfConfig", "DataConfig", "LabelFilterConfig", "LidConfig", "PredictConfig", "PseudoMasksConfig",
-    "SegmentationConfig", "SyntheticConfig", "Weights", "add_section", "apply_overrides", "cache_root",
+    "SegmentationConfig", "SyntheticConfig", "Weights", "add_section", "apply_overrides", "kept_sections", "ordered_sections", "cache_root",
     "config_class", "config_from_dict", "config_to_dict", "dump_config", "field_kind", "flow_yaml", "kind_of", "load_config", "param",
     "parse_override_value", "parse_yaml", "plain", "section_hash", "seed_keys", "section_values", "subsection", "values_of_kind",
     "with_neutral",

@@ -9,10 +9,11 @@ and kinds: `fields`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from .fields import (
     BATCH, COUNT, EPOCHS, LR, LR_MULT, OUTPUT_STRIDE, PIXELS, SCALE, SEED, WEIGHT, WEIGHT_DECAY, WORKERS, all_of,
@@ -313,26 +314,47 @@ class Config:
         return self.seed if own is None else int(own)
 
 
-SECTIONS: dict[str, type] = {}  # section name -> dataclass, in pipeline order (filled by the stage registry)
+SECTIONS: dict[str, type] = {}  # section name -> dataclass, in declaration order (the stage registry declares them)
+_ORDER: dict[str, str] = {}  # section name -> its sort key (the declaring stage's folder: the pipeline order)
 
 
-def add_section(name: str, cls: type) -> None:
-    """Declare the config section `name` (a frozen dataclass of parameters)."""
+def add_section(name: str, cls: type, order: str = "") -> None:
+    """Declare the config section `name` (a frozen dataclass of parameters); `order`: where it goes in
+    `Config` and in a run's config.yaml (a stage's folder, "03_crf"; "" after every keyed section)."""
     if name in {f.name for f in dataclasses.fields(Config)}:
         raise ValueError(f"config section {name!r}: the name of a top-level parameter")
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"config section {name!r}: {cls!r} is not a dataclass")
     SECTIONS[name] = cls
+    _ORDER[name] = order
+
+
+def ordered_sections() -> list[tuple[str, type]]:
+    """The declared sections by their `order` key (ties, and sections without one, in declaration order)."""
+    return sorted(SECTIONS.items(), key=lambda kv: (_ORDER[kv[0]] == "", _ORDER[kv[0]]))
+
+
+@contextlib.contextmanager
+def kept_sections() -> Iterator[None]:
+    """Sections declared inside (tests' scratch stages) are forgotten after."""
+    sections, order = dict(SECTIONS), dict(_ORDER)
+    try:
+        yield
+    finally:
+        SECTIONS.clear()
+        SECTIONS.update(sections)
+        _ORDER.clear()
+        _ORDER.update(order)
 
 
 _COMPOSED: dict[tuple, type] = {}
 
 
 def config_class() -> type:
-    """`Config` with a field per declared section, in declaration (pipeline) order."""
-    key = tuple(SECTIONS.items())
+    """`Config` with a field per declared section, in pipeline order (`ordered_sections`)."""
+    key = tuple(ordered_sections())
     if key not in _COMPOSED:
         _COMPOSED[key] = dataclasses.make_dataclass(
-            "Config", [(name, cls, subsection(cls)) for name, cls in SECTIONS.items()], bases=(Config,), frozen=True,
+            "Config", [(name, cls, subsection(cls)) for name, cls in key], bases=(Config,), frozen=True,
             namespace={"__doc__": Config.__doc__, "__module__": __name__})
     return _COMPOSED[key]

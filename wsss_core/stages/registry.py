@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..config import ConfigError, add_section
-from ..config import sections as _config_sections
+from ..config import SECTIONS, ConfigError, add_section, kept_sections
 from ..store import StageSpec, UnknownStageError
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ def register(name: str, folder: str, sections: tuple[str, ...], upstream: tuple[
 
     def deco(fn: StageFn) -> StageFn:
         if config is not None:
-            add_section(name, config)
+            add_section(name, config, order=folder)
         spec = StageSpec(name, folder, tuple(sections), upstream, content, explain_content,  # type: ignore[arg-type]
                          tuple(ignore), reads_metrics, version)  # type: ignore[arg-type]
         STAGES[name] = Stage(spec, fn, notebook, check, headline, after_notebook, summary)
@@ -100,10 +99,6 @@ def _order() -> None:
             if u in STAGES and names.index(u) > k:
                 raise ValueError(f"stage {s.name!r} ({s.spec.folder}) comes before its upstream stage {u!r} "
                                  f"({STAGES[u].spec.folder}): number the folders in pipeline order")
-    sections = [(n, _config_sections.SECTIONS[n]) for n in STAGES if n in _config_sections.SECTIONS]
-    others = [(n, c) for n, c in _config_sections.SECTIONS.items() if n not in STAGES]
-    _config_sections.SECTIONS.clear()
-    _config_sections.SECTIONS.update(sections + others)
 
 
 def specs() -> dict[str, StageSpec]:
@@ -140,7 +135,7 @@ def stage_table() -> str:
         s = STAGES[name]
         module = s.fn.__module__.removeprefix("wsss_core.").replace(".", "/") + ".py"
         notebook = f"`{Path(s.notebook).stem}`" if s.notebook else "-"
-        section = f"`{name}`" if name in _config_sections.SECTIONS else "-"
+        section = f"`{name}`" if name in SECTIONS else "-"
         doc = (s.fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
         rows.append(f"| {name} | `{spec.folder}` | `{module}` | {notebook} | {section} | "
                     f"{', '.join(spec.upstream) or '-'} | {' '.join(doc.split())} |")
@@ -179,11 +174,10 @@ def check_discovered() -> None:
 @contextlib.contextmanager
 def scratch() -> Iterator[None]:
     """Register stages for a while (tests): the registry and the config sections are restored after."""
-    stages, sections = dict(STAGES), dict(_config_sections.SECTIONS)
-    try:
-        yield
-    finally:
-        STAGES.clear()
-        STAGES.update(stages)
-        _config_sections.SECTIONS.clear()
-        _config_sections.SECTIONS.update(sections)
+    stages = dict(STAGES)
+    with kept_sections():
+        try:
+            yield
+        finally:
+            STAGES.clear()
+            STAGES.update(stages)
