@@ -51,11 +51,14 @@ def train(out_dir, epochs=3, stop=None, lr=0.05, weights=None, loss=bce):
     return model, res
 
 
-def test_training_reduces_loss_and_writes_history(tmp_path):
+def test_training_reduces_loss_and_keeps_its_history_in_the_checkpoint(tmp_path):
+    from wsss_core.store import read_torch
+
     model, res = train(tmp_path, epochs=4)
     losses = [h["loss"] for h in res.history]
     assert losses[-1] < losses[0]
-    assert (tmp_path / "history.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
+    assert read_torch(tmp_path / "checkpoint.pt", "checkpoint")["history"] == res.history
+    assert not (tmp_path / "history.json").exists()  # the stage's to write (trained.fit_or_load), once
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
     # step schedule, step_size 1, gamma 0.5: lr halves each epoch
     assert [round(h["lr"][0], 6) for h in res.history] == [0.025, 0.0125, 0.00625, 0.003125]

@@ -15,7 +15,19 @@ format is written and read in exactly one place:
 | predictions | 07_predict/<split>/<id>.png | predictions(split) |
 | scores kept per image | <stage>/scores/<key>.npz | write_scores / read_scores / scores_of (ImageScores) |
 | a stage's typed result | <stage>/result.json | write_result / read_result (the stage's dataclass) |
-| models | <stage>/model.pt | model_path(run, stage) |
+| models | <stage>/model.pt | model_path(run, stage) (saved and loaded by the model's module) |
+| training history | <stage>/history.json | write_history / read_history (one record per epoch) |
+| how a model was fit | <stage>/fit.json | write_fit_info / read_fit_info (checksums per process, resume epoch) |
+| samples each process saw | <stage>/samples_per_rank.json | write_samples_per_rank (torchrun only) |
+| best-epoch weights | <stage>/best.pt | write_best_weights / read_best_weights (checkpoint: best) |
+| the dataset's summary | 00_data/summary.json | write_data_summary / read_data_summary |
+| the report | 08_report/report.json, report.html | write_report / read_report, write_report_html |
+| a per-image loop's speed | <stage>/throughput_<subdir>.json | add_throughput (images and seconds, resumes added) |
+
+A model file's format belongs to its model's module (`save_segmenter` /
+`load_segmenter`, ...), written at `model_path`; the fit loop's
+`checkpoint.pt` (its resume state) to `train.py`; manifests, the run's
+config and executed notebooks to `store/` and `pipeline.py`.
 
 Ground-truth masks are not artifacts: only evaluation code reads them
 (`Dataset.masks`).
@@ -32,7 +44,8 @@ import numpy as np
 
 from .data.ids import path_inside
 from .store import (
-    FileError, Run, StaleUpstreamError, file_errors, read_json, read_npz, save_npz, save_png, write_json, write_text,
+    FileError, Run, StaleUpstreamError, file_errors, read_json, read_npz, read_torch, save_npz, save_png, save_torch,
+    write_json, write_text,
 )
 
 T = TypeVar("T")
@@ -160,7 +173,7 @@ def predictions(split: str, layout: str = "voc") -> LabelMaps:
 
 # --------------------------------------------------------------------------- label filter
 def write_kept_ids(run: Run, ids: Sequence[str]) -> Path:
-    return write_text(run.path("label_filter") / "kept.txt", "".join(f"{i}\n" for i in ids))
+    return write_text(run.make_folder("label_filter") / "kept.txt", "".join(f"{i}\n" for i in ids))
 
 
 def read_kept_ids(run: Run) -> list[str]:
@@ -185,7 +198,7 @@ def write_filter_scores(run: Run, table: dict[str, np.ndarray]) -> Path:
     for i, sid in enumerate(table["ids"]):
         rows.append(f"{sid},{table['score'][i]:.5f},{int(table['labelled'][i])},{int(table['dropped_by_filter'][i])},"
                     f"{int(table['dropped_excluded'][i])},{int(table['kept'][i])}")
-    return write_text(run.path("label_filter") / "scores.csv", "\n".join(rows) + "\n")
+    return write_text(run.make_folder("label_filter") / "scores.csv", "\n".join(rows) + "\n")
 
 
 def read_filter_scores(run: Run) -> dict[str, np.ndarray]:
@@ -211,7 +224,7 @@ def read_filter_scores(run: Run) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- classifier scores
 def write_val_scores(run: Run, scores: np.ndarray, ids: Sequence[str], labels: np.ndarray) -> Path:
     """01_classifier/val_scores.npz: sigmoid scores and labels (N, K) in head order."""
-    return save_npz(run.path("classifier") / "val_scores.npz", scores=scores, ids=np.array(ids), labels=labels)
+    return save_npz(run.make_folder("classifier") / "val_scores.npz", scores=scores, ids=np.array(ids), labels=labels)
 
 
 def read_val_scores(run: Run) -> dict[str, np.ndarray]:
@@ -221,7 +234,7 @@ def read_val_scores(run: Run) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- scores and results
 def write_scores(run: Run, stage: str, key: str, scores: Any) -> Path:
     """<stage>/scores/<key>.npz: an evaluation kept per image (`metrics.ImageScores`)."""
-    return save_npz(run.path(stage) / "scores" / f"{key}.npz", **scores.arrays())
+    return save_npz(run.make_folder(stage) / "scores" / f"{key}.npz", **scores.arrays())
 
 
 def read_scores(run: Run, stage: str, key: str) -> Any:
@@ -246,7 +259,7 @@ class MissingResultError(StaleUpstreamError):
 
 def write_result(run: Run, stage: str, result: Any) -> Path:
     """<stage>/result.json: the stage's typed result (a dataclass of plain values)."""
-    return write_json(run.path(stage) / "result.json", dataclasses.asdict(result))
+    return write_json(run.make_folder(stage) / "result.json", dataclasses.asdict(result))
 
 
 def read_result(run: Run, stage: str, cls: type[T]) -> T:
@@ -264,10 +277,86 @@ def read_result(run: Run, stage: str, cls: type[T]) -> T:
 
 
 # --------------------------------------------------------------------------- models
+def history_path(run: Run, stage: str) -> Path:
+    return run.folder(stage) / "history.json"
+
+
 def read_history(run: Run, stage: str) -> list[dict[str, Any]] | None:
-    """The fit loop's history.json of a training stage (None before it trained)."""
-    p = run.folder(stage) / "history.json"
+    """A training stage's history.json, one record per epoch (None before it trained)."""
+    p = history_path(run, stage)
     return read_json(p) if p.is_file() else None
+
+
+def write_history(run: Run, stage: str, history: list[dict[str, Any]]) -> Path:
+    return write_json(run.make_folder(stage) / "history.json", history)
+
+
+def read_fit_info(run: Run, stage: str) -> dict[str, Any]:
+    """How a stage's model was fit (`param_checksums` per process, `resumed_from`); {} for a model trained
+    before fit.json existed."""
+    p = run.folder(stage) / "fit.json"
+    return read_json(p) if p.is_file() else {}
+
+
+def write_fit_info(run: Run, stage: str, info: dict[str, Any]) -> Path:
+    return write_json(run.make_folder(stage) / "fit.json", info)
+
+
+def write_samples_per_rank(run: Run, stage: str, samples: list[list[int]]) -> Path:
+    """The sample indices each torchrun process trained on (a check that DDP shared the data out)."""
+    return write_json(run.make_folder(stage) / "samples_per_rank.json", samples)
+
+
+def read_best_weights(run: Run, stage: str) -> tuple[float, dict[str, Any]] | None:
+    """(val mIoU, state dict) of the best epoch so far (checkpoint: best), or None. A best.pt written before
+    it held its score (a bare state dict) is read with the score -1: the next evaluated epoch decides."""
+    p = run.folder(stage) / "best.pt"
+    if not p.is_file():
+        return None
+    data = read_torch(p, "best-epoch weights")
+    if isinstance(data, dict) and set(data) == {"val_miou", "state_dict"}:
+        return float(data["val_miou"]), data["state_dict"]
+    return -1.0, data
+
+
+def write_best_weights(run: Run, stage: str, val_miou: float, state_dict: dict[str, Any]) -> Path:
+    return save_torch(run.make_folder(stage) / "best.pt", {"val_miou": float(val_miou), "state_dict": state_dict})
+
+
+def write_data_summary(run: Run, summary: dict[str, Any]) -> Path:
+    return write_json(run.make_folder("data") / "summary.json", summary)
+
+
+def read_data_summary(run: Run) -> dict[str, Any]:
+    """The data stage's summary (format, classes, per-split counts, the validation report)."""
+    return read_json(run.folder("data") / "summary.json")
+
+
+REPORT_HTML = "report.html"  # in the run folder: what a reader opens first
+
+
+def write_report(run: Run, report: dict[str, Any]) -> Path:
+    return write_json(run.make_folder("report") / "report.json", report)
+
+
+def read_report(run: Run) -> dict[str, Any] | None:
+    """The report stage's report.json (None before the stage ran)."""
+    p = run.folder("report") / "report.json"
+    return read_json(p) if p.is_file() else None
+
+
+def write_report_html(run: Run, html: str) -> Path:
+    return write_text(run.root / REPORT_HTML, html)
+
+
+def add_throughput(run: Run, stage: str, subdir: str, computed: int, seconds: float) -> float | None:
+    """Images per second of a per-image loop over every attempt that computed images (resumes add up)."""
+    path = run.folder(stage) / f"throughput_{subdir.replace('/', '_')}.json"
+    total = read_json(path) if path.is_file() else {"images": 0, "seconds": 0.0}
+    if computed:
+        total = {"images": total["images"] + computed, "seconds": total["seconds"] + seconds}
+        write_json(path, total)
+    return round(total["images"] / total["seconds"], 3) if total["seconds"] > 0 else None
 
 
 def model_path(run: Run, stage: str) -> Path:

@@ -73,10 +73,11 @@ def drop_decisions(scores: np.ndarray, labelled: np.ndarray, threshold: float) -
     return (~np.asarray(labelled, bool)) & ((1.0 - np.asarray(scores)) < threshold)
 
 
-def filter_train_images(cfg: Config, ds: Dataset, out_dir: Path, device: torch.device) -> tuple[dict, dict]:
+def filter_train_images(cfg: Config, ds: Dataset, out_dir: Path,
+                        device: torch.device) -> tuple[dict, dict, list[dict[str, Any]]]:
     """Decide which train images later stages may use.
 
-    Returns (table, metrics): table has one entry per train image (ids, score,
+    Returns (table, metrics, the filter classifier's history): table has one entry per train image (ids, score,
     labelled, dropped_by_filter, dropped_excluded, kept), as `artifacts.write_filter_scores`
     stores it. The filter's checkpoint goes to `out_dir`.
     """
@@ -89,6 +90,7 @@ def filter_train_images(cfg: Config, ds: Dataset, out_dir: Path, device: torch.d
     scores = np.full(len(images), np.nan)
     drop_filter = np.zeros(len(images), bool)
     metrics: dict[str, Any] = {"enabled": lf.enabled, "images": len(images)}
+    history: list[dict[str, Any]] = []
     if lf.enabled:
         check_label_filter_params(cfg, ds)
         col = ds.classes.index(lf.class_name) - 1
@@ -113,7 +115,7 @@ def filter_train_images(cfg: Config, ds: Dataset, out_dir: Path, device: torch.d
     labelled = y[:, ds.classes.index(lf.class_name) - 1] if lf.class_name in ds.classes[1:] else np.zeros(len(y), bool)
     table = {"ids": np.array(images.ids), "score": scores, "labelled": labelled,
              "dropped_by_filter": drop_filter, "dropped_excluded": drop_excluded, "kept": keep}
-    return table, metrics
+    return table, metrics, history
 
 
 def filter_quality(ds: Dataset, split: str, ids: list[str], class_id: int, labelled: np.ndarray,

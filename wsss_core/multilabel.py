@@ -21,8 +21,8 @@ from .config import ClassifierConfig, ConfigError
 from .data.sampling import sample_weights
 from .data.transforms import LabelledTensors, eval_transform, train_transform
 from .metrics import classification_scores
-from .runtime import is_main, loader_workers, seed_everything
-from .store import FileError, read_torch, save_torch, write_json
+from .runtime import loader_workers, seed_everything
+from .store import FileError, read_torch, save_torch
 from .train import FitConfig, FitResult, fit, predict
 
 
@@ -157,8 +157,6 @@ def train_multilabel(
         history = history + [h | {"epoch": epochs + h["epoch"], "phase": "recam"} for h in tuned.history]
         resumed = epochs + tuned.resumed_from if tuned.resumed_from else result.resumed_from
         result = FitResult(history, resumed, tuned.samples_per_rank, tuned.param_checksums)
-        if is_main():  # both phases in the folder's history (each phase also keeps its own)
-            write_json(out_dir / "history.json", history)
     scores = evaluate_multilabel(cfg, model, val_images, columns, class_names, device, seed)
     extra = {"samples_per_rank": result.samples_per_rank, "param_checksums": result.param_checksums,
              "resumed_from": result.resumed_from}

@@ -15,7 +15,8 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -133,8 +134,8 @@ def shard(items: Sequence[T]) -> list[T]:
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", disable: bool | None = None):
     """A progress bar, shown on rank 0 only.
 
-    - batch run (WSSS_BATCH set: `wsss run` executing a notebook with papermill,
-      where every refresh stays in the executed notebook as a line): text on
+    - batch run (WSSS_BATCH set: `wsss run` off a terminal (a log file, a sweep
+      worker), or a notebook it executes, where every refresh stays as a line): text on
       stdout, a refresh only when both a quarter of the total and 60 s have
       passed since the last one, so a loop leaves its first line, at most 3
       more and the final one (only the first and the final under a minute);
@@ -151,7 +152,7 @@ def progress(iterable: Iterable, total: int | None = None, desc: str = "", disab
             total = len(iterable)  # type: ignore[arg-type]
         except (TypeError, AttributeError):  # as tqdm itself: no length, no total
             total = None
-    batch = bool(os.environ.get("WSSS_BATCH"))  # set by the pipeline runner for papermill
+    batch = bool(os.environ.get("WSSS_BATCH"))  # set by the pipeline runner
     if not batch and _in_jupyter_kernel():
         try:
             import ipywidgets  # noqa: F401
@@ -204,3 +205,27 @@ def sum_over_ranks(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def machine() -> dict[str, Any]:
+    """CPU, GPU, torch version: what the numbers were measured on."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }

@@ -2,7 +2,7 @@
 segmenter.
 
 CUDA when present, mixed precision on CUDA, deterministic seeds, a checkpoint
-every epoch with exact resume, `history.json`, text progress bars that read
+every epoch with exact resume (holding the history), text progress bars that read
 well in JupyterLab and in papermill logs, and a clear error on a NaN loss.
 Under torchrun it trains with DistributedDataParallel (gloo on CPU, nccl on
 CUDA); only rank 0 writes files.
@@ -24,7 +24,7 @@ from torch import nn
 
 from .data.sampling import EpochSampler
 from .runtime import DistInfo, init_distributed, progress, seed_everything
-from .store import FileError, read_torch, save_torch, write_json
+from .store import FileError, read_torch, save_torch
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, Any]]
@@ -133,8 +133,9 @@ def fit(
     """Train `model` for cfg.epochs, resuming from `out_dir/checkpoint.pt` if present.
 
     `loss_fn(model, batch)` returns the scalar loss of a batch (batch = what
-    the loader yields, moved to `device`). Writes `checkpoint.pt` after every
-    epoch and `history.json`; both only on rank 0.
+    the loader yields, moved to `device`). Writes `checkpoint.pt` (the
+    weights, optimizer, schedule, RNG state and the history so far) after
+    every epoch, on rank 0; the stage stores the history (`trained.fit_or_load`).
     """
     out_dir = Path(out_dir)
     info = init_distributed(device)
@@ -243,7 +244,6 @@ def fit(
                 "rng": _rng_state(),
                 "history": result.history,
             })
-            write_json(out_dir / "history.json", result.history)
         if info.active:
             dist.barrier()
 

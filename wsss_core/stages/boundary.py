@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 
 from .. import runtime
-from ..artifacts import IR_LABELS, model_path, read_kept_ids
+from ..artifacts import IR_LABELS, history_path, model_path, read_kept_ids
 from ..config import BoundaryConfig, Config, ConfigError
 from ..data.pairs import ImagesWithLabels
 from ..evaluate import boundary_scores
-from ..store import Run, StageResult, read_json, write_json
+from ..store import Run, StageResult
+from ..trained import fit_or_load
 from .inputs import dataset
 from .registry import register
 
@@ -45,31 +46,30 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
     b = cfg.boundary
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
-    folder = run.path("boundary")
     model_file = model_path(run, "boundary")
-    if model_file.is_file():  # trained with these parameters: evaluate only
-        model = load_boundary(model_file, device)
-        history = read_json(folder / "history.json")
-        checksums = read_json(folder / "fit.json")["param_checksums"] if (folder / "fit.json").is_file() else []
-    else:
+
+    def train() -> tuple[Any, list[dict], dict]:
         seed = cfg.seed_of("boundary")
         runtime.seed_everything(seed)  # the branch's initialisation is part of the run
         model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride), stem_input=b.stem_input)
         mean, std = model.normalization
         pairs = ImagesWithLabels(ds.labelled(cfg.data.train_split), read_kept_ids(run),
                                  lambda sid: IR_LABELS.read(run, sid))
-        train = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), seed,
-                             target=AffinityTargets(b.radius))
-        result = fit(model, train, affinity_training_loss(b.radius), model.param_groups(b.lr, b.weight_decay),
+        data = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), seed,
+                            target=AffinityTargets(b.radius))
+        result = fit(model, data, affinity_training_loss(b.radius), model.param_groups(b.lr, b.weight_decay),
                      b.optimizer, b.lr, b.weight_decay,
                      FitConfig(epochs=b.epochs, batch_size=b.batch_size, seed=seed,
                                num_workers=runtime.loader_workers(b.num_workers, device), amp=b.amp,
                                schedule=b.schedule, desc="boundary"),
-                     folder, device)
-        history, checksums = result.history, result.param_checksums
-        if run.is_main:  # model.pt last: its presence means training is complete
-            write_json(folder / "fit.json", {"param_checksums": checksums})
-            save_boundary(model_file, model, b.backbone, b.output_stride, b.weights)
+                     run.make_folder("boundary"), device)
+        return model, result.history, {"param_checksums": result.param_checksums}
+
+    t = fit_or_load(run, "boundary", train,
+                    lambda path, model, _: save_boundary(path, model, b.backbone, b.output_stride, b.weights),
+                    lambda path: load_boundary(path, device))
+    model, history = t.model, t.history
+    checksums = t.fit.get("param_checksums", [])  # []: trained before the checksums were recorded
     metrics: dict[str, Any] = {
         "epochs": len(history),
         "loss": history[-1]["loss"] if history else None,
@@ -84,7 +84,7 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
         masks = ds.masks(val)
         items = ((boundary_map(model, masks.image(i), device), masks.mask(i)) for i in ds.ids(val))
         metrics["val_boundary"] = boundary_scores(items, b.eval_thresholds)
-    return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(folder / "history.json")})
+    return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(history_path(run, "boundary"))})
 
 
 def boundary_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
@@ -96,7 +96,7 @@ def boundary_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[
     images = dataset(cfg).labelled(cfg.data.train_split)
     rows = []
     for sid in ids:
-        image = images.image(images.position(sid))
+        image = images.image(sid)
         rows.append([(sid, image), ("confident labels (white: 255)", IR_LABELS.read(run, sid)),
                      ("boundary map (stride 4)", boundary_map(model, image, device))])
     return rows

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from .. import runtime
-from ..artifacts import model_path, read_result, read_val_scores, write_result, write_val_scores
+from ..artifacts import history_path, model_path, read_result, read_val_scores, write_result, write_val_scores
 from ..config import ClassifierConfig, Config
-from ..store import Run, StageResult, read_json, write_json
+from ..store import Run, StageResult
+from ..trained import fit_or_load
 from .inputs import dataset
 from .registry import register
 
@@ -51,39 +52,39 @@ def classifier_stage(cfg: Config, run: Run) -> StageResult:
     columns = [k - 1 for k in class_ids]
     names = [ds.classes[k] for k in class_ids]
     val = ds.labelled(cfg.data.val_split) if cfg.data.val_split in ds.splits else None
-    folder = run.path("classifier")
+    folder = run.make_folder("classifier")
     device = runtime.resolve_device(cfg.device)
     model_file = model_path(run, "classifier")
     seed = cfg.seed_of("classifier")
-    if model_file.is_file():  # trained with these parameters: evaluate only
-        model = load_classifier(model_file, device).model
-        history = read_json(folder / "history.json")
-        fit_info = read_json(folder / "fit.json")
-        scores = evaluate_multilabel(cfg.classifier, model, val, columns, names, device, seed)
-    else:
-        model, scores, history = train_multilabel(
+    scores: dict[str, Any] = {}
+
+    def train() -> tuple[Any, list[dict], dict]:
+        model, fitted, history = train_multilabel(
             cfg.classifier, ds.labelled(cfg.data.train_split), val, columns, names, folder, device, seed,
         )
-        fit_info = scores.pop("fit")
+        scores.update(fitted)
+        return model, history, scores.pop("fit")
+
+    t = fit_or_load(run, "classifier", train,
+                    lambda path, model, _: save_classifier(path, model, cfg.classifier, class_ids, ds.classes),
+                    lambda path: load_classifier(path, device).model)
+    if not t.trained_now:  # trained with these parameters: evaluate only
+        scores = evaluate_multilabel(cfg.classifier, t.model, val, columns, names, device, seed)
+    history = t.history
     metrics: dict[str, Any] = {
         "classes": names,
         "epochs": len(history),
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
-        "resumed_from_epoch": fit_info["resumed_from"],
-        "world_size": len(fit_info["param_checksums"]),
-        "param_checksums": fit_info["param_checksums"],
+        "resumed_from_epoch": t.fit.get("resumed_from"),
+        "world_size": len(t.fit.get("param_checksums", [])),
+        "param_checksums": t.fit.get("param_checksums", []),
     }
     if run.is_main:
-        if not model_file.is_file():  # model.pt last: its presence means training is complete
-            write_json(folder / "fit.json", fit_info)
-            save_classifier(model_file, model, cfg.classifier, class_ids, ds.classes)
-            if fit_info["samples_per_rank"] is not None and len(fit_info["samples_per_rank"]) > 1:
-                write_json(folder / "samples_per_rank.json", fit_info["samples_per_rank"])
         if "val_scores" in scores:
             write_val_scores(run, scores.pop("val_scores"), val.ids, np.asarray(val.labels)[:, columns])
         metrics.update({f"val_{k}": v for k, v in scores.items()})
         write_result(run, "classifier", ClassifierResult(names, len(history), scores.get("map"), scores.get("ap")))
-    return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(folder / "history.json")})
+    return StageResult(metrics=metrics, paths={"model": str(model_file), "history": str(history_path(run, "classifier"))})
 
 
 def val_predictions(cfg: Config, run: Run, n: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, list[str]]:
@@ -92,5 +93,5 @@ def val_predictions(cfg: Config, run: Run, n: int) -> tuple[list[tuple[np.ndarra
     z = read_val_scores(run)
     names = read_result(run, "classifier", ClassifierResult).classes
     images = dataset(cfg).labelled(cfg.data.val_split)
-    pairs = [(images.image(images.position(str(i))), z["labels"][k]) for k, i in enumerate(z["ids"][:n])]
+    pairs = [(images.image(str(i)), z["labels"][k]) for k, i in enumerate(z["ids"][:n])]
     return pairs, z["scores"][:n], names

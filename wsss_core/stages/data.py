@@ -12,7 +12,8 @@ import numpy as np
 from ..config import Config, DataConfig
 from ..data import DataError, open_dataset, validate_dataset
 from ..data.content import content_changes, dataset_content
-from ..store import Run, StageResult, write_json
+from ..artifacts import write_data_summary
+from ..store import Run, StageResult
 from .registry import register
 
 
@@ -71,15 +72,14 @@ def data_stage(cfg: Config, run: Run) -> StageResult:
         "validation": report.as_dict(),
         "validation_text": str(report),
     }
-    folder = run.path("data")
-    write_json(folder / "summary.json", summary)
+    path = write_data_summary(run, summary)
     metrics = {
         "num_classes": ds.num_classes,
         **{f"{s}_images": v["images"] for s, v in splits.items()},
     }
     return StageResult(
         metrics=metrics,
-        paths={"summary": str(folder / "summary.json"), "dataset_root": str(ds.root)},
+        paths={"summary": str(path), "dataset_root": str(ds.root)},
         timings={"validate": round(t_validate, 3)},
     )
 
@@ -95,3 +95,13 @@ def label_statistics(labels: np.ndarray) -> dict[str, Any]:
         "images_without_labels": int((per_image == 0).sum()),
         "labels_per_image": {str(k): int(v) for k, v in enumerate(hist)},
     }
+
+
+def class_counts(summary: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{split: {class: images labelled with it}} from the data stage's summary (for `viz.plot_class_counts`)."""
+    return {split: v["class_counts"] for split, v in summary["splits"].items()}
+
+
+def split_with_masks(ds: Any) -> str | None:
+    """The first split that has masks (None: none has)."""
+    return next((s for s in ds.splits if ds.has_masks(s)), None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import runtime
-from ..artifacts import write_filter_scores, write_kept_ids, write_result
+from ..artifacts import write_filter_scores, write_history, write_kept_ids, write_result
 from ..config import Config, LabelFilterConfig
 from ..store import Run, StageResult
 from .inputs import dataset
@@ -58,9 +58,11 @@ def label_filter_stage(cfg: Config, run: Run) -> StageResult:
     from ..label_filter import filter_train_images
 
     ds = dataset(cfg)
-    folder = run.path("label_filter")
-    table, metrics = filter_train_images(cfg, ds, folder, runtime.resolve_device(cfg.device))
+    folder = run.make_folder("label_filter")
+    table, metrics, history = filter_train_images(cfg, ds, folder, runtime.resolve_device(cfg.device))
     if run.is_main:
+        if history:  # the filter's own classifier, epoch by epoch
+            write_history(run, "label_filter", history)
         write_filter_scores(run, table)
         write_kept_ids(run, [i for i, k in zip(table["ids"], table["kept"]) if k])
         write_result(run, "label_filter", LabelFilterResult(

@@ -15,8 +15,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from .. import runtime
-from ..artifacts import PerImage
-from ..store import Run, read_json, write_json
+from ..artifacts import PerImage, add_throughput
+from ..store import Run
 
 if TYPE_CHECKING:
     import torch
@@ -57,17 +57,7 @@ def for_each_image(
     if missing:
         raise RuntimeError(f"{artifact.dir(run)}: {len(missing)} of {len(ids)} images have no output after "
                            f"every process finished, e.g. {missing[0]!r}")
-    metrics["images_per_s"] = _throughput(run, artifact, computed, seconds)
+    metrics["images_per_s"] = add_throughput(run, artifact.stage, artifact.subdir, computed, seconds)
     if evaluate is not None:
         metrics.update(evaluate())
     return metrics
-
-
-def _throughput(run: Run, artifact: PerImage, computed: int, seconds: float) -> float | None:
-    """Images per second over every attempt that computed images (resumes add up)."""
-    path = run.folder(artifact.stage) / f"throughput_{artifact.subdir.replace('/', '_')}.json"
-    total = read_json(path) if path.is_file() else {"images": 0, "seconds": 0.0}
-    if computed:
-        total = {"images": total["images"] + computed, "seconds": total["seconds"] + seconds}
-        write_json(path, total)
-    return round(total["images"] / total["seconds"], 3) if total["seconds"] > 0 else None

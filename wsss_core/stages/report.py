@@ -11,40 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import platform
 from pathlib import Path
 from typing import Any
 
+from .. import runtime
 from ..config import Config
-from ..store import Run, StageResult, read_json, write_json, write_text
+from ..artifacts import REPORT_HTML, read_report, write_report, write_report_html
+from ..store import Run, StageResult
 from .inputs import dataset
 from .registry import EVERY, register
 
-REPORT_HTML = "report.html"
-
-
-def machine() -> dict[str, Any]:
-    """CPU, GPU, torch version: what the numbers were measured on."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-    }
 
 
 def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
@@ -74,7 +50,7 @@ def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
     return {
         "name": cfg.name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": runtime.machine(),
         "classes": list(dataset(cfg).classes),
         "scores": rows,  # one per kept evaluation: label, what, split, note, images, miou, iou per class, ...
         "miou": {r["label"]: r["miou"] for r in rows},
@@ -122,15 +98,15 @@ def export_report(notebook: Path, run: Run) -> None:
     """The executed report notebook as <run>/report.html (what `wsss run` does after it)."""
     from ..viz import notebook_html
 
-    write_text(run.root / REPORT_HTML, notebook_html(notebook))
+    write_report_html(run, notebook_html(notebook))
 
 
 def _summary(run: Run) -> list[str]:
     """The mIoU table and the report's path, printed at the end of `wsss run`."""
-    path = run.folder("report") / "report.json"
-    if not path.is_file():
+    report = read_report(run)
+    if report is None:
         return []
-    return [miou_table(read_json(path)), f"[wsss] report: {run.root / REPORT_HTML}"]
+    return [miou_table(report), f"[wsss] report: {run.root / REPORT_HTML}"]
 
 
 @register("report", "08_report", sections=(), upstream=EVERY, notebook="08_report.ipynb", headline=_headline,
@@ -138,8 +114,6 @@ def _summary(run: Run) -> list[str]:
 def report_stage(cfg: Config, run: Run) -> StageResult:
     """Collect every stage's results into 08_report/report.json."""
     report = collect_report(cfg, run)
-    path = run.path("report") / "report.json"
-    if run.is_main:
-        write_json(path, report)
+    path = write_report(run, report) if run.is_main else run.folder("report") / "report.json"
     return StageResult(metrics={"miou": report["miou"], "weak_over_full": report["weak_over_full"]},
                        paths={"report": str(path), "html": str(run.root / REPORT_HTML)})

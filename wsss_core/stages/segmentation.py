@@ -16,17 +16,18 @@ kept (`segmentation.checkpoint`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from .. import runtime
-from ..artifacts import IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_kept_ids
+from ..artifacts import (IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_best_weights, read_history,
+                         read_kept_ids, write_best_weights)
 from ..config import Config, ConfigError, SegmentationConfig
 from ..data.pairs import ImagesWithLabels
 from ..metrics import ConfusionMatrix, segmentation_scores
-from ..store import Run, StageResult, read_json, read_torch, save_torch, write_json
+from ..store import Run, StageResult
+from ..trained import fit_or_load
 from .inputs import check_split, dataset
 from .registry import register
 
@@ -129,41 +130,42 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str, ep
     s = cfg.segmentation
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
-    folder = run.path(stage)
     model_file = model_path(run, stage)
     val = cfg.data.val_split if ds.has_masks(cfg.data.val_split) else None
-    if model_file.is_file():
-        model = load_segmenter(model_file, device)
-        history = read_json(folder / "history.json")
-        checksums = read_json(folder / "fit.json")["param_checksums"]
-    else:
+    best = s.checkpoint == "best"
+
+    def train() -> tuple[Any, list[dict], dict]:
+        keep_best = _BestKeeper(run, stage, best)
         seed = cfg.seed_of("segmentation")
         runtime.seed_everything(seed)
         model = build_segmenter(s.backbone, ds.num_classes, s.output_stride, s.atrous_rates, s.weights)
         mean, std = model.normalization
-        train = JointTensors(pairs, joint_train_transform(s.crop_size, s.augment, mean, std), seed)
-        keep_best = _BestKeeper(folder, s.checkpoint == "best")
-        result = fit(model, train, pixel_loss, model.param_groups(s.lr, s.backbone_lr_mult, s.weight_decay),
+        data = JointTensors(pairs, joint_train_transform(s.crop_size, s.augment, mean, std), seed)
+        result = fit(model, data, pixel_loss, model.param_groups(s.lr, s.backbone_lr_mult, s.weight_decay),
                      s.optimizer, s.lr, s.weight_decay,
                      FitConfig(epochs=epochs, batch_size=s.batch_size, seed=seed,
                                num_workers=runtime.loader_workers(s.num_workers, device), amp=s.amp,
                                eval_every=s.val_every, schedule=s.schedule, desc=desc,
                                drop_single_last=True),
-                     folder, device, eval_fn=keep_best.evaluator(lambda m: val_miou(m, ds, val, device))
+                     run.make_folder(stage), device, eval_fn=keep_best.evaluator(lambda m: val_miou(m, ds, val, device))
                      if val else None)
-        history, checksums = result.history, result.param_checksums
         keep_best.restore(model)
-        if run.is_main:  # model.pt last: its presence means training is complete
-            write_json(folder / "fit.json", {"param_checksums": checksums})
-            save_segmenter(model_file, model, {"classes": list(ds.classes), "stage": stage,
-                                               "epoch": keep_best.chosen_epoch(history)})
+        return model, result.history, {"param_checksums": result.param_checksums}
+
+    t = fit_or_load(run, stage, train,
+                    lambda path, model, history: save_segmenter(
+                        path, model, {"classes": list(ds.classes), "stage": stage,
+                                      "epoch": _BestKeeper.chosen(history, best)}),
+                    lambda path: load_segmenter(path, device))
+    model, history = t.model, t.history
+    checksums = t.fit.get("param_checksums", [])
     metrics: dict[str, Any] = {
         "epochs": len(history),
         "train_images": len(pairs),
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2) if history else None,
         "checkpoint": s.checkpoint,
-        "kept_epoch": _BestKeeper.chosen(history, s.checkpoint == "best"),
+        "kept_epoch": _BestKeeper.chosen(history, best),
         "world_size": len(checksums),
         "param_checksums": checksums,  # of the last epoch's weights on each process (DDP keeps them equal)
     }
@@ -174,28 +176,30 @@ def train_segmenter(cfg: Config, run: Run, stage: str, pairs: Any, desc: str, ep
 
 
 class _BestKeeper:
-    """Keeps the weights of the epoch with the best val mIoU (checkpoint: best)."""
+    """Keeps the weights of the epoch with the best val mIoU (checkpoint: best) in best.pt, with their score,
+    so a resumed training knows its best so far."""
 
-    def __init__(self, folder: Path, active: bool):
-        self.path = folder / "best.pt"
-        self.active = active
-        hist = folder / "history.json"
-        done = read_json(hist) if hist.is_file() else []  # a resumed run knows its best so far
-        self.best = max((h.get("val_miou", -1.0) for h in done), default=-1.0)
+    def __init__(self, run: Run, stage: str, active: bool):
+        self.run, self.stage, self.active = run, stage, active
+        stored = read_best_weights(run, stage) if active else None
+        self.best = stored[0] if stored else -1.0
+        if stored and self.best < 0:  # a best.pt of before it held its score: the history written then has it
+            self.best = max((h.get("val_miou", -1.0) for h in read_history(run, stage) or []), default=-1.0)
 
     def evaluator(self, score: Callable[[torch.nn.Module], dict]) -> Callable[[torch.nn.Module], dict]:
         def evaluate(model: torch.nn.Module) -> dict:
             miou = score(model)["miou"]
             if self.active and miou > self.best:
                 self.best = miou
-                save_torch(self.path, model.state_dict())
+                write_best_weights(self.run, self.stage, miou, model.state_dict())
             return {"val_miou": miou}
 
         return evaluate
 
     def restore(self, model: torch.nn.Module) -> None:
-        if self.active and self.path.is_file():
-            model.load_state_dict(read_torch(self.path, "best-epoch weights"))
+        stored = read_best_weights(self.run, self.stage) if self.active else None
+        if stored:
+            model.load_state_dict(stored[1])
 
     @staticmethod
     def chosen(history: list[dict], best: bool) -> int | None:
@@ -204,9 +208,6 @@ class _BestKeeper:
         if best and any("val_miou" in h for h in history):
             return int(max(history, key=lambda h: h.get("val_miou", -1.0))["epoch"])
         return int(history[-1]["epoch"])
-
-    def chosen_epoch(self, history: list[dict]) -> int | None:
-        return self.chosen(history, self.active)
 
 
 def _headline(m: dict) -> str:
@@ -259,7 +260,7 @@ def segmentation_examples(cfg: Config, run: Run, split: str, ids: list[str]) -> 
     images = ds.labelled(split)
     rows = []
     for sid in ids:
-        image = images.image(images.position(sid))
+        image = images.image(sid)
         row = [(sid, image)] + [(f"{name} segmenter", segment(net, image, (1.0,), False, device))
                                 for name, net in nets]
         if masks is not None:
