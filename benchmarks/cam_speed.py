@@ -108,7 +108,7 @@ def main() -> None:
         head_ids = list(range(1, ds.num_classes))
         mean, std = model.backbone.normalization
     labelled = [i for i in range(len(images)) if images.labels[i].any()][: args.images]
-    xs = [to_normalized_tensor(images.image(i), mean, std) for i in labelled]
+    xs = [to_normalized_tensor(images[i][0], mean, std) for i in labelled]
     settings = {
         "labelled classes": [[k for k in head_ids if images.labels[i][k - 1] > 0.5] for i in labelled],
         f"all {len(head_ids)} classes": [list(head_ids)] * len(labelled),

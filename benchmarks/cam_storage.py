@@ -76,7 +76,7 @@ def main() -> None:
         high_res, stride4, size = other_form(cam, args.against)
         other_bytes += size
         run_bytes += CAMS.path(run, sid).stat().st_size
-        image, gt = images.image(images.position(sid)), masks.mask(sid)
+        image, gt = images.image(sid), masks.mask(sid)
         run_labels = IR_LABELS.read(run, sid)
         other_labels = confident_labels(image, high_res, cam.keys, cfg.crf)
         crf_diff += int((run_labels != other_labels).sum())

@@ -57,7 +57,7 @@ def main() -> None:
     ds = open_dataset(cfg.data, validate=False)
     split = cfg.data.train_split
     images = ds.labelled(split)
-    files = [images.image_path(i) for i in range(min(len(images), 100))]
+    files = [images.image_path(i) for i in images.ids[:100]]
     raw = [open(f, "rb").read() for f in files]
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw]
 

@@ -24,6 +24,45 @@ def require(ok: bool, what: str) -> None:
     pytest.skip(what)
 
 
+NOTEBOOKS_RUN: set[str] = set()  # notebooks this session executed without an error (papermill or JupyterLab)
+# the tests that execute them; test_every_notebook_is_run_by_the_tests runs last and checks the set when they ran
+NOTEBOOK_RUNNERS = ("test_pipeline_executes_every_notebook_with_ci_params", "test_the_compare_notebook_draws_the_same",
+                    "test_cam_inspector_runs_and_responds_in_jupyterlab")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _notebook_runs_are_recorded():
+    """Every notebook papermill executes in this process without an error goes into NOTEBOOKS_RUN."""
+    import papermill
+
+    real = papermill.execute_notebook
+
+    def recording(input_path, output_path, *args, **kwargs):
+        result = real(input_path, output_path, *args, **kwargs)
+        NOTEBOOKS_RUN.add(Path(input_path).name)
+        return result
+
+    papermill.execute_notebook = recording
+    yield
+    papermill.execute_notebook = real
+
+
+RUNNERS_PASSED: set[str] = set()
+
+
+def pytest_runtest_logreport(report):
+    """Which of the notebook-running tests passed (a skipped one, e.g. without a browser off CI, did not)."""
+    name = report.nodeid.rsplit("::", 1)[-1]
+    if report.when == "call" and report.passed and name in NOTEBOOK_RUNNERS:
+        RUNNERS_PASSED.add(name)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The check that every notebook ran comes after the tests that run them."""
+    last = [i for i in items if i.name == "test_every_notebook_is_run_by_the_tests"]
+    items[:] = [i for i in items if i not in last] + last
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_in_tmp(tmp_path_factory):
     """Generated datasets go to a per-session cache, not the user's home."""

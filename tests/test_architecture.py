@@ -5,6 +5,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 from wsss_core.stages import STAGES
 
 from conftest import REPO
@@ -165,3 +167,95 @@ def test_architecture_doc_names_every_top_level_module():
     doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
     modules = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
     assert [m for m in modules if f"`{m}`" not in doc] == []
+
+
+# ------------------------------------------------------------------ notebooks: no loops or formulas
+DRAWING = {"viz", "plt", "print", "display", "widgets"}  # what a notebook may call inside a loop
+NOT_IN_NOTEBOOKS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.While, ast.Try, ast.With,
+                    ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.AugAssign, ast.Global)
+ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.MatMult)
+
+
+def _root(func: ast.AST) -> str | None:
+    while isinstance(func, ast.Attribute):
+        func = func.value
+    return func.id if isinstance(func, ast.Name) else None
+
+
+def _draws(st: ast.stmt) -> bool:
+    """A statement a loop of a notebook may hold: a drawing call, a name for a value to show, or an `if` / a
+    nested loop of those."""
+    if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
+        return _root(st.value.func) in DRAWING
+    if isinstance(st, (ast.If, ast.For)):
+        return all(_draws(s) for s in st.body + st.orelse)
+    return isinstance(st, ast.Assign)
+
+
+def _text(node: ast.AST) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def notebook_rule_breaks(source: str) -> list[str]:
+    """What in a notebook cell is a rule, a loop or a formula (ARCHITECTURE.md, rule 2): definitions,
+    comprehensions, while / try / with, a loop that does more than draw, and arithmetic or a conditional
+    expression outside the text it formats (f-strings, print / drawing arguments; a choice between two texts)."""
+    source = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    tree = ast.parse(source)
+    shown = {id(sub) for node in ast.walk(tree)
+             if isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Call) and _root(node.func) in DRAWING)
+             for sub in ast.walk(node)}
+    breaks = []
+    for node in ast.walk(tree):
+        if isinstance(node, NOT_IN_NOTEBOOKS):
+            breaks.append(f"line {node.lineno}: {type(node).__name__}")
+        elif isinstance(node, ast.For) and not all(_draws(s) for s in node.body + node.orelse):
+            breaks.append(f"line {node.lineno}: a loop that does more than draw")
+        elif isinstance(node, (ast.BinOp, ast.IfExp)) and id(node) not in shown and \
+                (isinstance(node, ast.BinOp) and isinstance(node.op, ARITHMETIC) or
+                 isinstance(node, ast.IfExp) and not all(_text(b) for b in (node.body, node.orelse))):
+            breaks.append(f"line {node.lineno}: a formula ({ast.unparse(node)})")
+    return breaks
+
+
+def test_notebooks_hold_no_loops_or_formulas():
+    import nbformat
+
+    found = []
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        for k, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type == "code":
+                found += [f"{path.name} cell {k}: {b}" for b in notebook_rule_breaks(cell.source)]
+    assert not found, found
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("x = [a * 2 for a in values]", ["line 1: ListComp", "line 1: a formula (a * 2)"]),
+    ("total = 0\nfor v in values:\n    total = total + v", ["line 3: a formula (total + v)"]),
+    ("for v in values:\n    keep(v)", ["line 1: a loop that does more than draw"]),
+    ("share = kept / images", ["line 1: a formula (kept / images)"]),
+    ("x = 1.0 if flag else 0.5", ["line 1: a formula (1.0 if flag else 0.5)"]),
+    ("note = f'{v:.1f}, ' if flag else ''", []),  # a choice between two texts
+    ("def f(x):\n    return x", ["line 1: FunctionDef"]),
+    ("%matplotlib inline\nfor i in ids:\n    viz.label_panels(rows(i))\n    plt.show()", []),
+    ("print(f\"{100 * m['miou']:.1f}\")\nviz.plot(a - b)", []),  # formatting and drawing arguments
+])
+def test_the_notebook_rule_finds_loops_and_formulas(source, expected):
+    assert notebook_rule_breaks(source) == expected
+
+
+FILE_CALLS = {"read_json", "write_json", "write_text", "save_png", "save_npz", "read_npz", "save_torch", "read_torch",
+              "read_text", "write_bytes", "read_bytes", "open"}
+
+
+def test_stage_modules_read_and_write_files_only_through_artifacts():
+    """ARCHITECTURE.md rule 3: every artifact's format has one reader / writer pair, in artifacts.py."""
+    found = []
+    for path in sorted((PKG / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+                if name in FILE_CALLS:
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert not found, found

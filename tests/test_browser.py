@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, require
+from conftest import NOTEBOOKS_RUN, REPO, require
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +253,7 @@ def run_all_cells(page, lab: Lab, notebook: str, timeout_s: float = 240) -> None
     assert_no_traceback(page, notebook)
     prompts = [p.strip() for p in page.locator(f"{PANEL} .jp-CodeCell .jp-InputPrompt").all_inner_texts()]
     assert prompts and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts), f"{notebook}: cells not run: {prompts}"
+    NOTEBOOKS_RUN.add(notebook)
 
 
 def assert_no_traceback(page, notebook: str) -> None:

@@ -29,7 +29,7 @@ def test_classifier_stage_trains_saves_and_reloads(ci_config, tmp_path):
     m = res.metrics
     assert m["epochs"] == cfg.classifier.epochs and 0.0 <= m["val_map"] <= 1.0
     assert set(m["val_ap"]) == set(m["classes"])
-    folder = run.path("classifier")
+    folder = run.make_folder("classifier")
     hist = json.loads((folder / "history.json").read_text())
     assert len(hist) == cfg.classifier.epochs and np.isfinite(hist[0]["loss"])
     trained = load_classifier(folder / "model.pt")
@@ -46,7 +46,7 @@ def test_excluded_class_is_left_out_of_the_head(ci_config, tmp_path):
     m = stages.run_stage("classifier", cfg, run).metrics
     assert "person" not in m["classes"]
     ds = open_dataset(cfg.data, validate=False)
-    trained = load_classifier(run.path("classifier") / "model.pt")
+    trained = load_classifier(run.make_folder("classifier") / "model.pt")
     assert ds.classes.index("person") not in trained.class_ids
     assert trained.model.head.out_features == ds.num_classes - 2
 
@@ -57,7 +57,7 @@ def test_bad_params_fail_before_training(ci_config, tmp_path):
     stages.run_stage("data", cfg, run)
     with pytest.raises(ConfigError, match=r"classifier\.exclude_classes: 'unicorn' not in the class list"):
         stages.run_stage("classifier", cfg, run)
-    assert not (run.path("classifier") / "checkpoint.pt").exists()
+    assert not (run.make_folder("classifier") / "checkpoint.pt").exists()
     with pytest.raises(ConfigError, match=r"--set classifier\.backbone=resnet5o: must be one of"):
         load_config(ci_config, {"classifier.backbone": "resnet5o"})
     with pytest.raises(ConfigError, match=r"--set classifier\.weights=\S+none.pt: weights file not found"):

@@ -138,8 +138,9 @@ def test_labelled_images_api(tmp_path):
     images = open_dataset(voc_cfg(make_voc(tmp_path / "voc"))).labelled("train")
     img, y = images[-1]
     assert img.shape == (H, W, 3) and y.dtype == np.float32 and y.shape == (2,)
-    assert images.image_path(1).name == "a1.jpg"
-    np.testing.assert_array_equal(images.image(0), read_image(images.image_path(0)))
+    assert images.image_path(images.ids[1]).name == "a1.jpg"
+    np.testing.assert_array_equal(images.image(images.ids[0]), read_image(images.image_path(images.ids[0])))
+    np.testing.assert_array_equal(images[0][0], images.image(images.ids[0]))  # by position: the same image
     sub = images.subset([2, 0])
     assert sub.ids == ["a2", "a0"] and sub.labels.tolist() == [[0, 1], [0, 0]]
     assert images.subset(np.array([False, True, False, True])).ids == ["a1", "a3"]

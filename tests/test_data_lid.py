@@ -27,7 +27,7 @@ def test_lid_round_trip(tmp_path):
     assert ds.ids("val") == ["ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002"]
     train = ds.labelled("train")
     np.testing.assert_array_equal(train.labels, [[1, 0, 0], [0, 1, 1], [0, 0, 0], [0, 0, 1]])
-    assert train.image_path(0) == root / "train" / "n02672831" / "n02672831_10026.JPEG"
+    assert train.image_path(train.ids[0]) == root / "train" / "n02672831" / "n02672831_10026.JPEG"
     img, _ = train[1]
     assert img.shape == (H, W, 3) and img.dtype == np.uint8
     assert ds.label_source("train") == ds.label_source("val") == "json"
@@ -48,7 +48,7 @@ def test_lid_custom_names_and_limit(tmp_path):
     root = make_lid(tmp_path / "lid", lid)
     ds = open_dataset(lid_cfg(root, lid=lid, limit=2))
     assert ds.ids("train") == ["n02672831_10026", "n02691156_1"]
-    assert ds.labelled("val").image_path(0) == root / "imgs/val/ILSVRC2012_val_00000001.png"
+    assert ds.labelled("val").image_path(ds.labelled("val").ids[0]) == root / "imgs/val/ILSVRC2012_val_00000001.png"
     assert len(ds.masks("val")) == 2
 
 

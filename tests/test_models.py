@@ -295,3 +295,23 @@ def test_param_groups_split_backbone_new_layers_and_head():
 def test_build_classifier_rejects_bad_class_counts():
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         MultiLabelClassifier(build_backbone(LITE0, "random"), 0)
+
+
+def test_wsss_run_starts_each_notebook_s_stages_as_a_fresh_kernel_did():
+    """The first ImageNet Lite0 load in a process draws from the seeded RNG (its layout's random model): the
+    stages that `wsss run` now runs in one process clear it where a notebook's kernel used to start, so a
+    stage draws the same numbers whatever ran before it (the ci run's outputs stay byte for byte)."""
+    from wsss_core.models.efficientnet import imagenet_lite0
+    from wsss_core.pipeline import _as_in_a_fresh_kernel
+    from wsss_core.runtime import seed_everything
+
+    def after_a_load(clear: bool):
+        if clear:
+            _as_in_a_fresh_kernel()
+        seed_everything(0)
+        imagenet_lite0(32)
+        return torch.rand(4)
+
+    fresh = after_a_load(True)
+    assert torch.equal(after_a_load(True), fresh)
+    assert not torch.equal(after_a_load(False), fresh)  # what a second stage in the process drew without it

@@ -22,11 +22,11 @@ def test_msrc_small_run_through_crf(msrc_root, tmp_path):
     run = stages.open_run(tmp_path / "run", cfg)
     for name in ("data", "classifier", "label_filter", "cams", "crf"):
         stages.run_stage(name, cfg, run)
-    summary = json.loads((run.path("data") / "summary.json").read_text())
+    summary = json.loads((run.make_folder("data") / "summary.json").read_text())
     assert summary["splits"]["train"]["images"] == 24 and summary["classes"][0] == "background"
     assert len(read_kept_ids(run)) == 24  # filter disabled, nothing excluded
     cams = run.manifest("cams")["metrics"]
-    assert len(list((run.path("cams") / "cams").glob("*.npz"))) == 24
+    assert len(list((run.make_folder("cams") / "cams").glob("*.npz"))) == 24
     assert 0.0 < cams["miou_best"] < 1.0
     crf = run.manifest("crf")["metrics"]["quality"]
     assert crf["images"] == 24 and 0.3 < crf["coverage"] <= 1.0 and crf["precision"] > 0.3

@@ -6,6 +6,7 @@ without touching any other file."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,3 +167,82 @@ def test_a_stage_module_that_fails_to_import_is_one_line(tmp_path, source, says)
     line, = r.stderr.splitlines()
     assert line.startswith("wsss: error: $WSSS_STAGES: cannot import stage module 'bad_stage' (") and says in line
     assert r.stdout == ""
+
+
+BOOM = '''
+from wsss_core.stages import register
+
+
+@register("boom", "00_data_boom", sections=(), upstream=("data",), notebook=NOTEBOOK)
+def boom_stage(cfg, run):
+    """A stage with a bug of its own."""
+    raise RuntimeError("the stage's own bug\\nsecond line of the message")
+'''
+
+
+def test_a_stage_that_raises_stops_wsss_run_with_one_line_naming_it(toy_stage, tmp_path):
+    """`wsss run` runs stages in its own process: what a stage raises is one line naming the stage and the
+    error (its first line), exit 2; the stage is recorded as failed, the stage before it stays done and drawn;
+    `--debug` shows the traceback."""
+    (toy_stage / "boom_stage.py").write_text(BOOM.replace("NOTEBOOK", repr(str(toy_stage / "07_smooth.ipynb"))))
+    env = {**os.environ, "WSSS_STAGES": "boom_stage",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(toy_stage), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(CI_YAML), "--run-dir", str(tmp_path / "run"),
+           "--to", "boom"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.splitlines() == ["wsss: error: stage boom failed: RuntimeError: the stage's own bug"]
+    assert re.search(r"\[wsss\] \(2/2\) boom +running \(00_data_boom has not been run\)", r.stdout), r.stdout
+    manifest = json.loads((tmp_path / "run" / "00_data_boom" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"].startswith("RuntimeError: the stage's own bug")
+    assert json.loads((tmp_path / "run" / "00_data" / "manifest.json").read_text())["status"] == "done"
+    assert (tmp_path / "run" / "notebooks" / "00_data.ipynb").is_file()  # drawn before the next stage ran
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=env, timeout=600)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "in boom_stage" in debug.stderr
+
+
+DRAW_FAILS = '''
+from wsss_core.stages import register
+from wsss_core.store import StageResult
+
+
+@register("sketch", "00_data_sketch", sections=(), upstream=("data",), notebook=NOTEBOOK)
+def sketch_stage(cfg, run):
+    """A stage that works, with a notebook that fails to draw it."""
+    return StageResult(metrics={"fine": 1})
+'''
+
+
+def test_a_notebook_that_fails_to_draw_is_kept_aside_and_drawn_again_next_time(tmp_path):
+    """The stage is done; its notebook's failure is one line naming the failed copy and the cell (as numbered
+    in the copy: papermill's injected parameters are cell 2); no executed
+    notebook is left under its own name, so the next `wsss run` (which skips the stage) draws it again."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('config = "x"\nrun_dir = "x"\noverrides = {}', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from wsss_core.pipeline import notebook_setup\nfrom wsss_core.stages import "
+                                  "run_stage\ncfg, run = notebook_setup(config, run_dir, overrides)\n"
+                                  "print(run_stage('sketch', cfg, run).metrics)\nraise ValueError('cannot draw')"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "sketch.ipynb")
+    (folder / "sketch_stage.py").write_text(DRAW_FAILS.replace("NOTEBOOK", repr(str(folder / "sketch.ipynb"))))
+    env = {**os.environ, "WSSS_STAGES": "sketch_stage",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(CI_YAML), "--run-dir", str(run_dir),
+           "--to", "sketch"]
+    for attempt in (1, 2):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 2, r.stdout + r.stderr
+        failed = run_dir / "notebooks" / "sketch.failed.ipynb"
+        assert r.stderr.splitlines() == [f"wsss: error: stage sketch: its notebook failed drawing ({failed}, cell 3): "
+                                         "ValueError: cannot draw"]
+        assert json.loads((run_dir / "00_data_sketch" / "manifest.json").read_text())["status"] == "done"
+        assert failed.is_file() and not (run_dir / "notebooks" / "sketch.ipynb").exists()
+        assert bool(re.search(r"\(2/2\) sketch +skipped \(done\)", r.stdout)) == (attempt == 2), r.stdout
+        errors = [o for c in nbformat.read(failed, as_version=4).cells for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert [e["ename"] for e in errors] == ["ValueError"]

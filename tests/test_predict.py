@@ -275,7 +275,7 @@ def test_predictions_refined_by_a_dense_crf(ci_full_run, tmp_path):
         raw = art.read(first, sid)
         keys = np.unique(raw)[np.unique(raw) > 0]
         if keys.size and len(checked) < 3:
-            image = images.image(images.position(sid))
+            image = images.image(sid)
             np.testing.assert_array_equal(
                 raw, segment(net, image, cfg.predict.tta_scales, cfg.predict.tta_flip, "cpu", cfg.predict.max_side))
             expected = refined_mask(image, raw, keys, crf)
@@ -288,11 +288,11 @@ def test_predictions_refined_by_a_dense_crf(ci_full_run, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     for sid in checked:
-        shutil.copy(images.image_path(images.position(sid)), folder)
+        shutil.copy(images.image_path(sid), folder)
     out = tmp_path / "out"
     predict_folder(run.root, folder, out)
     for sid in checked:
-        np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(images.position(sid)).stem}.png")),
+        np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(sid).stem}.png")),
                                       art.read(run, sid))
 
 
@@ -324,15 +324,15 @@ def test_predictions_in_bfloat16(ci_full_run, tmp_path):
     for sid in sids:
         cm.update(art.read(run, sid), masks.mask(sid))
     for sid in sids[:3]:
-        image = images.image(images.position(sid))
+        image = images.image(sid)
         np.testing.assert_array_equal(art.read(run, sid), segment(net, image, p.tta_scales, p.tta_flip, "cpu",
                                                                   p.max_side, None, "bfloat16"))
     assert m["val_miou"] == pytest.approx(100 * cm.miou(), abs=0.005)
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
-    shutil.copy(images.image_path(images.position(sids[0])), folder)
+    shutil.copy(images.image_path(sids[0]), folder)
     predict_folder(run.root, folder, out)
-    np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(images.position(sids[0])).stem}.png")),
+    np.testing.assert_array_equal(np.array(Image.open(out / f"{images.image_path(sids[0]).stem}.png")),
                                   art.read(run, sids[0]))
 
 
@@ -351,14 +351,14 @@ def test_predict_with_the_bound_segments_as_the_run_did(ci_full_run, ci_run, tmp
     folder.mkdir()
     ids = ds.ids("val")
     for sid in ids:
-        shutil.copy(images.image_path(images.position(sid)), folder)
+        shutil.copy(images.image_path(sid), folder)
     out = tmp_path / "bound"
     assert cli.main(["predict", "--run", str(run.root), "--images", str(folder), "--out", str(out),
                      "--model", "bound"]) == 0
     bound, weak = prediction_artifact(cfg, "val", "segmentation_full"), prediction_artifact(cfg, "val")
     differs = 0
     for sid in ids:
-        got = np.array(Image.open(out / f"{images.image_path(images.position(sid)).stem}.png"))
+        got = np.array(Image.open(out / f"{images.image_path(sid).stem}.png"))
         np.testing.assert_array_equal(got, bound.read(run, sid))
         differs += int((got != weak.read(run, sid)).sum())
     assert differs > 0  # the bound is another model than the weak segmenter

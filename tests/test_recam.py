@@ -176,14 +176,14 @@ def test_cams_stage_with_the_recam_head(tmp_path):
     trained = load_classifier(model_path(run, "classifier"))
     assert trained.model.recam_head is not None
     # the classifier's epochs, then ReCAM's fine-tuning (its own checkpoint folder), in one history
-    history = json.loads((run.path("classifier") / "history.json").read_text())
+    history = json.loads((run.make_folder("classifier") / "history.json").read_text())
     epochs, tuning = cfg.classifier.epochs, cfg.classifier.recam_epochs
     assert [h["epoch"] for h in history] == list(range(1, epochs + tuning + 1))
     assert [h.get("phase") for h in history] == [None] * epochs + ["recam"] * tuning
-    assert (run.path("classifier") / "recam" / "checkpoint.pt").is_file()
+    assert (run.make_folder("classifier") / "recam" / "checkpoint.pt").is_file()
     images = open_dataset(cfg.data, validate=False).labelled(cfg.cams.split)
     mean, std = trained.meta["normalization"]
-    sid = sorted(p.stem for p in (run.path("cams") / "cams").glob("*.npz"))[0]
+    sid = sorted(p.stem for p in (run.make_folder("cams") / "cams").glob("*.npz"))[0]
     stored = CAMS.read(run, sid)
     x = to_normalized_tensor(images[images.position(sid)][0], mean, std)
 

@@ -32,7 +32,8 @@ def test_boundary_stage_saves_a_model_that_reloads(ci_full_run):
     assert m["epochs"] == cfg.boundary.epochs and np.isfinite(m["loss"])
     assert m["train_images"] == len(read_kept_ids(run))
     model = load_boundary(model_path(run, "boundary"))
-    image = stages.dataset(cfg).labelled("train").image(0)
+    train = stages.dataset(cfg).labelled("train")
+    image = train.image(train.ids[0])
     b = boundary_map(model, image, torch.device("cpu"))
     assert b.shape == ((image.shape[0] + 3) // 4, (image.shape[1] + 3) // 4) and 0.0 <= b.min() <= b.max() <= 1.0
     e = m["val_boundary"]
@@ -121,7 +122,7 @@ def test_pseudo_masks_are_the_dense_random_walk_refined_by_the_crf(ci_full_run):
         lut = np.array([0, *cam.keys.tolist()])
         assert np.all(np.diff(lut) > 0)  # class ids ascending (select_classes), so searchsorted inverts lut
         crf = cfg.crf.__class__(**{**cfg.crf.__dict__, "gt_prob": p.crf_gt_prob})
-        refined = lut[dense_crf_labels(images.image(images.position(sid)), np.searchsorted(lut, walked),
+        refined = lut[dense_crf_labels(images.image(sid), np.searchsorted(lut, walked),
                                        lut.size, crf)]
         np.testing.assert_array_equal(stored, refined)
         changed += int((stored != walked).any())

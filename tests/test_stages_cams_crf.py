@@ -13,13 +13,13 @@ from wsss_core.data import open_dataset
 def test_cams_stage_writes_one_npz_per_kept_image(ci_run):
     cfg, run = ci_run
     kept = read_kept_ids(run)
-    folder = run.path("cams") / "cams"
+    folder = run.make_folder("cams") / "cams"
     assert sorted(p.stem for p in folder.glob("*.npz")) == sorted(kept)
     ds = open_dataset(cfg.data, validate=False)
     images = ds.labelled(cfg.data.train_split)
     for sid in kept[:5]:
         z = np.load(folder / f"{sid}.npz")
-        h, w = images.image(images.ids.index(sid)).shape[:2]
+        h, w = images.image(sid).shape[:2]
         assert z["image_size"].tolist() == [h, w]
         # one map per scale at the classifier's feature resolution (output stride 16 of the scaled image)
         scales = [n for n in z.files if n.startswith("scale")]
@@ -48,11 +48,11 @@ def test_cams_stage_reports_a_threshold_sweep(ci_run):
 def test_crf_stage_writes_confident_label_pngs(ci_run):
     cfg, run = ci_run
     kept = read_kept_ids(run)
-    folder = run.path("crf") / "ir_labels"
+    folder = run.make_folder("crf") / "ir_labels"
     assert sorted(p.stem for p in folder.glob("*.png")) == sorted(kept)
     for sid in kept[:5]:
         lab = np.array(Image.open(folder / f"{sid}.png"))
-        keys = np.load(run.path("cams") / "cams" / f"{sid}.npz")["keys"]
+        keys = np.load(run.make_folder("cams") / "cams" / f"{sid}.npz")["keys"]
         assert set(np.unique(lab)) <= {0, 255, *keys.tolist()}
     q = run.manifest("crf")["metrics"]["quality"]
     assert 0.0 <= q["coverage"] <= 1.0 and 0.0 <= q["precision"] <= 1.0
@@ -80,12 +80,12 @@ def test_cams_at_a_chosen_layer_and_a_bad_layer(tmp_path):
         stages.run_stage(name, cfg, run)
     with pytest.raises(ConfigError, match=r"cams\.layer: 'no\.such\.layer' is not a layer"):
         stages.run_stage("cams", cfg, run)
-    assert not list((run.path("cams") / "cams").glob("*.npz"))
+    assert not list((run.make_folder("cams") / "cams").glob("*.npz"))
 
     cfg = load_config(REPO / "params" / "ci.yaml", {"cams.layer": layers[-3], "label_filter.enabled": False})
     run = stages.open_run(tmp_path / "run", cfg)
     m = stages.run_stage("cams", cfg, run).metrics
-    assert len(list((run.path("cams") / "cams").glob("*.npz"))) == m["images"] > 0
+    assert len(list((run.make_folder("cams") / "cams").glob("*.npz"))) == m["images"] > 0
 
 
 def test_threshold_sweep_against_a_hand_computed_case():
@@ -147,7 +147,7 @@ def test_stored_cams_of_the_trained_classifier_equal_the_peer(ci_run, tmp_path):
         stored = CAMS.read(run, sid)
         if not len(stored.keys):
             continue
-        image = images.image(images.ids.index(sid))
+        image = images.image(sid)
         x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) \
             / torch.tensor(std)[:, None, None]
         for j, k in enumerate(stored.keys):

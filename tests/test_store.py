@@ -33,7 +33,7 @@ from wsss_core import stages
 from wsss_core.store import StageResult, save_npz
 
 def toy_a(cfg, run):
-    out = run.path("toy_a")
+    out = run.make_folder("toy_a")
     n = 0
     for k in range(4):
         p = out / f"part{k}.npz"
@@ -50,7 +50,7 @@ def toy_a(cfg, run):
     return StageResult(metrics={"written": n, "lr": cfg.classifier.lr})
 
 def toy_b(cfg, run):
-    a = run.path("toy_a")
+    a = run.make_folder("toy_a")
     total = sum(float(np.load(a / f"part{k}.npz")["data"][0]) for k in range(4))
     return StageResult(metrics={"total": total})
 
@@ -116,7 +116,7 @@ def test_skip_if_done_and_rerun_on_param_change(toy, tmp_path):
     assert r1.metrics["written"] == 4 and not r1.skipped
     m = run.manifest("toy_a")
     assert m["status"] == "done" and m["seconds"] >= 0 and m["config"]["classifier"]["lr"] == cfg.classifier.lr
-    assert read_json(run.path("toy_a") / "metrics.json") == r1.metrics
+    assert read_json(run.make_folder("toy_a") / "metrics.json") == r1.metrics
     assert (tmp_path / "run" / "config.yaml").is_file()
 
     r2 = stages.run_stage("toy_a", cfg, run)

@@ -344,7 +344,7 @@ def test_the_compare_notebook_draws_the_same(sweep, tmp_path):
 
     folder, _ = sweep
     out = execute_notebook(NOTEBOOK_DIR / "09_compare.ipynb", tmp_path / "09.ipynb",
-                           {"runs": [str(folder)], "resamples": 200}, log_output=False)
+                           {"runs": [str(folder)], "resamples": 200})
     nb = nbformat.read(out, as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

@@ -68,7 +68,7 @@ def test_widget_controls_drive_the_render(inspector):
     assert inspector.computed <= computed + 1 and not np.allclose(inspector.last.cam, before)
     other = [i for i in inspector.ids if i != ctl["image"].value][0]
     ctl["image"].value = other
-    assert inspector.last.image.shape == inspector.images.image(inspector.ids.index(other)).shape
+    assert inspector.last.image.shape == inspector.images.image(other).shape
     assert ctl["class"].options[0] in inspector.class_names(other)
 
 

@@ -2,11 +2,12 @@
 `wsss sweep` (a grid of variants sharing unchanged stages), `wsss compare`,
 `wsss stages` (the list of stages, from the registry).
 
-`wsss stage NAME` runs one stage function directly (no notebook); it is what
-`torchrun --nproc_per_node N -m wsss_core.cli stage ...` launches.
+`wsss run` runs the stage functions in order in its own process, then each
+stage's notebook draws its pictures; `wsss stage NAME` runs one stage function
+(no notebook). Under torchrun both run in every process.
 
 Errors are one line on stderr and exit code 2 (`file: key: what is wrong`, or
-`stage X failed (notebook, cell): last line`); `--debug` shows the traceback.
+`stage X failed: Error: first line`); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    r = sub.add_parser("run", help="execute the stage notebooks in order (papermill)")
+    r = sub.add_parser("run", help="run the stages in order, then their notebooks draw (papermill)")
     common(r)
     r.add_argument("--from", dest="from_stage", default=None, metavar="STAGE")
     r.add_argument("--to", dest="to_stage", default=None, metavar="STAGE")
@@ -177,7 +178,9 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    from .pipeline import raise_terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         return _main(args)
     finally:
@@ -187,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from .data import DataError
-    from .pipeline import StageFailed
+    from .pipeline import StageFailed, Terminated, one_line
     from .store import FileError, RunLockedError, StaleUpstreamError, describe_os_error
 
     try:
@@ -195,7 +198,7 @@ def _main(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileError, StaleUpstreamError, RunLockedError, StageFailed) as e:
         if args.debug:
             raise
-        print(f"wsss: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"wsss: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file-system failure no check foresaw: still one line naming the path
         if args.debug:
@@ -217,21 +220,6 @@ def _main(args: argparse.Namespace) -> int:
         _silence_stderr()  # the kernel client's half-closed tasks complain at exit: not for the user
         return 143 if isinstance(e, Terminated) else 130
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch system stopping the job): handled like Ctrl-C."""
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
-def _one_line(text: str) -> str:
-    """Error messages are one printable line, whatever a path or a value holds
-    (line breaks folded, characters no terminal can encode escaped)."""
-    text = " ".join(text.split()) if "\n" in text or "\r" in text else text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _silence_stderr() -> None:

@@ -6,7 +6,8 @@ run folder per combination (`<sweep>/beta=3,exp_times=4/`, ...). A stage is
 computed once per distinct fingerprint across the sweep: before a variant
 runs, every stage whose fingerprint an earlier variant (or `--reuse RUN`)
 has finished is hard-linked into it, file by file, with its executed
-notebook; the variant then runs the rest with `wsss run`. Sharing is safe
+notebook; the variant then runs the rest with `run_pipeline` (what `wsss run`
+does) in a worker process, which sends its StageEvents back as values. Sharing is safe
 because no file of a run is ever edited in place: every write creates a new
 file and renames it over the old name, so a variant that redoes a shared
 stage replaces its own links and leaves the others' files as they were.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .config import (ConfigError, config_class, dump_config, flow_yaml, kind_of, load_config, parse_override_value,
                      seed_keys)
 from .stages import STAGES, open_run, pipeline_order
-from .store import FileError, FolderLock, Run, file_errors, read_json, write_json, write_text
+from .store import FileError, FolderLock, Run, describe_os_error, file_errors, read_json, write_json, write_text
 
 SWEEP_FILE = "sweep.json"
 BASE_CONFIG = "base-config.yaml"  # the parameter file as the sweep started (not "config.yaml": not a run)
@@ -327,10 +327,11 @@ def _owners(runs: Sequence[Run], to_stage: str | None, reused: Sequence[Run]) ->
 
 def _schedule(todo: Sequence[Variant], runs: Sequence[Run], deps: Sequence[set[int]], reused: Sequence[Run],
               config: Path, to_stage: str | None, jobs: int, echo: Callable[[str], None]) -> None:
-    """Run the variants, each once the variants it shares stages with are done, `jobs` at a time."""
+    """Run the variants, each once the variants it shares stages with are done, `jobs` at a time, each in a
+    worker process whose events come back as values on its queue."""
     n = len(todo)
     done: set[int] = set()
-    running: dict[int, subprocess.Popen] = {}
+    running: dict[int, _Worker] = {}
     failed: list[str] = []
     gpus = _gpu_count()
     free_slots = list(range(jobs))
@@ -346,64 +347,117 @@ def _schedule(todo: Sequence[Variant], runs: Sequence[Run], deps: Sequence[set[i
                                       lambda s, tag=tag: echo(f"{tag} {s}"))
                 slot = free_slots.pop(0)
                 slot_of[i] = slot
-                running[i] = _start(todo[i], runs[i], config, to_stage, tag, echo, slot % gpus if gpus > 1 else None)
+                running[i] = _Worker(todo[i], runs[i], config, to_stage, tag, slot % gpus if gpus > 1 else None)
             if not running:
                 blocked = [todo[i].name for i in range(n) if i not in done and todo[i].name not in failed]
                 raise FileError(f"sweep: variants {', '.join(blocked)} wait for variants that failed")
-            for i, proc in list(running.items()):
-                if proc.poll() is not None:
+            for i, worker in list(running.items()):
+                exitcode = worker.process.exitcode
+                worker.relay(echo)
+                if exitcode is not None:
+                    worker.relay(echo)  # what it sent before it ended
+                    worker.close()
                     del running[i]
-                    proc.relay.join()  # type: ignore[attr-defined]  (every line of it is out)
                     free_slots.append(slot_of.pop(i))
-                    if proc.returncode == 0:
+                    if exitcode == 0:
                         done.add(i)
                     else:
                         failed.append(todo[i].name)
-                        echo(f"[{i + 1}/{n} {todo[i].name}] failed (exit {proc.returncode}; its output: "
+                        echo(f"[{i + 1}/{n} {todo[i].name}] failed (exit {exitcode}; its output: "
                              f"{runs[i].root / VARIANT_LOG}); the others go on")
             time.sleep(0.2)
     except BaseException:
-        for proc in running.values():
-            proc.terminate()
-        for proc in running.values():
-            proc.wait()
+        for worker in running.values():
+            worker.process.terminate()  # SIGTERM: the worker marks its stage interrupted and lets the lock go
+        for worker in running.values():
+            worker.process.join()
+            worker.relay(echo)
+            worker.close()
         raise
     if failed:
         raise FileError(f"sweep: {len(failed)} of {n} variants failed ({', '.join(failed)}); each one's output is "
                         f"in its folder's {VARIANT_LOG}; rerun the same command to resume")
 
 
-def _start(v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, echo: Callable[[str], None],
-           gpu: int | None) -> subprocess.Popen:
-    """`wsss run` of one variant in its own process, its lines prefixed with the variant's tag."""
-    cmd = [sys.executable, "-m", "wsss_core.cli", "run", "--config", str(config), "--run-dir", str(run.root)]
-    for key, value in v.overrides.items():
-        cmd += ["--set", f"{key}={flow_yaml(value)}"]
-    if to_stage:
-        cmd += ["--to", to_stage]
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    run.root.mkdir(parents=True, exist_ok=True)
-    if not (run.root / "config.yaml").exists():  # before the child looks: a folder with config.yaml is a run, one with only sweep.log is not
-        run.save_config()
-    log = open(run.root / VARIANT_LOG, "a")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+class _Worker:
+    """One variant's `run_pipeline` in a process of its own (spawned: a fresh interpreter, whatever threads
+    and CUDA state this one has); its StageEvents and its error line come back on a queue."""
 
-    def relay() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            line = line.rstrip("\n").split("\r")[-1]
-            if line.startswith("[wsss] ("):  # "[wsss] (3/11) pseudo_masks running ..." -> "[tag] pseudo_masks ..."
-                line = line.split(") ", 1)[1].strip()
-                echo(f"{tag} {' '.join(line.split())}")
-            elif line.startswith("wsss: error:"):
-                echo(f"{tag} {line}")
+    def __init__(self, v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, gpu: int | None):
+        import multiprocessing
 
-    proc.relay = threading.Thread(target=lambda: (relay(), log.close()), daemon=True)  # type: ignore[attr-defined]
-    proc.relay.start()  # type: ignore[attr-defined]
-    return proc
+        ctx = multiprocessing.get_context("spawn")
+        self.tag = tag
+        self.queue = ctx.SimpleQueue()
+        run.root.mkdir(parents=True, exist_ok=True)
+        if not (run.root / "config.yaml").exists():  # a folder with config.yaml is a run, one with only sweep.log is not
+            run.save_config()
+        self.process = ctx.Process(target=_variant, name=f"wsss sweep {v.name}", daemon=False,
+                                   args=(str(config), str(run.root), dict(v.overrides), to_stage, self.queue,
+                                         str(run.root / VARIANT_LOG)))
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if gpu is not None:  # in the environment the worker starts with, before it imports anything
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        try:
+            self.process.start()
+        finally:
+            if gpu is not None:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+    def close(self) -> None:
+        """The queue's pipe and the process's handles, once it has ended and said everything."""
+        self.queue.close()
+        self.process.close()
+
+    def relay(self, echo: Callable[[str], None]) -> None:
+        """Echo, with the variant's tag, what the worker has sent so far."""
+        while not self.queue.empty():
+            kind, value = self.queue.get()
+            echo(f"{self.tag} {value.short() if kind == 'event' else value}")
+
+
+def _variant(config: str, root: str, overrides: dict[str, Any], to_stage: str | None, queue: Any,
+             log: str) -> None:
+    """A sweep worker: `wsss run` of one variant in this process, its output (tracebacks too) in the variant's
+    log, its events sent to the sweep; exit 0 when it finished, 2 on an error, 130 / 143 when stopped."""
+    import signal
+    import traceback
+
+    from .pipeline import Terminated, one_line, raise_terminated, run_pipeline
+
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    signal.signal(signal.SIGTERM, raise_terminated)  # the sweep stopping: handled like Ctrl-C
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    code = 0
+    try:
+        run_pipeline(config, root, to_stage=to_stage, overrides=overrides,
+                     echo=lambda e: (print(e.line(), flush=True), queue.put(("event", e))))
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, Terminated) else 130
+    except BaseException as e:  # noqa: BLE001  (reported as one line; the traceback stays in the log)
+        traceback.print_exc()
+        text = describe_os_error(e) if isinstance(e, OSError) else str(e) or type(e).__name__
+        queue.put(("error", f"wsss: error: {one_line(text)}"))
+        code = 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A worker whose sweep died (killed alone) stops as if the sweep had stopped it, instead of training on."""
+    import signal
+
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _gpu_count() -> int:

@@ -433,6 +433,29 @@ def show_config(summary: Mapping[str, Any]) -> Any:
                         f"configuration</summary><pre>{html.escape(summary['all'])}</pre></details>"))
 
 
+RECORD_MIME = "application/vnd.wsss.record+json"  # a notebook's recorded values, in its outputs
+
+
+def record(**values: Any) -> None:
+    """Keep values the notebook shows in its output as data (plain JSON values), so tests and tools read
+    them back from the executed notebook as values (`recorded`), not by parsing printed text."""
+    from IPython.display import display
+
+    display({RECORD_MIME: values, "text/plain": ""}, raw=True)
+
+
+def recorded(notebook: Any) -> dict[str, Any]:
+    """Every value an executed notebook recorded (`record`), later records overriding earlier ones."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4) if not hasattr(notebook, "cells") else notebook
+    out: dict[str, Any] = {}
+    for cell in nb.cells:
+        for o in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            out.update(o.get("data", {}).get(RECORD_MIME, {}))
+    return out
+
+
 _SELF_CONTAINED = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
@@ -441,17 +464,11 @@ _SELF_CONTAINED = """{%- extends 'lab/index.html.j2' -%}
 """
 
 
-def _is_log_line(line: str) -> bool:
-    """A stage's own log line or a progress bar: the terminal's business, not a report's."""
-    import re
-
-    return line.startswith("[wsss]") or "\r" in line or bool(re.search(r"\d+%\||\|\s*\d+/\d+|\d+/\d+ \[", line))
-
-
 def notebook_html(notebook: Any) -> str:
     """An executed notebook as one self-contained HTML page for reading offline:
     code hidden, pictures embedded, no script loaded from the network, and the
-    stages' own log lines (`[wsss] ...`, progress bars) left out."""
+    stages' own log lines (`[wsss] 08_report: already done ...`: a notebook `wsss run`
+    executes finds its stages done) left out."""
     import copy
 
     import jinja2
@@ -463,7 +480,7 @@ def notebook_html(notebook: Any) -> str:
         for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             if out.get("output_type") == "stream":
                 text = out["text"] if isinstance(out["text"], str) else "".join(out["text"])
-                out["text"] = "".join(line for line in text.splitlines(keepends=True) if not _is_log_line(line))
+                out["text"] = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("[wsss]"))
         cell["outputs"] = [o for o in cell.get("outputs", []) if o.get("output_type") != "stream" or o["text"]]
     exporter = nbconvert.HTMLExporter(
         exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True,

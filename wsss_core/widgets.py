@@ -72,6 +72,10 @@ class CamInspector:
     def ids(self) -> list[str]:
         return list(self.images.ids)
 
+    def labelled_ids(self, n: int, ids: Sequence[str] | None = None) -> list[str]:
+        """The first `n` images (of `ids`; default: every image here) with a labelled class the model knows."""
+        return [i for i in (self.ids if ids is None else ids) if self.labelled_class_names(i)][:n]
+
     def labelled_class_names(self, image_id: str) -> list[str]:
         """The image's labelled classes that the model knows."""
         labels = self.images.labels[self.images.position(image_id)]

@@ -180,18 +180,18 @@ class LabelledImages(Sequence):
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
         i = self._index(i)
-        return self.image(i), self.labels[i].copy()
+        return read_image(self._paths[i]), self.labels[i].copy()
 
     @property
     def fg_classes(self) -> tuple[str, ...]:
         return self.classes[1:]
 
-    def image(self, i: int) -> np.ndarray:
-        """Image i as RGB uint8 HxWx3."""
-        return read_image(self._paths[self._index(i)])
+    def image(self, image_id: str) -> np.ndarray:
+        """Image `image_id` as RGB uint8 HxWx3 (by id, as `MaskSet.image`; by position: `self[i]`)."""
+        return read_image(self._paths[self.position(image_id)])
 
-    def image_path(self, i: int) -> Path:
-        return self._paths[self._index(i)]
+    def image_path(self, image_id: str) -> Path:
+        return self._paths[self.position(image_id)]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> LabelledImages:
         """The images at `indices` (ints, or a boolean mask of length N), in that order."""

@@ -23,4 +23,4 @@ class ImagesWithLabels:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         sid = self.ids[i]
-        return self.images.image(self.images.position(sid)), self.labels(sid)
+        return self.images.image(sid), self.labels(sid)

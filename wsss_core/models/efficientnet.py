@@ -66,8 +66,17 @@ def create_timm_lite0(output_stride: int = 32, with_classifier: bool = True) -> 
 
 @lru_cache(maxsize=1)
 def _timm_layout() -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(name, shape) of every tensor of timm's full model, in state-dict order."""
+    """(name, shape) of every tensor of timm's full model, in state-dict order.
+
+    Its first call in a process builds a randomly initialised model, which draws from the global torch RNG
+    after the stage has seeded it: every trained stage's figures so far were made that way, once per notebook
+    kernel, so `wsss run` clears it where a kernel used to start (`forget_layout`)."""
     return tuple((k, tuple(v.shape)) for k, v in create_timm_lite0().state_dict().items())
+
+
+def forget_layout() -> None:
+    """The next `_timm_layout` call builds (and draws) again, as the first call of a fresh process does."""
+    _timm_layout.cache_clear()
 
 
 def _kind(key: str) -> str:

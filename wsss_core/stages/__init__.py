@@ -57,7 +57,7 @@ def run_stage(name: str, cfg: Config, run: Run, force: bool = False, quiet: bool
     Refuses (StaleUpstreamError) when an upstream stage is missing or stale;
     `force` reruns it from scratch. Evaluation-only parameter changes
     re-evaluate the kept outputs. `quiet`: no "running / done" lines (`wsss run`
-    under torchrun prints its own).
+    prints its own).
     """
     s = stage(name)
     say = print if run.is_main and not quiet else (lambda *a, **k: None)  # not one line per torchrun process

@@ -38,7 +38,7 @@ def crf_stage(cfg: Config, run: Run) -> StageResult:
         def items():
             for sid in todo:
                 cam = CAMS.read(run, sid)
-                yield sid, images.image(images.position(sid)), cam.high_res, cam.keys
+                yield sid, images.image(sid), cam.high_res, cam.keys
 
         return confident_labels_many(items(), cfg.crf, cfg.crf.workers)
 
@@ -66,7 +66,7 @@ def crf_stage(cfg: Config, run: Run) -> StageResult:
 def crf_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[str, np.ndarray]]:
     """Image, strongest CAM, fg_conf, bg_conf and the final confident labels of one image."""
     images = dataset(cfg).labelled(cfg.cams.split)
-    image = images.image(images.ids.index(image_id))
+    image = images.image(image_id)
     cam = CAMS.read(run, image_id)
     fg, bg, labels = confident_label_parts(image, cam.high_res, cam.keys, cfg.crf)
     heat = cam.high_res.max(0) if len(cam.keys) else np.zeros(image.shape[:2], np.float32)
@@ -86,7 +86,7 @@ def crf_threshold_sweep(cfg: Config, run: Run, ids: list[str],
     out = []
     for fg, bg in pairs:
         c = dataclasses.replace(cfg.crf, conf_fg_thres=fg, conf_bg_thres=min(bg, fg))
-        maps = (confident_labels(images.image(images.position(i)), cams[i].high_res, cams[i].keys, c) for i in ids)
+        maps = (confident_labels(images.image(i), cams[i].high_res, cams[i].keys, c) for i in ids)
         s = confident_label_scores(maps, (masks.mask(i) for i in ids), ds.num_classes)
         out.append({"conf_fg_thres": fg, "conf_bg_thres": c.conf_bg_thres, "precision": s["precision"],
                     "coverage": s["coverage"], "miou": s["miou"]})

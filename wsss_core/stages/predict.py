@@ -83,7 +83,7 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
 
             def compute(todo: list[str]) -> Iterator[tuple[str, np.ndarray]]:
                 for sid in todo:
-                    yield sid, segment(net, images.image(images.position(sid)), p.tta_scales, p.tta_flip, device,
+                    yield sid, segment(net, images.image(sid), p.tta_scales, p.tta_flip, device,
                                        p.max_side, crf, p.precision)
 
             def evaluate() -> dict[str, Any]:
@@ -131,7 +131,7 @@ def prediction_panels(cfg: Config, run: Run, split: str, image_id: str,
     images = ds.labelled(split)
     per = scores.per_image_miou() if scores is not None else {}
     title = f"{image_id}" + (f" (mIoU {per[image_id]:.2f})" if image_id in per else "")
-    panels = [(title, images.image(images.ids.index(image_id))),
+    panels = [(title, images.image(image_id)),
               ("prediction", prediction_artifact(cfg, split).read(run, image_id))]
     full = prediction_artifact(cfg, split, "segmentation_full")
     if full.exists(run, image_id):
@@ -139,3 +139,8 @@ def prediction_panels(cfg: Config, run: Run, split: str, image_id: str,
     if ds.has_masks(split):
         panels.append(("ground truth", ds.masks(split).mask(image_id)))
     return panels
+
+
+def prediction_ious(kept: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per-class IoU of each kept prediction score ("segmentation (val)": ..., the bound's too)."""
+    return {f"{s.what} ({s.split})": s.summary()["iou"] for s in kept.values()}

@@ -65,7 +65,7 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
 
     def walked(todo: list[str]) -> Iterator[tuple[Any, ...]]:
         for sid in todo:
-            image = images.image(images.position(sid))
+            image = images.image(sid)
             # the walk uses the boundary map as stored (8 bits), so the notebook's sweeps repeat it exactly
             b = BOUNDARY_MAPS.quantize(boundary_map(model, image, device, cfg.pseudo_masks.flip))
             BOUNDARY_MAPS.write(run, sid, b)
@@ -158,7 +158,7 @@ def second_half_maps(cfg: Config, run: Run, image_id: str) -> dict[str, np.ndarr
     where the split has masks (evaluation only). Drawn by `viz.second_half_panels`."""
     ds = dataset(cfg)
     images = ds.labelled(cfg.cams.split)
-    image = images.image(images.position(image_id))
+    image = images.image(image_id)
     cam = CAMS.read(run, image_id)
     b = BOUNDARY_MAPS.read(run, image_id)
     rw, mask = walk(cfg.pseudo_masks, cam.cam, cam.keys, b, image.shape[:2])
@@ -173,3 +173,17 @@ def second_half_maps(cfg: Config, run: Run, image_id: str) -> dict[str, np.ndarr
     if ds.has_masks(cfg.cams.split):
         maps["ground_truth"] = ds.masks(cfg.cams.split).mask(image_id)
     return maps
+
+
+def stage_ious(run: Run, with_walk: bool) -> dict[str, dict[str, float]]:
+    """Per-class IoU of the same train images at each step of the second half (CAM, confident labels, the
+    walk's masks when the pseudo masks are refined, pseudo masks), from the scores each stage kept."""
+    kept = {"CAM": ("cams", "cam"), "confident labels": ("crf", "confident_labels"),
+            **({"walk's masks": ("pseudo_masks", "before_crf")} if with_walk else {}),
+            "pseudo masks": ("pseudo_masks", "pseudo_masks")}
+    return {name: read_scores(run, *where).summary()["iou"] for name, where in kept.items()}
+
+
+def sweep_axis(p: PseudoMasksConfig) -> str:
+    """The background parameter a pseudo-mask sweep moves: the constant threshold, or the walked power."""
+    return "sem_seg_bg_thres" if p.bg_power is None else "bg_power"

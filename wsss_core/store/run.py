@@ -132,8 +132,8 @@ class Run:
                             "remove the link and rerun")
         return path
 
-    def path(self, name: str) -> Path:
-        """The stage's own folder (created on demand, never outside the run folder)."""
+    def make_folder(self, name: str) -> Path:
+        """The stage's own folder, created if missing (never outside the run folder); `folder`: not created."""
         p = self.inside(self.folder(name))
         try:
             p.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ class Run:
         upstream (or all outputs, when `fresh`) are deleted first, so resuming
         never mixes files from two configurations; outputs that the current
         parameters still produce (a model, finished images) are kept."""
-        folder = self.path(name)
+        folder = self.make_folder(name)
         if self.is_main:
             if fresh:  # from scratch: nothing of the old stage is read (its manifest may be damaged)
                 old, stale = None, True
@@ -220,7 +220,7 @@ class Run:
     def finish(self, name: str, result: StageResult, started: str) -> None:
         if not self.is_main:
             return
-        folder = self.path(name)
+        folder = self.make_folder(name)
         write_json(folder / "metrics.json", result.metrics)
         self._write_manifest(
             name,
