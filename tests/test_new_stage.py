@@ -75,20 +75,25 @@ def smooth_stage(cfg, run):
 '''
 
 
-@pytest.fixture
-def toy_stage(tmp_path):
-    """The module and its notebook in a folder of their own (nothing in the repository)."""
-    folder = tmp_path / "plugin"
-    folder.mkdir()
+def stage_notebook(path, stage: str, after: str = "") -> None:
+    """A minimal stage notebook: parameters, then `run_stage(stage)` and its metrics printed (then `after`)."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_code_cell('config = "x"\nrun_dir = "x"\noverrides = {}', metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell("from wsss_core.pipeline import notebook_setup\nfrom wsss_core.stages import "
                                   "run_stage\ncfg, run = notebook_setup(config, run_dir, overrides)\n"
-                                  "print(run_stage('smooth', cfg, run).metrics)"),
+                                  f"print(run_stage({stage!r}, cfg, run).metrics){after}"),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, folder / "07_smooth.ipynb")
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def toy_stage(tmp_path):
+    """The module and its notebook in a folder of their own (nothing in the repository)."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    stage_notebook(folder / "07_smooth.ipynb", "smooth")
     notebook = f"notebook={str(folder / '07_smooth.ipynb')!r}"
     (folder / "toy_smooth.py").write_text(MODULE.replace("notebook=NOTEBOOK", notebook))
     return folder
@@ -219,15 +224,7 @@ def test_a_notebook_that_fails_to_draw_is_kept_aside_and_drawn_again_next_time(t
     notebook is left under its own name, so the next `wsss run` (which skips the stage) draws it again."""
     folder = tmp_path / "plugin"
     folder.mkdir()
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell('config = "x"\nrun_dir = "x"\noverrides = {}', metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell("from wsss_core.pipeline import notebook_setup\nfrom wsss_core.stages import "
-                                  "run_stage\ncfg, run = notebook_setup(config, run_dir, overrides)\n"
-                                  "print(run_stage('sketch', cfg, run).metrics)\nraise ValueError('cannot draw')"),
-    ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, folder / "sketch.ipynb")
+    stage_notebook(folder / "sketch.ipynb", "sketch", "\nraise ValueError('cannot draw')")
     (folder / "sketch_stage.py").write_text(DRAW_FAILS.replace("NOTEBOOK", repr(str(folder / "sketch.ipynb"))))
     env = {**os.environ, "WSSS_STAGES": "sketch_stage",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
