@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--against", choices=("uint8", "float16-full"), default="uint8")
     args = ap.parse_args()
 
-    from wsss_core.artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS
+    from wsss_core.artifacts import BOUNDARY_MAPS, CAMS, CONFIDENT_LABELS, PSEUDO_MASKS
     from wsss_core.config import load_config
     from wsss_core.crf import confident_labels, refined_mask
     from wsss_core.metrics import ConfusionMatrix
@@ -77,7 +77,7 @@ def main() -> None:
         other_bytes += size
         run_bytes += CAMS.path(run, sid).stat().st_size
         image, gt = images.image(sid), masks.mask(sid)
-        run_labels = IR_LABELS.read(run, sid)
+        run_labels = CONFIDENT_LABELS.read(run, sid)
         other_labels = confident_labels(image, high_res, cam.keys, cfg.crf)
         crf_diff += int((run_labels != other_labels).sum())
         for cm, lab in zip(labelled, (run_labels, other_labels)):

@@ -770,19 +770,19 @@ def test_a_full_disk_mid_stage_is_one_line_keeps_the_rest_and_resumes(finished, 
     assert r.returncode == 0, r.stderr
     line = (out / "1.err").read_text().strip().splitlines()
     assert (out / "1.rc").read_text().strip() == "2" and len(line) == 1, line
-    assert re.fullmatch(rf"wsss: error: disk full while writing {re.escape(str(m))}/run/03_crf/ir_labels/\S+\.png; "
+    assert re.fullmatch(rf"wsss: error: disk full while writing {re.escape(str(m))}/run/03_crf/confident_labels/\S+\.png; "
                         "free space and rerun the same command to resume", line[0]), line
     failed = out / "after-failure"
     for stage in ("00_data", "01_classifier", "01_label_filter", "02_cams"):
         assert snapshot(failed / stage) == snapshot(finished / stage)
-    partial = sorted(p.name for p in (failed / "03_crf" / "ir_labels").iterdir())
-    everything = sorted(p.name for p in (finished / "03_crf" / "ir_labels").iterdir())
+    partial = sorted(p.name for p in (failed / "03_crf" / "confident_labels").iterdir())
+    everything = sorted(p.name for p in (finished / "03_crf" / "confident_labels").iterdir())
     assert 0 < len(partial) < len(everything) and set(partial) < set(everything)  # no temp files either
     assert (out / "2.rc").read_text().strip() == "0", (out / "2.err").read_text()
     assert f"'computed': {len(everything) - len(partial)}," in (out / "2.out").read_text()
-    resumed = out / "resumed" / "03_crf" / "ir_labels"
+    resumed = out / "resumed" / "03_crf" / "confident_labels"
     for name in everything:
-        assert (resumed / name).read_bytes() == (finished / "03_crf" / "ir_labels" / name).read_bytes()
+        assert (resumed / name).read_bytes() == (finished / "03_crf" / "confident_labels" / name).read_bytes()
 
 
 def test_a_full_disk_in_wsss_run_and_wsss_predict_is_one_line(ci_full_run, finished, tmp_path):
@@ -802,7 +802,7 @@ def test_a_full_disk_in_wsss_run_and_wsss_predict_is_one_line(ci_full_run, finis
     assert (out / "run.rc").read_text().strip() == "2"
     line = (out / "run.err").read_text().strip().splitlines()  # the stage runs in `wsss run`: its own file
     assert len(line) == 1 and re.fullmatch(rf"wsss: error: disk full while writing {re.escape(str(m))}/run/03_crf/"
-                                           r"ir_labels/\S+\.png; free space and rerun the same command to resume",
+                                           r"confident_labels/\S+\.png; free space and rerun the same command to resume",
                                            line[0]), line
     for stage in ("00_data", "01_classifier", "01_label_filter", "02_cams"):
         assert snapshot(out / "run-after" / stage) == snapshot(finished / stage)

@@ -107,6 +107,17 @@ def test_overrides_go_through_the_same_validation():
         config_from_dict({}, {"cams.scales.x": 1})
 
 
+@pytest.mark.parametrize("old,new", [("upper_bound", "bound"), ("upper_bound_epochs", "bound_epochs")])
+def test_a_renamed_key_says_its_new_name_in_the_file_and_in_overrides(old, new, tmp_path):
+    """A config written before the bound had one name gets the new key, not a list of known keys."""
+    p = write(tmp_path, f"segmentation:\n  {old}: true\n")
+    with pytest.raises(ConfigError, match=rf"segmentation\.{old}: renamed segmentation\.{new}$"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=rf"^segmentation\.{old}: renamed segmentation\.{new}$"):
+        config_from_dict({}, {f"segmentation.{old}": 1})
+    assert config_from_dict({}, {f"segmentation.{new}": 1 if new == "bound_epochs" else True}) is not None
+
+
 def test_an_error_names_where_the_value_came_from(tmp_path):
     """A bad value from --set names the --set; one from the file names the file."""
     p = write(tmp_path, "classifier:\n  batch_size: 0\n")
@@ -160,7 +171,7 @@ def test_section_hash_tracks_only_its_sections():
     ("predict", "crf_gt_prob", None, 0.97, "output"), ("classifier", "recam_weight", 0.0, 0.7, "output"),
     ("classifier", "recam_epochs", 4, 2, "output"), ("classifier", "recam_lr", 1e-3, 1e-4, "output"),
     ("cams", "head", "classifier", "recam", "output"), ("segmentation", "val_every", 1, 3, "output"),
-    ("segmentation", "upper_bound_epochs", None, 25, "output"),
+    ("segmentation", "bound_epochs", None, 25, "output"),
     ("segmentation", "ignore_disagreement", False, True, "output"),
     ("predict", "precision", "float32", "bfloat16", "output")])
 def test_a_parameter_at_its_neutral_value_leaves_the_fingerprint_as_before_it_existed(section, key, neutral, other,

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from wsss_core.artifacts import CAMS, IR_LABELS, read_kept_ids
+from wsss_core.artifacts import CAMS, CONFIDENT_LABELS, read_kept_ids
 from wsss_core.stages import open_run
 from wsss_core.config import load_config
 
@@ -62,14 +62,14 @@ def test_cams_and_crf_with_two_processes_equal_one(ci_run, tmp_path):
     one, two = runs[1], runs[2]
     kept = read_kept_ids(one)
     assert len(kept) > 4
-    for artifact in (CAMS, IR_LABELS):
+    for artifact in (CAMS, CONFIDENT_LABELS):
         assert artifact.ids(one) == artifact.ids(two) == sorted(kept)
         assert not [p for p in artifact.dir(two).iterdir() if p.name.startswith(".")]  # no temp leftovers
     for i in kept:
         a, b = CAMS.read(one, i), CAMS.read(two, i)
         assert np.array_equal(a.keys, b.keys)
         assert np.array_equal(a.cam, b.cam) and np.array_equal(a.high_res, b.high_res)
-        assert np.array_equal(IR_LABELS.read(one, i), IR_LABELS.read(two, i))
+        assert np.array_equal(CONFIDENT_LABELS.read(one, i), CONFIDENT_LABELS.read(two, i))
     for stage in ("cams", "crf"):
         m1, m2 = one.manifest(stage), two.manifest(stage)
         assert m1["status"] == m2["status"] == "done"
@@ -130,17 +130,17 @@ def test_the_whole_pipeline_under_torchrun(ci_full_run, tmp_path):
     for k, name in enumerate(names, 1):  # rank 0 speaks: one line per stage
         assert out.count(f"[wsss] ({k}/{len(names)}) {name:<18} done in") == 1, out[-3000:]
     assert [n for n in names if f"[wsss] {STAGES[n].spec.folder}: " in out] == []  # nor run_stage's
-    assert out.count("[wsss] finished. Outputs:") == 1 and out.count("weak / full (val)") == 1
+    assert out.count("[wsss] finished. Outputs:") == 1 and out.count("weak / bound (val)") == 1
     assert not (root / ".wsss.lock").exists()
     for nb in {s.notebook for s in STAGES.values() if s.notebook}:  # the pictures, from rank 0
         cells = json.loads((root / "notebooks" / nb).read_text())["cells"]
         assert any(o.get("output_type") == "display_data" for c in cells for o in c.get("outputs", [])), nb
-    for name in ("classifier", "boundary", "segmentation", "segmentation_full"):
+    for name in ("classifier", "boundary", "segmentation", "bound"):
         m = two.manifest(name)["metrics"]
         assert m["world_size"] == 2 and len(set(m["param_checksums"])) == 1, (name, m["param_checksums"])
         assert one.manifest(name)["metrics"]["world_size"] == 1
     m1, m2 = one.manifest("predict")["metrics"], two.manifest("predict")["metrics"]
-    for key in ("val_miou", "full_val_miou"):  # in percent
+    for key in ("val_miou", "bound_val_miou"):  # in percent
         assert abs(m1[key] - m2[key]) <= 100 * MIOU_TOLERANCE, (key, m1[key], m2[key])
     for name in ("cams", "pseudo_masks"):
         a, b = one.manifest(name)["metrics"], two.manifest(name)["metrics"]
@@ -152,9 +152,9 @@ def test_the_whole_pipeline_under_torchrun(ci_full_run, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(root, again)
     kept = read_kept_ids(two)
-    for stage, folders in (("predict", ("07_predict/train", "07_predict/val", "07_predict/full")),
+    for stage, folders in (("predict", ("07_predict/train", "07_predict/val", "07_predict/bound")),
                            ("pseudo_masks", ("05_pseudo_masks/masks", "05_pseudo_masks/walk", "05_pseudo_masks/boundary")),
-                           ("crf", ("03_crf/ir_labels",)), ("cams", ("02_cams/cams",))):
+                           ("crf", ("03_crf/confident_labels",)), ("cams", ("02_cams/cams",))):
         torchrun("stage", stage, "--force", "--config", str(CONFIG), "--run-dir", str(again), nproc=1)
         for folder in folders:
             files = sorted(p.relative_to(root) for p in (root / folder).rglob("*") if p.is_file())

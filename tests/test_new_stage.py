@@ -125,7 +125,7 @@ def test_a_throw_away_stage_runs_through_wsss_run_and_the_report(toy_stage, ci_f
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("[wsss] (")]
     assert list(dict.fromkeys(line.split()[2] for line in lines)) == ["data", "classifier", "label_filter", "cams", "crf", "boundary",
-                                                   "pseudo_masks", "segmentation", "segmentation_full", "predict",
+                                                   "pseudo_masks", "segmentation", "bound", "predict",
                                                    "smooth", "report"]
     ran = list(dict.fromkeys(line.split()[2] for line in lines if "skipped" not in line))
     assert ran == ["smooth", "report"], r.stdout  # nothing else is redone

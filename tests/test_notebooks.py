@@ -75,7 +75,7 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path, capsys):
     run_pipeline(config, run_dir, from_stage="crf")
     # 06_segmentation.ipynb draws two stages: each line gives that stage's own seconds
     out = capsys.readouterr().out
-    for name, folder in (("segmentation", "06_segmentation"), ("segmentation_full", "06_segmentation_full")):
+    for name, folder in (("segmentation", "06_segmentation"), ("bound", "06_bound")):
         took = round(json.loads((run_dir / folder / "manifest.json").read_text())["seconds"])
         assert re.search(rf"\) {name} +done in {took} s: val mIoU", out), out
     # (the tool notebook cam_inspector runs on a finished ci run in JupyterLab: test_browser.py)
@@ -116,7 +116,7 @@ def test_pipeline_executes_every_notebook_with_ci_params(tmp_path, capsys):
 
     # (one changed parameter rerunning exactly its downstream through `wsss run`: the label-edit test below;
     # every parameter of the real stage graph: test_stage_graph.py)
-    assert (root / "report.html").is_file() and "weak / full" in (root / "report.html").read_text()
+    assert (root / "report.html").is_file() and "weak / bound" in (root / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -221,13 +221,13 @@ def test_a_pseudo_mask_change_reruns_the_segmenter_and_skips_its_bound(ci_full_r
     shutil.copytree(run.root, tmp_path / "run")
     capsys.readouterr()
     run_pipeline(REPO / "params" / "ci.yaml", tmp_path / "run", from_stage="pseudo_masks",
-                 to_stage="segmentation_full", overrides={"pseudo_masks.exp_times": 3})
+                 to_stage="bound", overrides={"pseudo_masks.exp_times": 3})
     out = capsys.readouterr().out
     seg = round(json.loads((tmp_path / "run" / "06_segmentation" / "manifest.json").read_text())["seconds"])
     assert re.search(r"\(1/3\) pseudo_masks +running \(05_pseudo_masks was made with other parameters "
                      r"\(pseudo_masks\.exp_times: 4 -> 3\)\)", out), out
     assert re.search(rf"\(2/3\) segmentation +done in {seg} s: val mIoU", out), out
-    assert re.search(r"\(3/3\) segmentation_full +skipped \(done\): val mIoU", out), out
+    assert re.search(r"\(3/3\) bound +skipped \(done\): val mIoU", out), out
 
     # stopping at the segmenter: its notebook still serves the bound, and the line still gives its own time
     run_pipeline(REPO / "params" / "ci.yaml", tmp_path / "run", from_stage="pseudo_masks",

@@ -261,7 +261,7 @@ def test_predictions_refined_by_a_dense_crf(ci_full_run, tmp_path):
     shutil.copytree(first.root, tmp_path / "run")
     cfg = load_config(REPO / "params" / "ci.yaml", {"predict.crf_gt_prob": 0.9})
     run = stages.open_run(tmp_path / "run", cfg)
-    assert run.is_done("segmentation_full") and not run.is_done("predict")
+    assert run.is_done("bound") and not run.is_done("predict")
     m = stages.run_stage("predict", cfg, run).metrics
     assert m["crf_gt_prob"] == 0.9 and run.manifest("segmentation") == first.manifest("segmentation")
     ds = stages.dataset(cfg)
@@ -312,7 +312,7 @@ def test_predictions_in_bfloat16(ci_full_run, tmp_path):
     shutil.copytree(first.root, tmp_path / "run")
     cfg = load_config(REPO / "params" / "ci.yaml", {"predict.precision": "bfloat16"})
     run = stages.open_run(tmp_path / "run", cfg)
-    assert run.is_done("segmentation_full") and not run.is_done("predict")
+    assert run.is_done("bound") and not run.is_done("predict")
     m = stages.run_stage("predict", cfg, run).metrics
     assert m["precision"] == "bfloat16" and run.manifest("segmentation") == first.manifest("segmentation")
     ds = stages.dataset(cfg)
@@ -338,7 +338,7 @@ def test_predictions_in_bfloat16(ci_full_run, tmp_path):
 
 def test_predict_with_the_bound_segments_as_the_run_did(ci_full_run, ci_run, tmp_path, capsys):
     """`wsss predict --model bound`: the fully supervised bound, with the run's TTA and CRF, writes the
-    very masks the predict stage wrote for it (07_predict/full/val/); the weak segmenter's differ. A run
+    very masks the predict stage wrote for it (07_predict/bound/val/); the weak segmenter's differ. A run
     without the bound is refused in one line before any work."""
     import shutil
 
@@ -355,7 +355,7 @@ def test_predict_with_the_bound_segments_as_the_run_did(ci_full_run, ci_run, tmp
     out = tmp_path / "bound"
     assert cli.main(["predict", "--run", str(run.root), "--images", str(folder), "--out", str(out),
                      "--model", "bound"]) == 0
-    bound, weak = prediction_artifact(cfg, "val", "segmentation_full"), prediction_artifact(cfg, "val")
+    bound, weak = prediction_artifact(cfg, "val", "bound"), prediction_artifact(cfg, "val")
     differs = 0
     for sid in ids:
         got = np.array(Image.open(out / f"{images.image_path(sid).stem}.png"))
@@ -364,10 +364,10 @@ def test_predict_with_the_bound_segments_as_the_run_did(ci_full_run, ci_run, tmp
     assert differs > 0  # the bound is another model than the weak segmenter
     no_bound = tmp_path / "no-bound"
     shutil.copytree(run.root, no_bound)
-    shutil.rmtree(no_bound / "06_segmentation_full")
+    shutil.rmtree(no_bound / "06_bound")
     capsys.readouterr()
     assert cli.main(["predict", "--run", str(no_bound), "--images", str(folder), "--out", str(tmp_path / "x"),
                      "--model", "bound"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "segmentation_full stage has not finished" in err and "segmentation.upper_bound: true" in err
+    assert "bound stage has not finished" in err and "segmentation.bound: true" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -184,38 +184,38 @@ def test_pseudo_mask_scores_are_recomputed_from_the_files(ci_full_run):
         walked.update(WALK_MASKS.read(run, sid), masks.mask(sid))
     assert m["walk_miou"] == pytest.approx(walked.miou(), abs=1e-12) and m["walk_miou"] != m["miou"]
     assert m["cam_miou"] == pytest.approx(run.manifest("cams")["metrics"]["miou_best"], abs=1e-12)
-    assert m["ir_labels_miou"] == pytest.approx(run.manifest("crf")["metrics"]["quality"]["miou"], abs=1e-12)
+    assert m["confident_labels_miou"] == pytest.approx(run.manifest("crf")["metrics"]["quality"]["miou"], abs=1e-12)
 
 
 def test_segmenters_and_predictions(ci_full_run):
     cfg, run = ci_full_run
     ds = stages.dataset(cfg)
-    weak, full = run.manifest("segmentation")["metrics"], run.manifest("segmentation_full")["metrics"]
-    assert weak["epochs"] == full["epochs"] == cfg.segmentation.epochs and full["enabled"]
-    assert weak["train_images"] == full["train_images"] == len(read_kept_ids(run))
+    weak, bound = run.manifest("segmentation")["metrics"], run.manifest("bound")["metrics"]
+    assert weak["epochs"] == bound["epochs"] == cfg.segmentation.epochs and bound["enabled"]
+    assert weak["train_images"] == bound["train_images"] == len(read_kept_ids(run))
     net = load_segmenter(model_path(run, "segmentation"))
     assert param_checksum(net) == pytest.approx(weak["param_checksums"][0], rel=1e-9)
-    assert param_checksum(load_segmenter(model_path(run, "segmentation_full"))) != param_checksum(net)
+    assert param_checksum(load_segmenter(model_path(run, "bound"))) != param_checksum(net)
     m = run.manifest("predict")["metrics"]
     val = ds.ids("val")
     art = predictions("val")
     assert art.ids(run) == sorted(val)
-    cm_weak, cm_full = ConfusionMatrix(ds.num_classes), ConfusionMatrix(ds.num_classes)
+    cm_weak, cm_bound = ConfusionMatrix(ds.num_classes), ConfusionMatrix(ds.num_classes)
     masks = ds.masks("val")
     for sid in val:
         pred = art.read(run, sid)
         assert pred.shape == masks.mask(sid).shape and pred.max() < ds.num_classes
         cm_weak.update(pred, masks.mask(sid))
-        cm_full.update(predictions("full/val").read(run, sid), masks.mask(sid))
+        cm_bound.update(predictions("bound/val").read(run, sid), masks.mask(sid))
     assert m["val_miou"] == round(100 * cm_weak.miou(), 2)
-    assert m["full_val_miou"] == round(100 * cm_full.miou(), 2)
-    assert m["weak_over_full"] == round(cm_weak.miou() / cm_full.miou(), 4)
+    assert m["bound_val_miou"] == round(100 * cm_bound.miou(), 2)
+    assert m["weak_over_bound"] == round(cm_weak.miou() / cm_bound.miou(), 4)
 
 
 def test_weak_segmenter_ignores_the_pixels_its_label_sources_disagree_on(ci_full_run, tmp_path):
     """`segmentation.ignore_disagreement`: the weak segmenter trains on the pseudo masks with 255 where
     the walk's mask or the confident labels say otherwise; only it is redone, the bound is not."""
-    from wsss_core.artifacts import IR_LABELS
+    from wsss_core.artifacts import CONFIDENT_LABELS
     from wsss_core.config import load_config
     from wsss_core.stages.segmentation import (_AgreedPseudoMasks, weak_training_examples,
                                                weak_training_pairs)
@@ -224,12 +224,12 @@ def test_weak_segmenter_ignores_the_pixels_its_label_sources_disagree_on(ci_full
     shutil.copytree(first.root, tmp_path / "run")
     cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.ignore_disagreement": True})
     run = stages.open_run(tmp_path / "run", cfg)
-    assert not run.is_done("segmentation") and run.is_done("segmentation_full")
+    assert not run.is_done("segmentation") and run.is_done("bound")
     ids = read_kept_ids(run)
     pairs = _AgreedPseudoMasks(stages.dataset(cfg).labelled(cfg.data.train_split), ids, run, refined=True)
     ignored = total = 0
     for i, sid in enumerate(ids):
-        mask, walk, sure = PSEUDO_MASKS.read(run, sid), WALK_MASKS.read(run, sid), IR_LABELS.read(run, sid)
+        mask, walk, sure = PSEUDO_MASKS.read(run, sid), WALK_MASKS.read(run, sid), CONFIDENT_LABELS.read(run, sid)
         expected = np.where((walk != mask) | ((sure != 255) & (sure != mask)), 255, mask)
         assert np.array_equal(pairs[i][1], expected)
         ignored, total = ignored + int((expected == 255).sum()), total + expected.size
@@ -238,7 +238,7 @@ def test_weak_segmenter_ignores_the_pixels_its_label_sources_disagree_on(ci_full
     m = run.manifest("segmentation")["metrics"]
     assert m["ignored_share"] == round(ignored / total, 5)
     assert m["param_checksums"][0] != first.manifest("segmentation")["metrics"]["param_checksums"][0]
-    assert run.is_done("segmentation_full") and not run.is_done("predict")  # predict uses the new segmenter
+    assert run.is_done("bound") and not run.is_done("predict")  # predict uses the new segmenter
     rows = weak_training_examples(cfg, run, ids[:2])  # the notebook's pictures: image, pseudo mask, trained on
     assert [[t for t, _ in row] for row in rows] == [[ids[0], "pseudo mask", "trained on"],
                                                      [ids[1], "pseudo mask", "trained on"]]
@@ -249,14 +249,14 @@ def test_weak_segmenter_ignores_the_pixels_its_label_sources_disagree_on(ci_full
                                                       "pseudo_masks.crf_gt_prob": None})
     pairs = weak_training_pairs(plain, run, ids)
     for i, sid in enumerate(ids):
-        mask, sure = PSEUDO_MASKS.read(run, sid), IR_LABELS.read(run, sid)
+        mask, sure = PSEUDO_MASKS.read(run, sid), CONFIDENT_LABELS.read(run, sid)
         assert np.array_equal(pairs[i][1], np.where((sure != 255) & (sure != mask), 255, mask))
     # a confident-label file of another size: one line naming both files
     from PIL import Image
 
-    Image.fromarray(np.zeros((5, 7), np.uint8)).save(IR_LABELS.path(run, ids[0]))
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(CONFIDENT_LABELS.path(run, ids[0]))
     h, w = PSEUDO_MASKS.read(run, ids[0]).shape
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(IR_LABELS.path(run, ids[0])))}: 7x5 label map, but the "
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(CONFIDENT_LABELS.path(run, ids[0])))}: 7x5 label map, but the "
                        rf"pseudo mask {re.escape(str(PSEUDO_MASKS.path(run, ids[0])))} is {w}x{h}$"):
         pairs[0]
 
@@ -266,18 +266,18 @@ def test_report_collects_every_stage(ci_full_run):
     report = json.loads((run.folder("report") / "report.json").read_text())
     assert list(report["miou"]) == ["CAM (train)", "confident labels (train)", "random-walk masks (train)",
                                     "pseudo masks (train)",
-                                    "segmenter (train)", "fully supervised (train)", "segmenter (val)",
-                                    "fully supervised (val)"]
+                                    "segmenter (train)", "bound (train)", "segmenter (val)",
+                                    "bound (val)"]
     # each split's lift on its own: the segmenter beside the pseudo masks it was trained on (the same images)
     assert {split: list(lift) for split, lift in report["lift"].items()} == {
-        "train": ["CAM", "random-walk masks", "pseudo masks", "segmenter", "fully supervised"],
-        "val": ["segmenter", "fully supervised"]}
+        "train": ["CAM", "random-walk masks", "pseudo masks", "segmenter", "bound"],
+        "val": ["segmenter", "bound"]}
     assert report["miou"]["pseudo masks (train)"] == run.manifest("pseudo_masks")["metrics"]["miou"]
     masks, cm = stages.dataset(cfg).masks("train"), ConfusionMatrix(len(report["classes"]))
     for sid in read_kept_ids(run):  # the segmenter's train score, recomputed from its prediction files
         cm.update(predictions("train").read(run, sid), masks.mask(sid))
     assert report["miou"]["segmenter (train)"] == pytest.approx(cm.miou(), abs=1e-12)
-    assert report["weak_over_full"] == run.manifest("predict")["metrics"]["weak_over_full"]
+    assert report["weak_over_bound"] == run.manifest("predict")["metrics"]["weak_over_bound"]
     assert set(report["timings"]) >= {"data", "classifier", "boundary", "segmentation", "predict"}
     assert report["machine"]["torch"] == torch.__version__
 

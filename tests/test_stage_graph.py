@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from wsss_core import stages
-from wsss_core.artifacts import CAMS, IR_LABELS, model_path, read_kept_ids, read_scores
+from wsss_core.artifacts import CAMS, CONFIDENT_LABELS, model_path, read_kept_ids, read_scores
 from wsss_core.config import load_config
 from wsss_core.store import StaleUpstreamError
 
@@ -104,7 +104,7 @@ def test_a_cam_parameter_reruns_cams_and_crf_and_clears_their_old_files(finished
     assert did == {"data": "skipped", "classifier": "skipped", "label_filter": "skipped", "cams": "ran",
                    "crf": "ran"}
     assert not stray.exists()  # outputs of other parameters are gone
-    assert CAMS.ids(run) == sorted(read_kept_ids(run)) == IR_LABELS.ids(run)
+    assert CAMS.ids(run) == sorted(read_kept_ids(run)) == CONFIDENT_LABELS.ids(run)
 
 
 def test_a_crf_parameter_reruns_only_crf(finished):
@@ -125,29 +125,29 @@ def test_force_reruns_exactly_one_stage_and_makes_its_downstream_stale(finished)
     assert stages.run_stage("classifier", cfg, run).skipped and stages.run_stage("label_filter", cfg, run).skipped
     # the CRF labels were made from the CAMs before the redo: stale, and rerun on request
     assert run.why_not_done("crf") == "03_crf is stale because its input was redone since: 02_cams"
-    crf_before = IR_LABELS.path(run, first).stat().st_mtime_ns
+    crf_before = CONFIDENT_LABELS.path(run, first).stat().st_mtime_ns
     r = stages.run_stage("crf", cfg, run)
     assert not r.skipped and r.metrics["computed"] == len(read_kept_ids(run))  # remade, not resumed
-    assert IR_LABELS.path(run, first).stat().st_mtime_ns != crf_before
+    assert CONFIDENT_LABELS.path(run, first).stat().st_mtime_ns != crf_before
     assert run.is_done("crf")
 
 
-def test_upper_bound_and_evaluation_changes_in_the_second_half(ci_full_run, tmp_path):
+def test_bound_and_evaluation_changes_in_the_second_half(ci_full_run, tmp_path):
     import json
 
     _, full = ci_full_run
     shutil.copytree(full.root, tmp_path / "run")
     weak_model = tmp_path / "run" / "06_segmentation" / "model.pt"
     before = stamp(weak_model)
-    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound": False})
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.bound": False})
     run = stages.open_run(tmp_path / "run", cfg)
     did = {n: stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order()}
     # turning the bound off retrains nothing: the weak segmenter does not depend on it
-    assert [n for n, skipped in did.items() if not skipped] == ["segmentation_full", "predict", "report"]
+    assert [n for n, skipped in did.items() if not skipped] == ["bound", "predict", "report"]
     assert stamp(weak_model) == before
-    assert "full_val_miou" not in run.manifest("predict")["metrics"]
+    assert "bound_val_miou" not in run.manifest("predict")["metrics"]
     # an evaluation-only change of the CAMs re-evaluates what reads their scores: pseudo masks, report
-    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound": False, "cams.bg_thresholds": [0.05]})
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.bound": False, "cams.bg_thresholds": [0.05]})
     run = stages.open_run(tmp_path / "run", cfg)
     did = {n: stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order()}
     assert [n for n, skipped in did.items() if not skipped] == ["cams", "pseudo_masks", "report"]
@@ -158,7 +158,7 @@ def test_upper_bound_and_evaluation_changes_in_the_second_half(ci_full_run, tmp_
 
 
 def test_the_bounds_own_epochs_retrain_only_the_bound(ci_full_run, tmp_path):
-    """`segmentation.upper_bound_epochs`: the bound trains for its own epochs, the weak segmenter (which
+    """`segmentation.bound_epochs`: the bound trains for its own epochs, the weak segmenter (which
     ignores the key) keeps its model's bytes; set back to the weak one's epochs, the key changes nothing."""
     from wsss_core.artifacts import read_history
 
@@ -167,17 +167,17 @@ def test_the_bounds_own_epochs_retrain_only_the_bound(ci_full_run, tmp_path):
     weak_model = tmp_path / "run" / "06_segmentation" / "model.pt"
     before = stamp(weak_model)
     epochs = cfg0.segmentation.epochs
-    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound_epochs": epochs + 1})
+    cfg = load_config(REPO / "params" / "ci.yaml", {"segmentation.bound_epochs": epochs + 1})
     run = stages.open_run(tmp_path / "run", cfg)
     did = {n: stages.run_stage(n, cfg, run).skipped for n in stages.pipeline_order()}
-    assert [n for n, skipped in did.items() if not skipped] == ["segmentation_full", "predict", "report"]
+    assert [n for n, skipped in did.items() if not skipped] == ["bound", "predict", "report"]
     assert stamp(weak_model) == before
-    assert [h["epoch"] for h in read_history(run, "segmentation_full")] == list(range(1, epochs + 2))
+    assert [h["epoch"] for h in read_history(run, "bound")] == list(range(1, epochs + 2))
     assert [h["epoch"] for h in read_history(run, "segmentation")] == list(range(1, epochs + 1))
-    assert run.manifest("segmentation_full")["metrics"]["epochs"] == epochs + 1
-    same = load_config(REPO / "params" / "ci.yaml", {"segmentation.upper_bound_epochs": None})
-    assert stages.open_run(tmp_path / "run", same).fingerprint("segmentation_full") == \
-        stages.open_run(full.root, cfg0).fingerprint("segmentation_full")
+    assert run.manifest("bound")["metrics"]["epochs"] == epochs + 1
+    same = load_config(REPO / "params" / "ci.yaml", {"segmentation.bound_epochs": None})
+    assert stages.open_run(tmp_path / "run", same).fingerprint("bound") == \
+        stages.open_run(full.root, cfg0).fingerprint("bound")
 
 
 def test_a_new_stage_version_redoes_that_stage_and_says_why(finished):
@@ -220,7 +220,7 @@ def test_a_stage_refuses_when_a_stage_further_up_was_redone_and_those_between_we
                            r"04_boundary is stale because its input was redone since: 03_crf\. "
                            r"Rerun from 'boundary' first \(wsss run --from boundary\)\.$"):
             stages.run_stage(name, c, stages.open_run(tmp_path / "run", c))
-    assert stages.run_stage("segmentation_full", cfg, run).skipped  # the bound reads only the real masks
+    assert stages.run_stage("bound", cfg, run).skipped  # the bound reads only the real masks
 
 
 def test_a_segmentation_seed_reruns_only_the_segmenters_and_after(ci_full_run, tmp_path):
@@ -232,11 +232,11 @@ def test_a_segmentation_seed_reruns_only_the_segmenters_and_after(ci_full_run, t
     cfg0, full = ci_full_run
     shutil.copytree(full.root, tmp_path / "run")
     upstream = ("data", "classifier", "label_filter", "cams", "crf", "boundary", "pseudo_masks")
-    redone = ("segmentation", "segmentation_full", "predict", "report")
+    redone = ("segmentation", "bound", "predict", "report")
     assert stages.pipeline_order() == [*upstream, *redone]
     first = stages.open_run(tmp_path / "run", cfg0)
     before = {n: fixtures.snapshot(first.folder(n)) for n in upstream}
-    weights = {n: model_path(first, n).read_bytes() for n in ("segmentation", "segmentation_full")}
+    weights = {n: model_path(first, n).read_bytes() for n in ("segmentation", "bound")}
     same = load_config(REPO / "params" / "ci.yaml", {"segmentation.seed": None})
     assert all(stages.open_run(tmp_path / "run", same).fingerprint(n) == first.fingerprint(n)
                for n in stages.pipeline_order())

@@ -48,7 +48,7 @@ def test_cams_stage_reports_a_threshold_sweep(ci_run):
 def test_crf_stage_writes_confident_label_pngs(ci_run):
     cfg, run = ci_run
     kept = read_kept_ids(run)
-    folder = run.make_folder("crf") / "ir_labels"
+    folder = run.make_folder("crf") / "confident_labels"
     assert sorted(p.stem for p in folder.glob("*.png")) == sorted(kept)
     for sid in kept[:5]:
         lab = np.array(Image.open(folder / f"{sid}.png"))

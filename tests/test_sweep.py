@@ -108,7 +108,7 @@ def test_seed_replicates_are_named_by_the_seeds_they_move():
     ("segmentation=three", "'three' is not a whole number of seeds"),
     ("cams=3", "'cams' draws no random numbers of its own; stages with a seed: classifier, label_filter, "
                "boundary, segmentation (or all)"),
-    ("segmentation_full=3", "(the bound trains with segmentation.seed)"),
+    ("bound=3", "(the bound trains with segmentation.seed)"),
     ("segmentation,segmentation=2", "a stage is named twice"),
 ])
 def test_a_bad_seeds_option_is_one_line(text, message, tmp_path, capsys):
@@ -142,7 +142,7 @@ def test_seed_replicates_share_everything_upstream_and_compare_pools_them(ci_ful
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((folder / "sweep.json").read_text())["seeds"] == "segmentation=2"
     names = ["base", "segmentation.seed=1"]
-    assert re.findall(r"\] (\w+) done in", r.stdout) == ["segmentation", "segmentation_full", "predict", "report"]
+    assert re.findall(r"\] (\w+) done in", r.stdout) == ["segmentation", "bound", "predict", "report"]
     for f in ("04_boundary/model.pt", "05_pseudo_masks/masks/train_0000.png", "01_classifier/model.pt"):
         assert {os.stat(folder / n / f).st_ino for n in names} == {os.stat(full.root / f).st_ino}
     weak = [folder / n / "06_segmentation" / "model.pt" for n in names]
@@ -152,8 +152,8 @@ def test_seed_replicates_share_everything_upstream_and_compare_pools_them(ci_ful
     c = compare_runs([folder], resamples=200)
     assert c.runs == ["base"] and c.members == {"base": names} and c.differs == {}
     runs = [open_run(folder / n, load_config(folder / n / "config.yaml")) for n in names]
-    values = [read_scores(x, "predict", "val_segmentation").miou() for x in runs]
-    m = c.miou["predict/val_segmentation"]["base"]
+    values = [read_scores(x, "predict", "val").miou() for x in runs]
+    m = c.miou["predict/val"]["base"]
     assert m.seeds == pytest.approx(tuple(values), abs=1e-12) and m.value == pytest.approx(np.mean(values))
     assert m.sd == pytest.approx(statistics.stdev(values), abs=1e-12) and not m.images_only
     cam = c.miou["cams/cam"]["base"]  # the shared CAMs: the same figure for both seeds
@@ -189,7 +189,7 @@ def test_the_sweep_computes_each_stage_once(sweep, ci_run):
     assert load_config(folder / "base-config.yaml") == load_config(CI_YAML)
     for n in names:
         assert load_config(folder / n / "notebooks" / "config.yaml").pseudo_masks.beta == float(n[5:])
-    for stage_file in ("01_classifier/model.pt", "03_crf/ir_labels/train_0000.png"):  # the reused first half
+    for stage_file in ("01_classifier/model.pt", "03_crf/confident_labels/train_0000.png"):  # the reused first half
         assert {os.stat(folder / n / stage_file).st_ino for n in names} == {os.stat(first.root / stage_file).st_ino}
     boundary = {os.stat(folder / n / "04_boundary" / "model.pt").st_ino for n in names}
     assert len(boundary) == 1  # trained once, by the first variant

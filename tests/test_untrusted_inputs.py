@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from wsss_core import cli, stages
-from wsss_core.artifacts import CAMS, IR_LABELS, PSEUDO_MASKS
+from wsss_core.artifacts import CAMS, CONFIDENT_LABELS, PSEUDO_MASKS
 from wsss_core.config import load_config
 from wsss_core.data import DataError, open_dataset
 from wsss_core.data.ids import check_image_id, id_problem, path_inside
@@ -86,7 +86,7 @@ PLANTS = {
     "boundary checkpoint": ("04_boundary/checkpoint.pt", "04_boundary", ["stage", "boundary"],
                             "training checkpoint"),
     "segmenter": ("06_segmentation/model.pt", None, ["stage", "predict", "--force"], "segmenter"),
-    "fully supervised segmenter": ("06_segmentation_full/model.pt", None, ["stage", "predict", "--force"],
+    "fully supervised segmenter": ("06_bound/model.pt", None, ["stage", "predict", "--force"],
                                    "segmenter"),
     "segmenter checkpoint": ("06_segmentation/checkpoint.pt", "06_segmentation", ["stage", "segmentation"],
                              "training checkpoint"),
@@ -286,7 +286,7 @@ def test_a_run_never_writes_outside_its_folders_even_for_an_id_that_got_through(
     """Defence in depth: the per-image artifacts build their paths with path_inside."""
     cfg, _ = ci_run
     run = stages.open_run(tmp_path / "run", cfg)
-    for artifact in (CAMS, IR_LABELS, PSEUDO_MASKS):
+    for artifact in (CAMS, CONFIDENT_LABELS, PSEUDO_MASKS):
         with pytest.raises(DataError, match="leads outside"):
             artifact.path(run, "../../escaped")
         with pytest.raises(DataError, match="leads outside"):

@@ -83,7 +83,7 @@ def test_widget_opens_on_the_runs_cam_settings(inspector, ci_run):
 
 
 def test_second_half_panels_come_from_the_stored_outputs(ci_full_run):
-    from wsss_core.artifacts import BOUNDARY_MAPS, IR_LABELS, PSEUDO_MASKS, WALK_MASKS, read_kept_ids
+    from wsss_core.artifacts import BOUNDARY_MAPS, CONFIDENT_LABELS, PSEUDO_MASKS, WALK_MASKS, read_kept_ids
 
     cfg, run = ci_full_run
     insp = CamInspector(cfg, run)
@@ -91,7 +91,7 @@ def test_second_half_panels_come_from_the_stored_outputs(ci_full_run):
     panels = dict(insp.second_half(kept[0]))
     assert list(panels) == ["CAM (stride 4, max)", "confident labels", "boundary", "random walk (max)",
                             "walk's mask", "pseudo mask", "ground truth"]
-    assert np.array_equal(panels["confident labels"], IR_LABELS.read(run, kept[0]))
+    assert np.array_equal(panels["confident labels"], CONFIDENT_LABELS.read(run, kept[0]))
     assert np.array_equal(panels["boundary"], BOUNDARY_MAPS.read(run, kept[0]))
     assert np.array_equal(panels["walk's mask"], WALK_MASKS.read(run, kept[0]))  # the walk repeats the stage
     assert np.array_equal(panels["pseudo mask"], PSEUDO_MASKS.read(run, kept[0]))

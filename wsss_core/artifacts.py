@@ -9,7 +9,7 @@ format is written and read in exactly one place:
 | kept train ids | 01_label_filter/kept.txt | write_kept_ids / read_kept_ids |
 | filter scores | 01_label_filter/scores.csv | write_filter_scores / read_filter_scores |
 | CAMs | 02_cams/cams/<id>.npz | CAMS.write / CAMS.read (CamResult: per-scale maps at feature resolution, float32 or uint8 + range) |
-| confident labels | 03_crf/ir_labels/<id>.png | IR_LABELS (0 bg, k class, 255 unconfident) |
+| confident labels | 03_crf/confident_labels/<id>.png | CONFIDENT_LABELS (0 bg, k class, 255 unconfident) |
 | boundary maps | 05_pseudo_masks/boundary/<id>.png | BOUNDARY_MAPS (uint8 = round(255 b)) |
 | pseudo masks | 05_pseudo_masks/masks/<id>.png | PSEUDO_MASKS (class ids, palette PNG) |
 | predictions | 07_predict/<split>/<id>.png | predictions(split) |
@@ -160,7 +160,7 @@ class BoundaryMaps(PerImage):
 
 
 CAMS = CamFiles("cams", "cams", ".npz")
-IR_LABELS = LabelMaps("crf", "ir_labels", ".png")
+CONFIDENT_LABELS = LabelMaps("crf", "confident_labels", ".png")
 BOUNDARY_MAPS = BoundaryMaps("pseudo_masks", "boundary", ".png")
 PSEUDO_MASKS = LabelMaps("pseudo_masks", "masks", ".png")
 WALK_MASKS = LabelMaps("pseudo_masks", "walk", ".png")  # the walk's masks before the CRF refinement

@@ -81,14 +81,14 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="segment a folder of new images with a finished run")
     pr.add_argument("--run", required=True, help="a run folder whose segmentation stage (or, for --model bound, "
-                    "segmentation_full) is done")
+                    "bound) is done")
     pr.add_argument("--images", required=True, help="folder of images (jpg, png, ...)")
     pr.add_argument("--out", required=True, help="output folder: one class-id PNG per image")
     pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                     help="test-time augmentation as the run's predict section (default on)")
     pr.add_argument("--model", choices=("weak", "bound"), default="weak",
                     help="weak: the segmenter trained on the pseudo masks; bound: the run's fully supervised "
-                         "bound (segmentation.upper_bound: true)")
+                         "bound (segmentation.bound: true)")
     pr.add_argument("--skip-bad", action="store_true", help="segment the readable images, list the others")
     pr.add_argument("--overwrite", action="store_true", help="replace existing output files")
     pr.add_argument("--layout", choices=("voc", "lid"), default=None,

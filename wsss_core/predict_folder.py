@@ -36,14 +36,14 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith("."))
 
 
-PREDICT_MODELS = {"weak": "segmentation", "bound": "segmentation_full"}  # `wsss predict --model` -> its stage
+PREDICT_MODELS = {"weak": "segmentation", "bound": "bound"}  # `wsss predict --model` -> its stage
 
 
 def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta: bool = True,
                    skip_bad: bool = False, overwrite: bool = False, device: str | None = None,
                    layout: str | None = None, model: str = "weak") -> list[Path]:
     """Segment every image of a folder with a finished run's segmenter (`model` 'weak'; 'bound': its
-    fully supervised bound, so weak / full can be measured on images outside the run): one class-id PNG
+    fully supervised bound, so weak / bound can be measured on images outside the run): one class-id PNG
     per image (`<stem>.png`, the input's size) in `out`.
 
     Checked before any work: the run's segmenter is finished; the folder has
@@ -75,7 +75,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     stage = PREDICT_MODELS[model]
     m = run.manifest(stage)
     if not m or m.get("status") != "done" or not model_path(run, stage).is_file():
-        hint = " (segmentation.upper_bound: true trains it)" if model == "bound" else ""
+        hint = " (segmentation.bound: true trains it)" if model == "bound" else ""
         raise ConfigError(f"{run_dir}: the {stage} stage has not finished "
                           f"({run.why_not_done(stage) or 'no model'}){hint}; run it first")
     if images.exists() and not images.is_dir():

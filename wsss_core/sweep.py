@@ -123,7 +123,7 @@ def parse_seeds(text: str | None) -> tuple[list[str], int] | None:
     known = {k.split(".")[0]: k for k in seed_keys(config_class()) if "." in k}
     for st in stages:
         if st not in known:
-            hint = " (the bound trains with segmentation.seed)" if st == "segmentation_full" else ""
+            hint = " (the bound trains with segmentation.seed)" if st == "bound" else ""
             raise ConfigError(f"--seeds {text}: {st!r} draws no random numbers of its own{hint}; stages with a seed: "
                               f"{', '.join(known)} (or all)")
     if len(set(stages)) != len(stages):

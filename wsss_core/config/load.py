@@ -104,14 +104,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: must be {wanted}, got {value!r}")
 
 
+RENAMED = {"segmentation.upper_bound": "segmentation.bound",  # one name for the bound (issue #36)
+           "segmentation.upper_bound_epochs": "segmentation.bound_epochs"}
+
+
+def _unknown(key: str, known: str) -> str:
+    """The line for a key no section has: its new name when it was renamed, else the known keys."""
+    if key in RENAMED:
+        return f"{key}: renamed {RENAMED[key]}"
+    return f"{key}: unknown key{known}"
+
+
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in fields]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known keys in {prefix or 'the top level'}: "
-                          f"{', '.join(sorted(fields))})", f"{where}{unknown[0]}")
+        raise ConfigError(_unknown(f"{where}{unknown[0]}", f" (known keys in {prefix or 'the top level'}: "
+                                   f"{', '.join(sorted(fields))})"), f"{where}{unknown[0]}")
     values = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -153,7 +164,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any], cls: type
             names = {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
             if part not in names:
                 known = f" (known keys in {'.'.join(parts[:i])}: {', '.join(sorted(names))})" if i and names else ""
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key{known}", dotted)
+                raise ConfigError(_unknown('.'.join(parts[: i + 1]), known), dotted)
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(typing.get_type_hints(section)[part]):
                     raise ConfigError(f"{dotted}: is a section; set its keys one by one (e.g. {dotted}.<key>=...), "

@@ -247,7 +247,7 @@ class SegmentationConfig:
     atrous_rates: tuple[int, int, int] = param((6, 12, 18), each(in_range(1, 100)), "ASPP rates (12/24/36 at stride 8)")
     crop_size: int = param(256, in_range(32, 2048))
     epochs: int = param(20, EPOCHS)
-    upper_bound_epochs: int | None = param(
+    bound_epochs: int | None = param(
         None, optional(EPOCHS), "the bound's epochs when they differ from the weak segmenter's (real masks keep "
         "teaching after pseudo masks stop: docs/QUALITY.md); null: `epochs`", neutral=None)
     batch_size: int = param(8, BATCH)
@@ -264,7 +264,7 @@ class SegmentationConfig:
     val_every: int = param(1, in_range(1, 10**6), "val mIoU after every N-th epoch and after the last (evaluation "
                            "only: the weights are the same for every N, but a change retrains, since checkpoint "
                            "best picks among the evaluated epochs); about 2 s a time on msrc", neutral=1)
-    upper_bound: bool = param(False, doc="also train on the real masks of the same images (stage segmentation_full)")
+    bound: bool = param(False, doc="also train on the real masks of the same images (stage bound)")
     ignore_disagreement: bool = param(
         False, doc="the weak segmenter ignores (255) pixels where the walk's mask or the confident labels (where "
         "confident) disagree with the refined pseudo mask", neutral=False)

@@ -1,5 +1,5 @@
 """Stage `boundary` (04_boundary): IRNet's class-boundary network, trained on
-pixel-pair affinities of the confident labels (03_crf/ir_labels) of the kept
+pixel-pair affinities of the confident labels (03_crf/confident_labels) of the kept
 train images; model.pt and history.json. Evaluated (masks, evaluation only)
 by boundary precision / recall against the class edges of the val masks."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import runtime
-from ..artifacts import IR_LABELS, history_path, model_path, read_kept_ids
+from ..artifacts import CONFIDENT_LABELS, history_path, model_path, read_kept_ids
 from ..config import BoundaryConfig, Config, ConfigError
 from ..data.pairs import ImagesWithLabels
 from ..evaluate import boundary_scores
@@ -54,7 +54,7 @@ def boundary_stage(cfg: Config, run: Run) -> StageResult:
         model = BoundaryNet(build_backbone(b.backbone, b.weights, b.output_stride), stem_input=b.stem_input)
         mean, std = model.normalization
         pairs = ImagesWithLabels(ds.labelled(cfg.data.train_split), read_kept_ids(run),
-                                 lambda sid: IR_LABELS.read(run, sid))
+                                 lambda sid: CONFIDENT_LABELS.read(run, sid))
         data = JointTensors(pairs, joint_train_transform(b.crop_size, b.augment, mean, std), seed,
                             target=AffinityTargets(b.radius))
         result = fit(model, data, affinity_training_loss(b.radius), model.param_groups(b.lr, b.weight_decay),
@@ -97,6 +97,6 @@ def boundary_examples(cfg: Config, run: Run, ids: list[str]) -> list[list[tuple[
     rows = []
     for sid in ids:
         image = images.image(sid)
-        rows.append([(sid, image), ("confident labels (white: 255)", IR_LABELS.read(run, sid)),
+        rows.append([(sid, image), ("confident labels (white: 255)", CONFIDENT_LABELS.read(run, sid)),
                      ("boundary map (stride 4)", boundary_map(model, image, device))])
     return rows

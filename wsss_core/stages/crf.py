@@ -1,5 +1,5 @@
 """Stage `crf` (03_crf): dense-CRF confident labels per image for IRNet
-(ir_labels/<id>.png: 0 background, k class, 255 unconfident), scored by
+(confident_labels/<id>.png: 0 background, k class, 255 unconfident), scored by
 precision and coverage against the masks (evaluation only)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..artifacts import CAMS, IR_LABELS, write_scores
+from ..artifacts import CAMS, CONFIDENT_LABELS, write_scores
 from ..config import Config, CrfConfig
 from ..crf import confident_label_parts, confident_label_scores, confident_labels, confident_labels_many
 from ..metrics import ImageScores
@@ -27,7 +27,8 @@ def _headline(m: dict) -> str:
 
 
 @register("crf", "03_crf", sections=("crf",), upstream=("data", "cams"), config=CrfConfig,
-          notebook="03_crf.ipynb", headline=_headline)
+          notebook="03_crf.ipynb", headline=_headline,
+          version=2)  # 2: the labels' folder is confident_labels/ (was ir_labels/): a run made before redoes them
 def crf_stage(cfg: Config, run: Run) -> StageResult:
     """Dense-CRF confident labels per image (0 bg, k class, 255 unconfident) for IRNet."""
     ds = dataset(cfg)
@@ -48,19 +49,19 @@ def crf_stage(cfg: Config, run: Run) -> StageResult:
         masks = ds.masks(split)
         scores = ImageScores("confident labels", split, ds.classes, "unconfident pixels (255) left out")
         for sid in ids:
-            labels, gt = IR_LABELS.read(run, sid), masks.mask(sid)
+            labels, gt = CONFIDENT_LABELS.read(run, sid), masks.mask(sid)
             scores.add(sid, labels, np.where(labels == 255, 255, gt).astype(np.uint8))
         write_scores(run, "crf", "confident_labels", scores)
         c = cfg.crf  # the sweep always holds the configured pair, so the chart shows where the run stands
         pairs = sorted({(f, c.conf_bg_thres) for f in (*c.sweep_fg_thresholds, c.conf_fg_thres)} |
                        {(c.conf_fg_thres, b) for b in (*c.sweep_bg_thresholds, c.conf_bg_thres)})
         sweep = crf_threshold_sweep(cfg, run, ids[: c.sweep_images], pairs) if c.sweep_images else []
-        return {"quality": confident_label_scores((IR_LABELS.read(run, sid) for sid in ids),
+        return {"quality": confident_label_scores((CONFIDENT_LABELS.read(run, sid) for sid in ids),
                                                   (masks.mask(sid) for sid in ids), ds.num_classes),
                 "sweep": sweep, "sweep_images": min(c.sweep_images, len(ids))}
 
-    metrics = for_each_image(run, IR_LABELS, ids, compute, "dense CRF", None, evaluate)
-    return StageResult(metrics=metrics, paths={"ir_labels": str(IR_LABELS.dir(run))})
+    metrics = for_each_image(run, CONFIDENT_LABELS, ids, compute, "dense CRF", None, evaluate)
+    return StageResult(metrics=metrics, paths={"confident_labels": str(CONFIDENT_LABELS.dir(run))})
 
 
 def crf_breakdown(cfg: Config, run: Run, image_id: str) -> list[tuple[str, np.ndarray]]:

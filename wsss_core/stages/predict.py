@@ -3,7 +3,7 @@
 a dense CRF over the classes each prediction holds) -> <split>/<id>.png (class
 ids at the input's size); per-class IoU, mIoU and the confusion matrix where
 masks exist. With the fully supervised bound trained, the same TTA and CRF
-score it (full/<split>/<id>.png) and the report states weak / full.
+score it (bound/<split>/<id>.png) and the report states weak / bound.
 
 The CRF's pairwise terms are the crf section's; the stage's fingerprint
 already holds them (through the pseudo masks upstream of the segmenter)."""
@@ -32,8 +32,14 @@ def check_predict(cfg: Config, ds: Any) -> None:
 
 
 def prediction_artifact(cfg: Config, split: str, model: str = "segmentation") -> LabelMaps:
-    """Where the predictions of one split live (the bound's under full/)."""
-    return predictions(split if model == "segmentation" else f"full/{split}", cfg.predict.layout)
+    """Where the predictions of one split live (the bound's under bound/)."""
+    return predictions(split if model == "segmentation" else f"bound/{split}", cfg.predict.layout)
+
+
+def score_key(split: str, model: str = "segmentation") -> str:
+    """The kept evaluation of one split's predictions, named as their folder: `val`, `val_bound`
+    (so the weak segmenter's come before the bound's, split by split, wherever scores are listed)."""
+    return split if model == "segmentation" else f"{split}_bound"
 
 
 @dataclass
@@ -43,21 +49,21 @@ class PredictResult:
     tta_scales: list[float]
     tta_flip: bool
     miou: dict[str, float | None]  # split -> mIoU of the segmenter trained on the pseudo masks
-    full_miou: dict[str, float | None]  # split -> mIoU of the fully supervised bound (None: not trained)
-    weak_over_full: float | None  # on data.val_split
+    bound_miou: dict[str, float | None]  # split -> mIoU of the fully supervised bound (None: not trained)
+    weak_over_bound: float | None  # on data.val_split
 
 
-_MODELS = {"segmentation": ("weak", "segmenter"), "segmentation_full": ("full", "fully supervised")}
+_MODELS = {"segmentation": ("weak", "segmenter"), "bound": ("bound", "bound")}
 
 
 def _headline(m: dict) -> str:
     if "val_miou" not in m:
         return f"{m.get('images', 0)} images"
-    full = f", full {m['full_val_miou']:.1f}, weak/full {m['weak_over_full']:.3f}" if "full_val_miou" in m else ""
-    return f"val mIoU {m['val_miou']:.1f}{full}"
+    bound = f", bound {m['bound_val_miou']:.1f}, weak/bound {m['weak_over_bound']:.3f}" if "bound_val_miou" in m else ""
+    return f"val mIoU {m['val_miou']:.1f}{bound}"
 
 
-@register("predict", "07_predict", sections=("predict",), upstream=("data", "segmentation", "segmentation_full"),
+@register("predict", "07_predict", sections=("predict",), upstream=("data", "segmentation", "bound"),
           config=PredictConfig, notebook="07_predict.ipynb", check=check_predict, headline=_headline)
 def predict_stage(cfg: Config, run: Run) -> StageResult:
     """Segment the predict splits with TTA and score them (the train split: the
@@ -69,10 +75,10 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
     crf = with_label_trust(cfg.crf, p.crf_gt_prob)
-    models = ["segmentation"] + (["segmentation_full"] if cfg.segmentation.upper_bound else [])
+    models = ["segmentation"] + (["bound"] if cfg.segmentation.bound else [])
     metrics: dict[str, Any] = {"tta_scales": list(p.tta_scales), "tta_flip": p.tta_flip, "crf_gt_prob": p.crf_gt_prob,
                                "precision": p.precision, "splits": {}}
-    miou: dict[str, dict[str, float | None]] = {"weak": {}, "full": {}}
+    miou: dict[str, dict[str, float | None]] = {"weak": {}, "bound": {}}
     for which in models:
         net = load_segmenter(model_path(run, which), device)
         short, what = _MODELS[which]
@@ -93,22 +99,22 @@ def predict_stage(cfg: Config, run: Run) -> StageResult:
                 scores = ImageScores(what, split, ds.classes, _tta_note(p))
                 for sid in ids:
                     scores.add(sid, art.read(run, sid), masks.mask(sid))
-                write_scores(run, "predict", f"{split}_{which}", scores)  # val_segmentation, val_segmentation_full
+                write_scores(run, "predict", score_key(split, which), scores)
                 return {"miou": scores.miou()}
 
-            desc = f"predict {split}" + (" (full)" if which != "segmentation" else "")
+            desc = f"predict {split}" + (" (bound)" if which != "segmentation" else "")
             m = for_each_image(run, art, ids, compute, desc, device, evaluate)
             metrics["splits"].setdefault(split, {})[short] = m
             miou[short][split] = m.get("miou")
     val = cfg.data.val_split
-    weak, full = miou["weak"].get(val), miou["full"].get(val)
-    ratio = round(weak / full, 4) if weak is not None and full else None
+    weak, bound = miou["weak"].get(val), miou["bound"].get(val)
+    ratio = round(weak / bound, 4) if weak is not None and bound else None
     if run.is_main:
-        write_result(run, "predict", PredictResult(list(p.tta_scales), p.tta_flip, miou["weak"], miou["full"], ratio))
+        write_result(run, "predict", PredictResult(list(p.tta_scales), p.tta_flip, miou["weak"], miou["bound"], ratio))
     if weak is not None:
         metrics.update({"val_miou": round(100 * weak, 2), "images": len(ds.ids(val))})
-    if full is not None:
-        metrics.update({"full_val_miou": round(100 * full, 2), "weak_over_full": ratio})
+    if bound is not None:
+        metrics.update({"bound_val_miou": round(100 * bound, 2), "weak_over_bound": ratio})
     return StageResult(metrics=metrics, paths={s: str(prediction_artifact(cfg, s).dir(run)) for s in p.splits})
 
 
@@ -133,9 +139,9 @@ def prediction_panels(cfg: Config, run: Run, split: str, image_id: str,
     title = f"{image_id}" + (f" (mIoU {per[image_id]:.2f})" if image_id in per else "")
     panels = [(title, images.image(image_id)),
               ("prediction", prediction_artifact(cfg, split).read(run, image_id))]
-    full = prediction_artifact(cfg, split, "segmentation_full")
-    if full.exists(run, image_id):
-        panels.append(("fully supervised", full.read(run, image_id)))
+    bound = prediction_artifact(cfg, split, "bound")
+    if bound.exists(run, image_id):
+        panels.append(("bound", bound.read(run, image_id)))
     if ds.has_masks(split):
         panels.append(("ground truth", ds.masks(split).mask(image_id)))
     return panels

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .. import runtime
-from ..artifacts import BOUNDARY_MAPS, CAMS, IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_scores, write_scores
+from ..artifacts import BOUNDARY_MAPS, CAMS, CONFIDENT_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_scores, write_scores
 from ..config import Config, CrfConfig, PseudoMasksConfig
 from ..crf import crf_many, refined_mask, with_label_trust
 from ..metrics import ConfusionMatrix, ImageScores, segmentation_scores
@@ -106,7 +106,7 @@ def pseudo_masks_stage(cfg: Config, run: Run) -> StageResult:
         sweep = pseudo_mask_sweep(cfg, run, ids[:n], sorted(backgrounds), sorted({*p.sweep_betas, p.beta})) if n else []
         # the masks the walk started from, on the same images (their stages' own evaluations)
         return {"miou": scores.miou(), **walk_miou, "cam_miou": read_scores(run, "cams", "cam").miou(),
-                "ir_labels_miou": read_scores(run, "crf", "confident_labels").miou(),
+                "confident_labels_miou": read_scores(run, "crf", "confident_labels").miou(),
                 "quality": segmentation_scores(scores.confusion, ds.classes), "sweep": sweep, "sweep_images": n}
 
     metrics = for_each_image(run, PSEUDO_MASKS, ids, compute, "random walk" if crf is None else "random walk + CRF",
@@ -165,7 +165,7 @@ def second_half_maps(cfg: Config, run: Run, image_id: str) -> dict[str, np.ndarr
     zeros = np.zeros(b.shape, np.float32)
     maps = {"image": image,
             "cam": (cam.cam.max(0) if len(cam.keys) else zeros).astype(np.float32),
-            "confident_labels": IR_LABELS.read(run, image_id),
+            "confident_labels": CONFIDENT_LABELS.read(run, image_id),
             "boundary": b,
             "walk": (rw.max(0) / max(float(rw.max()), 1e-12) if len(cam.keys) else zeros).astype(np.float32),
             **({"walk_mask": mask} if refine_crf(cfg) is not None else {}),

@@ -3,7 +3,7 @@ drawn by notebook 08_report, which `wsss run` exports to <run>/report.html
 (self-contained, code hidden): the per-class IoU of every evaluation the
 stages kept (CAMs, confident labels, pseudo masks, the segmenter and the fully
 supervised bound, on each split) side by side, the lift from stage to stage
-split by split, weak / full, the classifier's AP, the label filter's effect,
+split by split, weak / bound, the classifier's AP, the label filter's effect,
 timings, the parameters that differ from the defaults, the date and the
 machine. Its upstream is every stage before it (`registry.EVERY`)."""
 
@@ -58,7 +58,7 @@ def collect_report(cfg: Config, run: Run) -> dict[str, Any]:
         "lift": {split: {r["what"]: r["miou"] for r in rows if r["split"] == split and r["key"] != "confident_labels"}
                  for split in dict.fromkeys(r["split"] for r in rows)},
         "per_class_iou": {r["label"]: r["iou"] for r in rows},
-        "weak_over_full": predict.get("weak_over_full"),
+        "weak_over_bound": predict.get("weak_over_bound"),
         "classifier": result("classifier", ClassifierResult),
         "label_filter": result("label_filter", LabelFilterResult),
         "timings": timings,
@@ -83,10 +83,10 @@ def config_summary(cfg: Config) -> dict[str, Any]:
 
 def miou_table(report: dict[str, Any]) -> str:
     """The per-stage mIoU table printed at the end of `wsss run`."""
-    w = max(len("weak / full (val)"), *(len(k) for k in report["miou"]))
+    w = max(len("weak / bound (val)"), *(len(k) for k in report["miou"]))
     rows = [f"  {k:<{w}}  {100 * v:5.1f}" for k, v in report["miou"].items() if v is not None]
-    if report.get("weak_over_full") is not None:
-        rows.append(f"  {'weak / full (val)':<{w}}  {report['weak_over_full']:5.3f}")
+    if report.get("weak_over_bound") is not None:
+        rows.append(f"  {'weak / bound (val)':<{w}}  {report['weak_over_bound']:5.3f}")
     return "\n".join([f"  {'stage':<{w}}   mIoU", *rows])
 
 
@@ -115,5 +115,5 @@ def report_stage(cfg: Config, run: Run) -> StageResult:
     """Collect every stage's results into 08_report/report.json."""
     report = collect_report(cfg, run)
     path = write_report(run, report) if run.is_main else run.folder("report") / "report.json"
-    return StageResult(metrics={"miou": report["miou"], "weak_over_full": report["weak_over_full"]},
+    return StageResult(metrics={"miou": report["miou"], "weak_over_bound": report["weak_over_bound"]},
                        paths={"report": str(path), "html": str(run.root / REPORT_HTML)})

@@ -1,9 +1,9 @@
-"""Stages `segmentation` (06_segmentation) and `segmentation_full`
-(06_segmentation_full): step 3's DeepLabV3+ (smp) trained on the pseudo masks
-of the kept train images, and, when `segmentation.upper_bound` is on, the same
+"""Stages `segmentation` (06_segmentation) and `bound`
+(06_bound): step 3's DeepLabV3+ (smp) trained on the pseudo masks
+of the kept train images, and, when `segmentation.bound` is on, the same
 network, settings and images trained on the real masks: the fully supervised
-bound that says how close the weak labels come (weak / full). The bound may
-train longer (`segmentation.upper_bound_epochs`): exact masks keep teaching
+bound that says how close the weak labels come (weak / bound). The bound may
+train longer (`segmentation.bound_epochs`): exact masks keep teaching
 after pseudo masks stop.
 
 Recipe: pixel cross-entropy ignoring 255, SGD with the head at 10x the
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .. import runtime
-from ..artifacts import (IR_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_best_weights, read_history,
+from ..artifacts import (CONFIDENT_LABELS, PSEUDO_MASKS, WALK_MASKS, model_path, read_best_weights, read_history,
                          read_kept_ids, write_best_weights)
 from ..config import Config, ConfigError, SegmentationConfig
 from ..data.pairs import ImagesWithLabels
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
 def check_segmentation(cfg: Config, ds: Any) -> None:
     check_split(cfg, ds, "data.val_split", cfg.data.val_split)
-    if cfg.segmentation.upper_bound and not ds.has_masks(cfg.data.train_split):
-        raise ConfigError(f"segmentation.upper_bound: split {cfg.data.train_split!r} has no masks to train the "
+    if cfg.segmentation.bound and not ds.has_masks(cfg.data.train_split):
+        raise ConfigError(f"segmentation.bound: split {cfg.data.train_split!r} has no masks to train the "
                           "fully supervised bound on (set it to false)")
 
 
@@ -83,7 +83,7 @@ class _AgreedPseudoMasks(ImagesWithLabels):
         from ..random_walk import agreed_labels
 
         mask = PSEUDO_MASKS.read(self.run, sid)
-        for art in (IR_LABELS, WALK_MASKS) if self.refined else (IR_LABELS,):
+        for art in (CONFIDENT_LABELS, WALK_MASKS) if self.refined else (CONFIDENT_LABELS,):
             other = art.read(self.run, sid)
             if other.shape != mask.shape:  # name the files
                 raise ValueError(f"{art.path(self.run, sid)}: {other.shape[1]}x{other.shape[0]} label map, but the "
@@ -212,14 +212,14 @@ class _BestKeeper:
 
 def _headline(m: dict) -> str:
     if not m.get("enabled", True):
-        return "off (segmentation.upper_bound: false)"
+        return "off (segmentation.bound: false)"
     return f"val mIoU {100 * m['val_miou']:.1f}, {m['epochs']} epochs" if "val_miou" in m else f"{m['epochs']} epochs"
 
 
 @register("segmentation", "06_segmentation", sections=("seed", "segmentation"),
           upstream=("data", "label_filter", "pseudo_masks"), config=SegmentationConfig, notebook="06_segmentation.ipynb",
           check=check_segmentation, headline=_headline,
-          ignore=("segmentation.upper_bound", "segmentation.upper_bound_epochs"))
+          ignore=("segmentation.bound", "segmentation.bound_epochs"))
 def segmentation_stage(cfg: Config, run: Run) -> StageResult:
     """DeepLabV3+ on the pseudo masks of the kept train images."""
     pairs = weak_training_pairs(cfg, run, read_kept_ids(run))
@@ -229,20 +229,20 @@ def segmentation_stage(cfg: Config, run: Run) -> StageResult:
     return StageResult(metrics=metrics, paths={"model": str(model_path(run, "segmentation"))})
 
 
-@register("segmentation_full", "06_segmentation_full", sections=("seed", "segmentation"),
+@register("bound", "06_bound", sections=("seed", "segmentation"),
           upstream=("data", "label_filter"), notebook="06_segmentation.ipynb", check=check_segmentation,
           headline=_headline, ignore=("segmentation.ignore_disagreement",))
-def segmentation_full_stage(cfg: Config, run: Run) -> StageResult:
+def bound_stage(cfg: Config, run: Run) -> StageResult:
     """The fully supervised bound: the same segmenter on the real masks of the same images."""
-    if not cfg.segmentation.upper_bound:
+    if not cfg.segmentation.bound:
         return StageResult(metrics={"enabled": False})
     ds = dataset(cfg)
     split = cfg.data.train_split
-    epochs = cfg.segmentation.upper_bound_epochs or cfg.segmentation.epochs
-    metrics = train_segmenter(cfg, run, "segmentation_full", _MaskPairs(ds.masks(split), read_kept_ids(run)),
-                              "segmenter (real masks)", epochs)
+    epochs = cfg.segmentation.bound_epochs or cfg.segmentation.epochs
+    metrics = train_segmenter(cfg, run, "bound", _MaskPairs(ds.masks(split), read_kept_ids(run)),
+                              "bound", epochs)
     return StageResult(metrics={"enabled": True, **metrics},
-                       paths={"model": str(model_path(run, "segmentation_full"))})
+                       paths={"model": str(model_path(run, "bound"))})
 
 
 def segmentation_examples(cfg: Config, run: Run, split: str, ids: list[str]) -> list[list[tuple[str, np.ndarray]]]:
@@ -254,8 +254,8 @@ def segmentation_examples(cfg: Config, run: Run, split: str, ids: list[str]) -> 
     ds = dataset(cfg)
     device = runtime.resolve_device(cfg.device)
     nets = [("weak", load_segmenter(model_path(run, "segmentation"), device))]
-    if cfg.segmentation.upper_bound and model_path(run, "segmentation_full").is_file():
-        nets.append(("full", load_segmenter(model_path(run, "segmentation_full"), device)))
+    if cfg.segmentation.bound and model_path(run, "bound").is_file():
+        nets.append(("bound", load_segmenter(model_path(run, "bound"), device)))
     masks = ds.masks(split) if ds.has_masks(split) else None
     images = ds.labelled(split)
     rows = []
