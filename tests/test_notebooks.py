@@ -235,3 +235,29 @@ def test_a_pseudo_mask_change_reruns_the_segmenter_and_skips_its_bound(ci_full_r
     out = capsys.readouterr().out
     seg = round(json.loads((tmp_path / "run" / "06_segmentation" / "manifest.json").read_text())["seconds"])
     assert re.search(rf"\(2/2\) segmentation +done in {seg} s: val mIoU", out), out
+
+
+def test_no_draw_runs_the_stages_and_leaves_the_drawing_to_a_later_run(ci_full_run, tmp_path, capsys):
+    """`wsss run --no-draw` executes no notebook (numbers only, as a sweep wants them); the next run with
+    drawing draws the notebooks of the stages done since, and redoes no stage."""
+    import shutil
+
+    from wsss_core import cli
+
+    _, finished = ci_full_run
+    root = tmp_path / "run"
+    shutil.copytree(finished.root, root)
+    shutil.rmtree(root / "notebooks", ignore_errors=True)
+    args = ["run", "--config", str(REPO / "params" / "ci.yaml"), "--run-dir", str(root), "--from", "predict"]
+    capsys.readouterr()
+    assert cli.main([*args, "--force", "report", "--no-draw"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\(1/2\) predict +skipped \(done\)", out) and re.search(r"\(2/2\) report +done in", out), out
+    assert "[wsss] no notebook drawn (--no-draw)" in out and "executed notebooks" not in out
+    assert not (root / "notebooks").exists()
+    report = (root / "08_report" / "manifest.json").stat().st_mtime_ns
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\(2/2\) report +skipped \(done\)", out), out
+    assert sorted(p.name for p in (root / "notebooks").glob("*.ipynb")) == ["07_predict.ipynb", "08_report.ipynb"]
+    assert (root / "08_report" / "manifest.json").stat().st_mtime_ns == report  # drawn, not redone

@@ -192,16 +192,17 @@ def test_a_new_stage_version_redoes_that_stage_and_says_why(finished):
     fingerprints = {n: before.fingerprint(n) for n in ORDER}
     with registry.scratch():
         s = registry.STAGES["crf"]
-        registry.STAGES["crf"] = dataclasses.replace(s, spec=dataclasses.replace(s.spec, version=2))
+        v = s.spec.version
+        registry.STAGES["crf"] = dataclasses.replace(s, spec=dataclasses.replace(s.spec, version=v + 1))
         run = stages.open_run(finished, cfg)
         assert {n: run.fingerprint(n) for n in ORDER if n != "crf"} == \
                {n: f for n, f in fingerprints.items() if n != "crf"}
         assert run.fingerprint("crf") != fingerprints["crf"]
-        assert run.why_not_done("crf") == ("03_crf was made by version 1 of the stage's code, which gives other "
-                                           "outputs than version 2")
+        assert run.why_not_done("crf") == (f"03_crf was made by version {v} of the stage's code, which gives "
+                                           f"other outputs than version {v + 1}")
         did, run = rerun(finished, {})
         assert did == {**dict.fromkeys(ORDER, "skipped"), "crf": "ran"}
-        assert run.manifest("crf")["version"] == 2 and run.is_done("crf")
+        assert run.manifest("crf")["version"] == v + 1 and run.is_done("crf")
     assert "version" not in before.manifest("classifier")  # version 1 is not written: old manifests still hold
 
 

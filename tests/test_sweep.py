@@ -137,12 +137,13 @@ def test_seed_replicates_share_everything_upstream_and_compare_pools_them(ci_ful
     _, full = ci_full_run
     folder = tmp_path / "seeds"
     r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir",
-                        str(folder), "--seeds", "segmentation=2", "--reuse", str(full.root)],
+                        str(folder), "--seeds", "segmentation=2", "--reuse", str(full.root), "--no-draw"],
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((folder / "sweep.json").read_text())["seeds"] == "segmentation=2"
     names = ["base", "segmentation.seed=1"]
     assert re.findall(r"\] (\w+) done in", r.stdout) == ["segmentation", "bound", "predict", "report"]
+    assert not list((folder / names[1]).glob("notebooks/*.ipynb"))  # --no-draw: numbers only
     for f in ("04_boundary/model.pt", "05_pseudo_masks/masks/train_0000.png", "01_classifier/model.pt"):
         assert {os.stat(folder / n / f).st_ino for n in names} == {os.stat(full.root / f).st_ino}
     weak = [folder / n / "06_segmentation" / "model.pt" for n in names]
@@ -254,7 +255,7 @@ def test_a_grid_over_an_evaluation_field_re_evaluates_shared_stages_without_touc
     folder = tmp_path / "eval"
     r = subprocess.run([sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir",
                         str(folder), "--grid", "cams.bg_thresholds=[0.1],[0.3]", "--to", "cams", "--reuse",
-                        str(first.root)], capture_output=True, text=True, timeout=900)
+                        str(first.root), "--no-draw"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert snapshot(first.root) == before
     a, b = (json.loads((folder / n / "02_cams" / "result.json").read_text())
@@ -296,7 +297,7 @@ def test_a_killed_sweep_resumes_with_nothing_finished_redone(ci_run, tmp_path):
     _, first = ci_run
     folder = tmp_path / "walk"
     cmd = [sys.executable, "-m", "wsss_core.cli", "sweep", "--config", str(CI_YAML), "--run-dir", str(folder),
-           "--grid", "pseudo_masks.beta=3,5", "--to", "pseudo_masks", "--reuse", str(first.root)]
+           "--grid", "pseudo_masks.beta=3,5", "--to", "pseudo_masks", "--reuse", str(first.root), "--no-draw"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     done = folder / "beta=3" / "05_pseudo_masks" / "manifest.json"
     deadline = time.monotonic() + 600

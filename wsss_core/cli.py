@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_stage", default=None, metavar="STAGE")
     r.add_argument("--to", dest="to_stage", default=None, metavar="STAGE")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo this stage from scratch")
+    r.add_argument("--no-draw", dest="draw", action="store_false",
+                   help="execute no notebook (numbers only); a later run without it draws them")
 
     s = sub.add_parser("stage", help="run one stage function (what torchrun launches)")
     s.add_argument("name")
@@ -70,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, default=1, help="variants run at once (each on its own GPU if several)")
     sw.add_argument("--reuse", action="append", default=[], metavar="RUN",
                     help="take finished stages with the same parameters from this run")
+    sw.add_argument("--no-draw", dest="draw", action="store_false",
+                    help="the variants execute no notebook (numbers only: compare needs none)")
 
     cp = sub.add_parser("compare", help="what differs between runs, mIoU with bootstrap intervals, time")
     cp.add_argument("runs", nargs="+", help="a sweep folder, or run folders (one run: its intervals alone)")
@@ -109,7 +113,7 @@ def _run(args: argparse.Namespace) -> None:
         from .pipeline import run_pipeline
 
         root = run_pipeline(args.config, args.run_dir, args.from_stage, args.to_stage, overrides,
-                            force=args.force)
+                            force=args.force, draw=args.draw)
         from . import runtime
         from .stages import open_run, summary_lines
 
@@ -117,7 +121,8 @@ def _run(args: argparse.Namespace) -> None:
             return
 
         print(f"[wsss] finished. Outputs: {root}")
-        print(f"[wsss] executed notebooks: {root / 'notebooks'}")
+        print(f"[wsss] executed notebooks: {root / 'notebooks'}" if args.draw else
+              "[wsss] no notebook drawn (--no-draw): `wsss run` without it draws them")
         for line in summary_lines(open_run(root, load_config(args.config, overrides))):
             print(line)
     elif args.command == "stage":
@@ -143,7 +148,7 @@ def _run(args: argparse.Namespace) -> None:
         from .sweep import run_sweep
 
         run_sweep(args.config, args.run_dir, args.grid, overrides, args.to_stage, args.jobs, args.reuse,
-                  seeds=args.seeds)
+                  seeds=args.seeds, draw=args.draw)
     elif args.command == "compare":
         from pathlib import Path
 

@@ -291,9 +291,11 @@ def run_pipeline(
     overrides: Mapping[str, Any] | None = None,
     force: Sequence[str] = (),
     echo: Callable[[StageEvent], None] | None = None,
+    draw: bool = True,
 ) -> Path:
     """Run the stages in order in this process, each notebook drawing once its stages are done; returns the
-    run directory.
+    run directory. `draw=False` (`--no-draw`): no notebook is executed; a later run with drawing draws the
+    notebooks of every stage done by then (their executed copies are missing or older than the stages).
 
     Parameters and stage names are validated before anything is written. A
     stage done with the same inputs is skipped; `force` names stages to redo
@@ -338,14 +340,14 @@ def run_pipeline(
         reasons = {name: run.why_not_done(name) for name in stages}
         runtime.barrier()
         try:
-            _run_stages(stages, force, reasons, run, cfg, ctrl_c, echo, draw=not distributed)
+            _run_stages(stages, force, reasons, run, cfg, ctrl_c, echo, draw=draw and not distributed)
         except BaseException:
             if distributed:
                 runtime.leave_distributed(wait=False)  # an undestroyed gloo group aborts the exit
             raise
         if distributed:
             runtime.leave_distributed(wait=True)
-            if run.is_main:  # after the group is gone: no process waits at a barrier while rank 0 draws
+            if draw and run.is_main:  # after the group is gone: no process waits at a barrier while rank 0 draws
                 for name in stages:
                     _draw(name, stages, run, cfg, ctrl_c, echo)
         if ctrl_c.is_set():  # swallowed during the last stage: still not a clean finish

@@ -256,9 +256,9 @@ def share_finished_stages(run: Run, sources: Sequence[Run], to_stage: str | None
 def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[str],
               overrides: Mapping[str, Any] | None = None, to_stage: str | None = None, jobs: int = 1,
               reuse: Sequence[str | Path] = (), echo: Callable[[str], None] | None = None,
-              seeds: str | None = None) -> Path:
+              seeds: str | None = None, draw: bool = True) -> Path:
     """Run every variant of the grid (each with its seed replicates: `seeds`, as `--seeds`) in `sweep_dir`;
-    returns it."""
+    returns it. `draw=False`: the variants execute no notebook."""
     echo = echo or (lambda s: print(s, flush=True))
     overrides = dict(overrides or {})
     config = Path(config).resolve()
@@ -292,7 +292,7 @@ def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[st
             write_text(base, dump_config(load_config(config)))
         runs = [open_run(sweep_dir / v.name, load_config(base, v.overrides)) for v in todo]
         owners = _owners(runs, to_stage, reused)
-        _schedule(todo, runs, owners, reused, base, to_stage, jobs, echo)
+        _schedule(todo, runs, owners, reused, base, to_stage, jobs, echo, draw)
     echo(f"[wsss] sweep finished: {len(todo)} variants in {sweep_dir} (wsss compare {sweep_dir})")
     return sweep_dir
 
@@ -326,7 +326,7 @@ def _owners(runs: Sequence[Run], to_stage: str | None, reused: Sequence[Run]) ->
 
 
 def _schedule(todo: Sequence[Variant], runs: Sequence[Run], deps: Sequence[set[int]], reused: Sequence[Run],
-              config: Path, to_stage: str | None, jobs: int, echo: Callable[[str], None]) -> None:
+              config: Path, to_stage: str | None, jobs: int, echo: Callable[[str], None], draw: bool = True) -> None:
     """Run the variants, each once the variants it shares stages with are done, `jobs` at a time, each in a
     worker process whose events come back as values on its queue."""
     n = len(todo)
@@ -347,7 +347,8 @@ def _schedule(todo: Sequence[Variant], runs: Sequence[Run], deps: Sequence[set[i
                                       lambda s, tag=tag: echo(f"{tag} {s}"))
                 slot = free_slots.pop(0)
                 slot_of[i] = slot
-                running[i] = _Worker(todo[i], runs[i], config, to_stage, tag, slot % gpus if gpus > 1 else None)
+                running[i] = _Worker(todo[i], runs[i], config, to_stage, tag, slot % gpus if gpus > 1 else None,
+                                     draw)
             if not running:
                 blocked = [todo[i].name for i in range(n) if i not in done and todo[i].name not in failed]
                 raise FileError(f"sweep: variants {', '.join(blocked)} wait for variants that failed")
@@ -383,7 +384,8 @@ class _Worker:
     """One variant's `run_pipeline` in a process of its own (spawned: a fresh interpreter, whatever threads
     and CUDA state this one has); its StageEvents and its error line come back on a queue."""
 
-    def __init__(self, v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, gpu: int | None):
+    def __init__(self, v: Variant, run: Run, config: Path, to_stage: str | None, tag: str, gpu: int | None,
+                 draw: bool = True):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
@@ -394,7 +396,7 @@ class _Worker:
             run.save_config()
         self.process = ctx.Process(target=_variant, name=f"wsss sweep {v.name}", daemon=False,
                                    args=(str(config), str(run.root), dict(v.overrides), to_stage, self.queue,
-                                         str(run.root / VARIANT_LOG)))
+                                         str(run.root / VARIANT_LOG), draw))
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if gpu is not None:  # in the environment the worker starts with, before it imports anything
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -420,7 +422,7 @@ class _Worker:
 
 
 def _variant(config: str, root: str, overrides: dict[str, Any], to_stage: str | None, queue: Any,
-             log: str) -> None:
+             log: str, draw: bool = True) -> None:
     """A sweep worker: `wsss run` of one variant in this process, its output (tracebacks too) in the variant's
     log, its events sent to the sweep; exit 0 when it finished, 2 on an error, 130 / 143 when stopped."""
     import signal
@@ -437,7 +439,7 @@ def _variant(config: str, root: str, overrides: dict[str, Any], to_stage: str | 
     threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     code = 0
     try:
-        run_pipeline(config, root, to_stage=to_stage, overrides=overrides,
+        run_pipeline(config, root, to_stage=to_stage, overrides=overrides, draw=draw,
                      echo=lambda e: (print(e.line(), flush=True), queue.put(("event", e))))
     except KeyboardInterrupt as e:
         code = 143 if isinstance(e, Terminated) else 130

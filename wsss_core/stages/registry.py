@@ -86,10 +86,16 @@ def register(name: str, folder: str, sections: tuple[str, ...], upstream: tuple[
     return deco
 
 
+_REGISTERED: dict[str, int] = {}  # stage name -> when it was first registered
+
+
 def _order() -> None:
-    """Sort the registry by folder (the pipeline order) and check that every
-    upstream stage comes first."""
-    ordered = dict(sorted(STAGES.items(), key=lambda kv: (kv[1].spec.folder, kv[0])))
+    """Sort the registry by the folders' numbers (the pipeline order; stages sharing a number, as
+    06_segmentation and 06_bound, in the order they were registered) and check that every upstream
+    stage comes first."""
+    for name in STAGES:
+        _REGISTERED.setdefault(name, len(_REGISTERED))
+    ordered = dict(sorted(STAGES.items(), key=lambda kv: (kv[1].spec.folder.split("_")[0], _REGISTERED[kv[0]])))
     STAGES.clear()
     STAGES.update(ordered)
     names = list(STAGES)
