@@ -1,6 +1,7 @@
 """Command line: `wsss run`, `wsss stage`, `wsss validate`, `wsss predict`,
 `wsss sweep` (a grid of variants sharing unchanged stages), `wsss compare`,
-`wsss stages` (the list of stages, from the registry).
+`wsss stages` (the list of stages, from the registry), `wsss archive` (a run's
+records and scores without its images and models, for keeping and comparing).
 
 `wsss run` runs the stage functions in order in its own process, then each
 stage's notebook draws its pictures; `wsss stage NAME` runs one stage function
@@ -83,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     cp.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    ar = sub.add_parser("archive", help="copy a run's config, records and scores (no images or models) into a "
+                        "new folder that wsss compare reads like the run")
+    ar.add_argument("run", help="a run folder")
+    ar.add_argument("--out", required=True, help="the new folder")
+    ar.add_argument("--debug", action="store_true", help="show tracebacks")
+
     pr = sub.add_parser("predict", help="segment a folder of new images with a finished run")
     pr.add_argument("--run", required=True, help="a run folder whose segmentation stage (or, for --model bound, "
                     "bound) is done")
@@ -162,6 +169,12 @@ def _run(args: argparse.Namespace) -> None:
         print(comparison_table(c))
         write_text(out, comparison_html(c))
         print(f"[wsss] comparison: {out}")
+    elif args.command == "archive":
+        from .archive import archive_run
+
+        out = archive_run(args.run, args.out)
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        print(f"[wsss] archived {args.run} into {out} ({size / 1024:.0f} KB); wsss compare reads it like the run")
     elif args.command == "predict":
         from .predict_folder import predict_folder
 

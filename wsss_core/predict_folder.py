@@ -72,6 +72,7 @@ def predict_folder(run_dir: str | Path, images: str | Path, out: str | Path, tta
     check_output_folder(images, out)
     cfg = load_config(run_dir / "config.yaml")
     run = Run(run_dir, cfg, specs())
+    run.refuse_archive("wsss predict")
     stage = PREDICT_MODELS[model]
     m = run.manifest(stage)
     if not m or m.get("status") != "done" or not model_path(run, stage).is_file():

@@ -300,7 +300,9 @@ def run_sweep(config: str | Path, sweep_dir: str | Path, grid_items: Sequence[st
 def _reused_run(root: Path) -> Run:
     if not (root / "config.yaml").is_file():
         raise ConfigError(f"--reuse {root}: not a run folder (no config.yaml)")
-    return open_run(root, load_config(root / "config.yaml"))
+    run = open_run(root, load_config(root / "config.yaml"))
+    run.refuse_archive("--reuse")
+    return run
 
 
 def _stages(to_stage: str | None) -> list[str]:

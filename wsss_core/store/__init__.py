@@ -27,11 +27,11 @@ from .files import (
     write_text,
 )
 from .lock import LOCK, LOCK_TOKEN_ENV, FolderLock, RunLockedError, now_iso, process_alive
-from .run import Run, StageResult, UnknownStageError
+from .run import ARCHIVE, Run, StageResult, UnknownStageError
 from .staleness import StageSpec, StaleUpstreamError, Staleness, config_diff
 
 __all__ = [
-    "LOCK", "LOCK_TOKEN_ENV", "MANIFEST", "FileError", "FolderLock", "Run", "RunLockedError", "StageResult",
+    "ARCHIVE", "LOCK", "LOCK_TOKEN_ENV", "MANIFEST", "FileError", "FolderLock", "Run", "RunLockedError", "StageResult",
     "StageSpec", "StaleUpstreamError", "Staleness", "UnknownStageError", "atomic_write", "check_writable_folder",
     "clear_folder", "config_diff", "describe_os_error", "file_errors", "now_iso", "process_alive", "read_json",
     "read_npz", "read_torch", "remove_temp_files", "save_npz", "save_png", "save_torch", "write_json", "write_text",

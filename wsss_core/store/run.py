@@ -24,6 +24,8 @@ from .files import MANIFEST, FileError, file_errors, check_writable_folder, clea
 from .lock import FolderLock, now_iso
 from .staleness import StageSpec, Staleness
 
+ARCHIVE = "archive.json"  # `wsss archive` writes it: the folder holds what a run found, not what it made
+
 
 _MANIFEST_TYPES = {"status": str, "fingerprint": str, "config": dict, "upstream": dict, "upstream_runs": dict,
                    "metrics": dict, "paths": dict, "seconds": (int, float), "timings": dict,
@@ -84,6 +86,7 @@ class Run:
         process may write in (`write=False`: only that no file is in the way).
         Creates nothing."""
         check_writable_folder(self.root, "the run folder", write)
+        self.refuse_archive("running a stage")
         for folder in [*(s.folder for s in self.specs.values()), "notebooks"]:
             path = self.root / folder
             if os.path.lexists(path) and not path.is_dir():
@@ -98,6 +101,12 @@ class Run:
         if self.root.is_dir() and not self._looks_like_a_run():
             raise FileError(f"{self.root}: is not a run folder and not empty (no config.yaml or stage folders "
                             "of wsss); choose an empty or new folder")
+
+    def refuse_archive(self, doing: str) -> None:
+        """Fail (one line) if this folder is an archive (`wsss archive`): it has no outputs to go on from."""
+        if (self.root / ARCHIVE).is_file():
+            raise FileError(f"{self.root}: is an archive of a run's results (wsss archive), without its images "
+                            f"or models; {doing} needs the run folder itself")
 
     def _looks_like_a_run(self) -> bool:
         """Empty, or holding what wsss writes (config.yaml, a stage folder, its lock)."""
