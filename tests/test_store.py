@@ -174,7 +174,7 @@ def test_an_interrupted_resume_keeps_downstream_done(toy, tmp_path):
     assert run.why_not_done("toy_b") == "02_toy_b is stale because its input was redone since: 01_toy_a"
 
 
-def test_failed_stage_is_recorded_and_not_done(toy, tmp_path, monkeypatch):
+def test_failed_stage_is_recorded_and_not_done(toy, tmp_path):
     cfg = config_from_dict({})
     run = stages.open_run(tmp_path / "run", cfg)
 
@@ -183,7 +183,9 @@ def test_failed_stage_is_recorded_and_not_done(toy, tmp_path, monkeypatch):
 
     import dataclasses
 
-    monkeypatch.setitem(stages.STAGES, "toy_a", dataclasses.replace(stages.STAGES["toy_a"], fn=broken))
+    # replaced inside the toy's scratch registry, which goes with it (monkeypatch would put the toy stage back
+    # into the real registry after the scratch one is restored, for every later test of the process)
+    stages.STAGES["toy_a"] = dataclasses.replace(stages.STAGES["toy_a"], fn=broken)
     with pytest.raises(ValueError):
         stages.run_stage("toy_a", cfg, run)
     m = run.manifest("toy_a")

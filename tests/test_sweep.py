@@ -355,6 +355,21 @@ def test_the_compare_notebook_draws_the_same(sweep, tmp_path):
     # CAM, confident labels, the walk's masks before the CRF, pseudo masks
 
 
+def test_a_shared_stage_takes_time_once_in_the_variants_and_in_their_archives(sweep, tmp_path):
+    """compare's time per stage: a stage hard-linked from an earlier variant took none of its own (0), and
+    archives (copies, not links) of the same variants say the same."""
+    from wsss_core.archive import archive_run
+
+    folder, _ = sweep
+    names = ["beta=3", "beta=5", "beta=10"]
+    live = compare_runs([folder]).seconds
+    assert list(live) == names
+    assert live["beta=3"]["boundary"] > 0 and live["beta=5"]["boundary"] == live["beta=10"]["boundary"] == 0.0
+    assert all(live[n]["pseudo_masks"] > 0 for n in names)  # each variant's own
+    kept = [archive_run(folder / n, tmp_path / n) for n in names]
+    assert compare_runs(kept).seconds == live
+
+
 def test_one_run_alone_gets_its_intervals(sweep, capsys):
     """The noise level of a run's own numbers: intervals, no differences."""
     folder, _ = sweep

@@ -221,13 +221,13 @@ def _seed_text(values: dict, cfg: Any) -> str:
 
 
 def _seconds(runs: dict[str, Run]) -> dict[str, dict[str, float | None]]:
-    """Time per stage per run; a stage shared with an earlier run (the same manifest file, hard-linked by
-    a sweep) took no time of its own: 0."""
+    """Time per stage per run; a stage shared with an earlier run (the same outputs: its run id, which a
+    sweep's hard links and an archive's copies keep; else the same manifest file) took no time of its own: 0."""
     import os
 
     from .stages import pipeline_order
 
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple] = set()
     out: dict[str, dict[str, float | None]] = {}
     for n, r in runs.items():
         out[n] = {}
@@ -236,8 +236,9 @@ def _seconds(runs: dict[str, Run]) -> dict[str, dict[str, float | None]]:
             if m.get("status") != "done":
                 continue
             stat = os.stat(r.folder(st) / "manifest.json")
-            out[n][st] = 0.0 if (stat.st_dev, stat.st_ino) in seen else m.get("seconds")
-            seen.add((stat.st_dev, stat.st_ino))
+            same = (st, m["run_id"]) if isinstance(m.get("run_id"), str) else (stat.st_dev, stat.st_ino)
+            out[n][st] = 0.0 if same in seen else m.get("seconds")
+            seen.add(same)
     return out
 
 
