@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= params/default.yaml
 RUN    ?= runs/demo
-PYTEST_ARGS ?= --durations=25
+# One test process per core (pytest-xdist), each test file in one of them (its module fixtures built once)
+PYTEST_ARGS ?= -n auto --dist loadfile --durations=25
 
 .PHONY: venv demo test clean-venv
 

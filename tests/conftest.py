@@ -1,5 +1,6 @@
 """Shared test fixtures: repository paths, the CI params, the real MSRC data."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -9,7 +10,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 MSRC = (REPO.parent / "shared" / "data" / "msrc-voc").resolve()
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under `pytest -n N` (pytest-xdist)
+if WORKER:  # N test processes share the cores: one thread each, and one for what they start (kernels, CLIs)
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if WORKER else min(2, os.cpu_count() or 1))
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -57,10 +61,51 @@ def pytest_runtest_logreport(report):
         RUNNERS_PASSED.add(name)
 
 
+NOT_RUN: list[str] = []  # under xdist, the controller's verdict: notebooks no worker executed
+CHECKED: list[int] = []  # under xdist, how many notebooks the controller found executed, once it checked
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under xdist the notebook runners run on several workers, so `test_every_notebook_is_run_by_the_tests`
+    cannot see them all: each worker hands what it saw to the controller, which checks the union once every
+    worker has ended and fails the session if a notebook went unexecuted."""
+    if WORKER:
+        if hasattr(session.config, "workeroutput"):
+            session.config.workeroutput["notebooks_run"] = sorted(NOTEBOOKS_RUN)
+            session.config.workeroutput["runners_passed"] = sorted(RUNNERS_PASSED)
+    elif getattr(session.config.option, "numprocesses", None):
+        from test_notebooks import notebooks_not_run
+
+        NOT_RUN[:] = notebooks_not_run(NOTEBOOKS_RUN, RUNNERS_PASSED)
+        if NOT_RUN:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        elif not set(NOTEBOOK_RUNNERS) - RUNNERS_PASSED:
+            CHECKED.append(len(NOTEBOOKS_RUN))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller gathers every worker's executed notebooks and passed runners."""
+    out = getattr(node, "workeroutput", {})
+    NOTEBOOKS_RUN.update(out.get("notebooks_run", ()))
+    RUNNERS_PASSED.update(out.get("runners_passed", ()))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if NOT_RUN:
+        terminalreporter.write_line(f"FAILED (conftest): notebooks no test executed: {', '.join(NOT_RUN)}",
+                                    red=True)
+    elif CHECKED:
+        terminalreporter.write_line(f"every notebook was executed by the tests ({CHECKED[0]}, over every worker)")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The check that every notebook ran comes after the tests that run them."""
+    """The check that every notebook ran comes after the tests that run them (under xdist the controller
+    makes it instead, `pytest_sessionfinish`)."""
     last = [i for i in items if i.name == "test_every_notebook_is_run_by_the_tests"]
-    items[:] = [i for i in items if i not in last] + last
+    items[:] = [i for i in items if i not in last] + ([] if WORKER else last)
+    if WORKER and last:
+        config.hook.pytest_deselected(items=last)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -94,6 +139,25 @@ def grad_cam_peer():
 FIRST_HALF = ("data", "classifier", "label_filter", "cams", "crf")
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """(folder, build): a folder of this session that the caller fills when `build`. Under xdist every worker
+    gets the same folder: the first to ask builds it while the others wait, and then find it built (no
+    work done twice, and no worker runs stages in a folder another reads)."""
+    if not WORKER:
+        yield tmp_path_factory.mktemp(name), True
+        return
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{shared}.lock"):
+        done = shared / ".built"
+        build = not done.exists()
+        shared.mkdir(exist_ok=True)
+        yield shared, build
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def ci_run(tmp_path_factory, _cache_in_tmp):
     """A CI-sized run with data, classifier, label filter, CAMs and CRF done."""
@@ -101,9 +165,10 @@ def ci_run(tmp_path_factory, _cache_in_tmp):
     from wsss_core.config import load_config
 
     cfg = load_config(REPO / "params" / "ci.yaml")
-    run = stages.open_run(tmp_path_factory.mktemp("ci-run"), cfg)
-    for name in FIRST_HALF:
-        stages.run_stage(name, cfg, run)
+    with built_once(tmp_path_factory, "ci-run") as (root, build):
+        run = stages.open_run(root, cfg)
+        for name in FIRST_HALF if build else ():
+            stages.run_stage(name, cfg, run)
     return cfg, run
 
 
@@ -115,9 +180,11 @@ def ci_full_run(ci_run, tmp_path_factory):
     from wsss_core import stages
 
     cfg, first = ci_run
-    root = tmp_path_factory.mktemp("ci-full") / "run"
-    shutil.copytree(first.root, root)
-    run = stages.open_run(root, cfg)
-    for name in stages.pipeline_order():
-        stages.run_stage(name, cfg, run)
+    with built_once(tmp_path_factory, "ci-full") as (folder, build):
+        root = folder / "run"
+        if build:
+            shutil.copytree(first.root, root)
+        run = stages.open_run(root, cfg)
+        for name in stages.pipeline_order() if build else ():
+            stages.run_stage(name, cfg, run)
     return cfg, run

@@ -27,7 +27,6 @@ from wsss_core.models import (
 from wsss_core.models import factory, weights
 from wsss_core.models.efficientnet import shipped_weights
 
-torch.set_num_threads(2)
 LITE0 = "efficientnet_lite0"
 
 
